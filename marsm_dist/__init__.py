@@ -1,0 +1,22 @@
+"""marsm-dist: a sharding-aware MARS-M optimizer for PyTorch.
+
+MARS-M (arXiv 2510.21800) combines MARS's variance-reduced momentum with Muon's Newton-Schulz
+orthogonalization for matrix parameters; other parameters take an AdamW branch.
+"""
+
+from .newton_schulz import NS_COEFFICIENTS, newton_schulz
+from .optimizer import MARSM, NonFiniteGradError
+from .param_groups import RoutingDecision, explain_routing, param_groups, routing_report
+
+__all__ = [
+    "MARSM",
+    "NS_COEFFICIENTS",
+    "NonFiniteGradError",
+    "RoutingDecision",
+    "explain_routing",
+    "newton_schulz",
+    "param_groups",
+    "routing_report",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,92 @@
+"""Checks on MARSM's hyperparameters, in torch.optim's voice: name the argument, show the value."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
+}
+
+
+def resolve_dtype(value: Any, name: str = "ns_dtype") -> torch.dtype:
+    """Accept a floating torch.dtype or its name (``"float32"``, ``"bf16"``, ``"torch.bfloat16"``)."""
+    if isinstance(value, str):
+        key = value.lower().removeprefix("torch.")
+        if key not in _DTYPES:
+            raise ValueError(f"Invalid {name}: {value!r} (expected one of {sorted(_DTYPES)})")
+        return _DTYPES[key]
+    if isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    raise ValueError(f"Invalid {name}: {value!r} (expected a floating torch.dtype or its name)")
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError("Tensor hyperparameters must have exactly one element")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _check(ok: bool, name: str, value: Any, where: str, why: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}{where}: {value!r} ({why})")
+
+
+def _check_number(group: Mapping[str, Any], name: str, where: str, lo: float, hi_open: float | None):
+    value = group[name]
+    try:
+        x = _number(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"Invalid {name}{where}: {value!r} ({err})") from None
+    rng = f"must be in [{lo}, {hi_open})" if hi_open is not None else f"must be >= {lo}"
+    _check(math.isfinite(x) and x >= lo and (hi_open is None or x < hi_open), name, value, where, rng)
+
+
+def validate_hyperparameters(group: Mapping[str, Any], where: str = "") -> None:
+    """Raise ``ValueError`` naming the first invalid hyperparameter of ``group`` (or the defaults)."""
+    _check_number(group, "lr", where, 0.0, None)
+    _check_number(group, "weight_decay", where, 0.0, None)
+    _check_number(group, "momentum", where, 0.0, 1.0)
+    _check_number(group, "gamma", where, 0.0, None)
+    _check_number(group, "adamw_eps", where, 0.0, None)
+    steps = group["ns_steps"]
+    _check(
+        isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= 100,
+        "ns_steps", steps, where, "must be an int in [1, 100]",
+    )
+    betas = group["adamw_betas"]
+    _check(
+        isinstance(betas, (tuple, list)) and len(betas) == 2,
+        "adamw_betas", betas, where, "must be a pair (beta1, beta2)",
+    )
+    for i, beta in enumerate(betas):
+        _check_number({f"adamw_betas[{i}]": beta}, f"adamw_betas[{i}]", where, 0.0, 1.0)
+    coeffs = group["ns_coefficients"]
+    _check(
+        isinstance(coeffs, (tuple, list)) and len(coeffs) == 3
+        and all(isinstance(c, (int, float)) and math.isfinite(c) for c in coeffs),
+        "ns_coefficients", coeffs, where, "must be three finite numbers (a, b, c)",
+    )
+    for flag in ("approx", "flatten", "maximize"):
+        _check(isinstance(group[flag], bool), flag, group[flag], where, "must be True or False")
+    use = group["use_marsm"]
+    _check(use is None or isinstance(use, bool), "use_marsm", use, where, "must be True, False or None")
+    resolve_dtype(group["ns_dtype"], "ns_dtype" + where)

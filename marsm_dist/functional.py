@@ -1,0 +1,128 @@
+"""MARS-M's elementwise math as pure functions on lists of tensors (spec sections 3 and 5).
+
+Nothing here knows about processes or frameworks: every function works the same on whole
+parameters and on the shards a rank holds. The one step that needs the whole tensor, the clip
+norm, is split so that a caller can sum squared norms over shards before :func:`clip_factors`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "adamw_update_",
+    "apply_matrix_update_",
+    "clip_factors",
+    "marsm_kappa",
+    "squared_norms",
+    "update_momentum_",
+    "update_scale",
+    "variance_reduced_grads",
+]
+
+
+def marsm_kappa(momentum: float, gamma: float) -> float:
+    """The variance-reduction factor kappa = gamma * beta / (1 - beta) (0.475 with the defaults)."""
+    return gamma * momentum / (1.0 - momentum)
+
+
+def update_scale(shape: Sequence[int]) -> float:
+    """The update scale s = 0.2 * sqrt(max(A, B)) from the first two dims of ``shape``."""
+    return 0.2 * math.sqrt(max(shape[0], shape[1]))
+
+
+def variance_reduced_grads(
+    grads: list[Tensor], prev_grads: list[Tensor], *, kappa: float
+) -> list[Tensor]:
+    """Return new tensors c = g + kappa * (g - P), one per gradient."""
+    if not grads:
+        return []
+    diffs = list(torch._foreach_sub(grads, prev_grads))
+    torch._foreach_mul_(diffs, kappa)
+    torch._foreach_add_(diffs, grads)
+    return diffs
+
+
+def squared_norms(tensors: list[Tensor]) -> Tensor:
+    """The squared Frobenius norm of each tensor as one float64 vector (sum these over shards).
+
+    Squared in float64: a float32 norm above ~1.8e19 would overflow once squared, and the clip
+    would then silently zero the update. A norm that overflows float32 itself (finite entries
+    above ~1e19) is recomputed in float64, which is slow but only ever runs in that case.
+    """
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    fp32 = [t if t.dtype == torch.float32 else t.float() for t in tensors]
+    norms = torch.stack(torch._foreach_norm(fp32)).double()
+    overflow = ~torch.isfinite(norms)
+    if bool(overflow.any()):
+        for i in overflow.nonzero().flatten().tolist():
+            norms[i] = torch.linalg.vector_norm(fp32[i], dtype=torch.float64)
+    return norms.square()
+
+
+def clip_factors(sq_norms: Tensor) -> list[float]:
+    """Per-tensor clip factor: 1 / ||c||_F where ||c||_F > 1, else 1 (threshold fixed at 1)."""
+    norms = sq_norms.sqrt().tolist()
+    return [1.0 / n if n > 1.0 else 1.0 for n in norms]
+
+
+def update_momentum_(
+    exp_avgs: list[Tensor], cs: list[Tensor], factors: list[float], *, momentum: float
+) -> None:
+    """M <- beta M + (1 - beta) * factor * c, in place (``cs`` is consumed as scratch space)."""
+    if not exp_avgs:
+        return
+    torch._foreach_mul_(cs, [(1.0 - momentum) * f for f in factors])
+    torch._foreach_mul_(exp_avgs, momentum)
+    torch._foreach_add_(exp_avgs, cs)
+
+
+def apply_matrix_update_(
+    params: list[Tensor],
+    orthos: list[Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    scales: list[float],
+) -> None:
+    """W <- W (1 - lr wd) - lr s O: decay with the unscaled lr, then the scaled orthogonal step."""
+    for p, o, s in zip(params, orthos, scales, strict=True):
+        step = o.to(p.dtype).reshape(p.shape) * (-lr * s)
+        p.mul_(1.0 - lr * weight_decay).add_(step)
+
+
+def adamw_update_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[int],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """The AdamW-branch update of spec section 5, in place.
+
+    Unlike ``torch.optim.AdamW``, eps is added to the *uncorrected* sqrt(v) and the bias
+    corrections are folded into the step size: u = m / (eps + sqrt(v)),
+    W <- W (1 - lr wd) - lr u sqrt(1 - beta2^k) / (1 - beta1^k). ``steps`` holds each tensor's k,
+    already incremented.
+    """
+    if not params:
+        return
+    beta1, beta2 = betas
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    step_sizes = [-lr * math.sqrt(1.0 - beta2**k) / (1.0 - beta1**k) for k in steps]
+    torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)

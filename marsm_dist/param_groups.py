@@ -1,0 +1,172 @@
+"""Split a model's parameters into the MARS-M (matrix) set and the AdamW set (spec section 2).
+
+Hidden weights with at least 2 dims go to MARS-M. Biases, norm gains and other 0-D/1-D tensors go
+to AdamW, and so do embeddings and the output head although they are 2-D: the paper's recipes
+treat them that way. A head tied to the embedding is one tensor and goes to AdamW with it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+from torch import nn
+
+__all__ = ["DEFAULT_HEAD_NAMES", "RoutingDecision", "explain_routing", "param_groups", "routing_report"]
+
+logger = logging.getLogger(__name__)
+
+# Module names that mark an output head anywhere in a parameter's name ...
+DEFAULT_HEAD_NAMES: tuple[str, ...] = ("lm_head", "output_layer", "unembed", "unembedding", "classifier")
+# ... and names that mark one only as a top-level module ("output.weight" in Llama-style models,
+# while "encoder.layer.0.attention.output.dense" in BERT is a hidden matrix).
+_TOP_LEVEL_HEAD_NAMES = ("output", "head")
+_EMBEDDING_MODULES = (nn.Embedding, nn.EmbeddingBag)
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """Where one parameter goes and why.
+
+    Attributes:
+        name: qualified name (the first one when the tensor is registered under several).
+        shape: the parameter's shape.
+        use_marsm: True for the MARS-M branch, False for AdamW, None when it is not optimized.
+        reason: a short human-readable justification.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    use_marsm: bool | None
+    reason: str
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatchcase(name, pat) for pat in patterns)
+
+
+def _is_embedding_name(name: str) -> bool:
+    return any("embed" in part.lower() or part in ("wte", "wpe") for part in name.split("."))
+
+
+def _is_head_name(name: str, head_names: Iterable[str]) -> bool:
+    parts = name.split(".")
+    return any(part in head_names for part in parts) or (
+        len(parts) == 2 and parts[0] in _TOP_LEVEL_HEAD_NAMES
+    )
+
+
+def explain_routing(
+    model: nn.Module,
+    *,
+    marsm: Iterable[str] = (),
+    adamw: Iterable[str] = (),
+    head_names: Iterable[str] = DEFAULT_HEAD_NAMES,
+) -> list[RoutingDecision]:
+    """Decide, for every parameter of ``model``, which branch takes it and why.
+
+    Args:
+        model: the module whose parameters to route.
+        marsm: glob patterns of parameter names forced to MARS-M (they must have >= 2 dims).
+        adamw: glob patterns of parameter names forced to AdamW; they win over ``marsm``.
+        head_names: module names that mark an output head.
+    """
+    marsm, adamw, head_names = tuple(marsm), tuple(adamw), tuple(head_names)
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    embedding_params = {
+        id(p): type(m).__name__
+        for m in model.modules() if isinstance(m, _EMBEDDING_MODULES)
+        for p in m.parameters(recurse=False)
+    }
+    decisions = []
+    for name, p in model.named_parameters():
+        aliases = names[id(p)]
+        shape = tuple(p.shape)
+        tied = f" (tied: {', '.join(aliases[1:])})" if len(aliases) > 1 else ""
+        if not p.requires_grad:
+            use, why = None, "frozen (requires_grad=False): not optimized"
+        elif any(_matches(a, adamw) for a in aliases):
+            use, why = False, "forced to AdamW by the adamw= patterns"
+        elif any(_matches(a, marsm) for a in aliases):
+            if p.ndim < 2:
+                raise ValueError(f"marsm= pattern matches {name!r} of shape {shape}; MARS-M "
+                                 "needs at least 2 dims")
+            use, why = True, "forced to MARS-M by the marsm= patterns"
+        elif p.ndim < 2:
+            use, why = False, f"{p.ndim}-D (bias, norm gain or scalar)"
+        elif id(p) in embedding_params:
+            use, why = False, f"embedding ({embedding_params[id(p)]}){tied}"
+        elif any(_is_embedding_name(a) for a in aliases):
+            use, why = False, f"name marks an embedding{tied}"
+        elif any(_is_head_name(a, head_names) for a in aliases):
+            use, why = False, f"output head{tied}"
+        else:
+            use, why = True, f"hidden matrix ({p.ndim}-D)"
+        decisions.append(RoutingDecision(name, shape, use, why))
+    return decisions
+
+
+def routing_report(decisions: list[RoutingDecision]) -> str:
+    """Format decisions as a table: one line per parameter, then the totals per branch."""
+    width = max((len(d.name) for d in decisions), default=4)
+    branch = {True: "MARS-M", False: "AdamW", None: "-"}
+    lines = [f"{'parameter':<{width}}  {'shape':<18} {'branch':<7} reason"]
+    for d in decisions:
+        lines.append(f"{d.name:<{width}}  {str(d.shape):<18} {branch[d.use_marsm]:<7} {d.reason}")
+    for use in (True, False):
+        chosen = [d for d in decisions if d.use_marsm is use]
+        numel = sum(_numel(d.shape) for d in chosen)
+        lines.append(f"{branch[use]}: {len(chosen)} tensors, {numel:,} elements")
+    return "\n".join(lines)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    marsm: Iterable[str] = (),
+    adamw: Iterable[str] = (),
+    head_names: Iterable[str] = DEFAULT_HEAD_NAMES,
+    marsm_options: Mapping[str, Any] | None = None,
+    adamw_options: Mapping[str, Any] | None = None,
+    named: bool = True,
+    report: bool = False,
+) -> list[dict[str, Any]]:
+    """Build MARSM's param groups for ``model``: ``use_marsm=True`` and ``use_marsm=False``.
+
+    Args:
+        model: the module to optimize (frozen parameters are left out).
+        marsm, adamw, head_names: routing overrides, see :func:`explain_routing`.
+        marsm_options, adamw_options: extra hyperparameters for each group (e.g. ``{"lr": 3e-4}``).
+        named: give ``(name, param)`` pairs so the optimizer knows names (error messages,
+            ``param_names`` in its state dict).
+        report: print the routing table (it is always logged at DEBUG level).
+
+    Returns:
+        A list of at most two group dicts, ready for ``MARSM(groups, ...)``; empty groups are
+        left out.
+    """
+    decisions = explain_routing(model, marsm=marsm, adamw=adamw, head_names=head_names)
+    text = routing_report(decisions)
+    logger.debug("MARS-M parameter routing:\n%s", text)
+    if report:
+        print(text)
+    params = dict(model.named_parameters())
+    groups = []
+    for use, options in ((True, marsm_options), (False, adamw_options)):
+        chosen = [d.name for d in decisions if d.use_marsm is use]
+        if chosen:
+            items = [(n, params[n]) if named else params[n] for n in chosen]
+            groups.append({"params": items, "use_marsm": use, **dict(options or {})})
+    return groups
