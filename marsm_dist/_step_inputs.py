@@ -99,3 +99,15 @@ def first_nonfinite(
     bad = int((~finite).nonzero()[0])
     kind, group, i = labels[bad]
     return f"{kind} of {param_name(param_groups, group, i)} (shape {tuple(tensors[bad].shape)})"
+
+
+def nonfinite_flag(tensors: list[Tensor]) -> Tensor:
+    """A float64 vector of one element: 0 if every tensor is finite, NaN otherwise.
+
+    Summed with other per-step statistics (one all-reduce when sharded), the NaN survives.
+    """
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float64)
+    # The max-abs norm is NaN/Inf exactly when the tensor holds one; it never overflows.
+    worst = torch.stack(torch._foreach_norm(tensors, float("inf"))).double().amax()
+    return (worst * 0.0).reshape(1)

@@ -38,13 +38,12 @@ def update_scale(shape: Sequence[int]) -> float:
 def variance_reduced_grads(
     grads: list[Tensor], prev_grads: list[Tensor], *, kappa: float
 ) -> list[Tensor]:
-    """Return new tensors c = g + kappa * (g - P), one per gradient."""
+    """Return new tensors c = g + kappa (g - P) = (1 + kappa) g - kappa P, one per gradient."""
     if not grads:
         return []
-    diffs = list(torch._foreach_sub(grads, prev_grads))
-    torch._foreach_mul_(diffs, kappa)
-    torch._foreach_add_(diffs, grads)
-    return diffs
+    cs = list(torch._foreach_mul(grads, 1.0 + kappa))
+    torch._foreach_add_(cs, prev_grads, alpha=-kappa)
+    return cs
 
 
 def squared_norms(tensors: list[Tensor]) -> Tensor:
@@ -77,9 +76,8 @@ def update_momentum_(
     """M <- beta M + (1 - beta) * factor * c, in place (``cs`` is consumed as scratch space)."""
     if not exp_avgs:
         return
-    torch._foreach_mul_(cs, [(1.0 - momentum) * f for f in factors])
-    torch._foreach_mul_(exp_avgs, momentum)
-    torch._foreach_add_(exp_avgs, cs)
+    torch._foreach_mul_(cs, factors)
+    torch._foreach_lerp_(exp_avgs, cs, 1.0 - momentum)
 
 
 def apply_matrix_update_(
@@ -92,8 +90,8 @@ def apply_matrix_update_(
 ) -> None:
     """W <- W (1 - lr wd) - lr s O: decay with the unscaled lr, then the scaled orthogonal step."""
     for p, o, s in zip(params, orthos, scales, strict=True):
-        step = o.to(p.dtype).reshape(p.shape) * (-lr * s)
-        p.mul_(1.0 - lr * weight_decay).add_(step)
+        # add_ upcasts a bf16 O element by element: no full-size float32 copy.
+        p.mul_(1.0 - lr * weight_decay).add_(o.reshape(p.shape), alpha=-lr * s)
 
 
 def adamw_update_(

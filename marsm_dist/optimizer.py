@@ -10,7 +10,15 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import functional as F
-from ._step_inputs import GroupWork, check_grad, check_lookahead_ready, collect, first_nonfinite, param_name
+from ._step_inputs import (
+    GroupWork,
+    check_grad,
+    check_lookahead_ready,
+    collect,
+    first_nonfinite,
+    nonfinite_flag,
+    param_name,
+)
 from ._validation import resolve_dtype, validate_hyperparameters
 from .newton_schulz import NS_COEFFICIENTS
 from .orthogonalize import NSConfig, orthogonalize, scale_for
@@ -134,19 +142,19 @@ class MARSM(Optimizer):
         return p.ndim >= 2 if use is None else use
 
     def _ensure_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        """The parameter's state, with any missing key created (zeros); existing keys untouched."""
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        zeros = torch.zeros_like
         if self.uses_marsm(group, p):
-            state.setdefault("exp_avg", zeros(p, memory_format=torch.preserve_format))
-            state.setdefault("last_grad", zeros(p, memory_format=torch.preserve_format))
+            keys = ("exp_avg", "last_grad") + (() if group["approx"] else ("lookahead_grad",))
             if not group["approx"]:
-                state.setdefault("lookahead_grad", zeros(p, memory_format=torch.preserve_format))
                 state.setdefault("lookahead_ready", False)
         else:
-            state.setdefault("exp_avg", zeros(p, memory_format=torch.preserve_format))
-            state.setdefault("exp_avg_sq", zeros(p, memory_format=torch.preserve_format))
+            keys = ("exp_avg", "exp_avg_sq")
+        for key in keys:
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
     @torch.no_grad()
@@ -196,8 +204,18 @@ class MARSM(Optimizer):
                 loss = closure()
         matrix, adamw = collect(self.param_groups, self.uses_marsm)
         check_lookahead_ready(self.param_groups, matrix, self.state)
-        bad = first_nonfinite(self.param_groups, matrix, adamw, self.state)
-        if bad is not None:
+        matrix = [w for w in matrix if w.params]
+        # Phase 1 writes nothing: c_t of every matrix, then one vector with their squared norms
+        # (the clip needs whole-tensor norms) and a NaN/Inf screen of everything else this step
+        # consumes. A NaN/Inf in a matrix gradient shows up in its norm, so it costs no extra pass.
+        grads, states, cs = self._precondition(matrix)
+        screened = [t for w in adamw for t in w.grads] + [
+            self.state[p]["lookahead_grad"] for w in matrix if not w.group["approx"] for p in w.params]
+        stats = self._reduce_step_stats(
+            torch.cat([F.squared_norms([c for group in cs for c in group]), nonfinite_flag(screened)]))
+        if not bool(torch.isfinite(stats).all()):
+            bad = first_nonfinite(self.param_groups, matrix, adamw, self.state) or self._overflow(
+                matrix, stats)
             if self.on_nonfinite == "raise":
                 raise NonFiniteGradError(
                     f"MARSM: the {bad} contains NaN or Inf; parameters and optimizer state were "
@@ -207,8 +225,17 @@ class MARSM(Optimizer):
             return loss
         for work in adamw:
             self._adamw_step(work)
-        self._matrix_step([w for w in matrix if w.params])
+        self._matrix_update(matrix, grads, states, cs, F.clip_factors(stats[:-1]))
         return loss
+
+    def _overflow(self, matrix: list[GroupWork], stats: Tensor) -> str:
+        """Name the matrix whose c_t overflowed float32 although its gradient is finite."""
+        i = int((~torch.isfinite(stats[:-1])).nonzero()[0])
+        for work in matrix:
+            if i < len(work.params):
+                return f"c_t of {param_name(self.param_groups, work.group, work.indices[i])} (overflow)"
+            i -= len(work.params)
+        return "gradient of a parameter held by another rank"
 
     def _skip_step(self, matrix: list[GroupWork], bad: str) -> None:
         self.skipped_steps += 1
@@ -232,10 +259,8 @@ class MARSM(Optimizer):
             eps=float(g["adamw_eps"]), weight_decay=float(g["weight_decay"]),
         )
 
-    def _matrix_step(self, works: list[GroupWork]) -> None:
-        """Precondition every matrix, clip with the whole-tensor norm, orthogonalize, apply."""
-        if not works:
-            return
+    def _precondition(self, works: list[GroupWork]):
+        """Per group: the (sign-adjusted) gradients, the states and c_t = g + kappa (g - P)."""
         grads, states, cs = [], [], []
         for work in works:
             g = work.group
@@ -245,7 +270,10 @@ class MARSM(Optimizer):
             cs.append(F.variance_reduced_grads(gs, [s["last_grad"] for s in st], kappa=kappa))
             grads.append(gs)
             states.append(st)
-        factors = F.clip_factors(self._reduce_squared_norms(F.squared_norms(sum(cs, []))))
+        return grads, states, cs
+
+    def _matrix_update(self, works, grads, states, cs, factors: list[float]) -> None:
+        """Clip and accumulate momentum, orthogonalize, apply, then set P for the next step."""
         momenta, configs, start = [], [], 0
         for work, st, c in zip(works, states, cs, strict=True):
             g = work.group
@@ -280,8 +308,9 @@ class MARSM(Optimizer):
             s["lookahead_ready"] = False
 
     # Seams for the sharding engine: a single process is a world of one.
-    def _reduce_squared_norms(self, sq_norms: Tensor) -> Tensor:
-        return sq_norms
+    def _reduce_step_stats(self, stats: Tensor) -> Tensor:
+        """Sum the per-matrix squared norms (and the NaN screen) over the ranks holding shards."""
+        return stats
 
     def _orthogonalize(self, tensors: list[Tensor], configs: list[NSConfig]) -> list[Tensor]:
         return orthogonalize(tensors, configs)

@@ -65,7 +65,10 @@ def orthogonalize(tensors: list[Tensor], configs: list[NSConfig]) -> list[Tensor
                 t, cfg.steps, dtype=cfg.dtype, coefficients=cfg.coefficients, norm_over="tensor"
             )
     for (view, cfg), idx in batches.items():
-        stacked = torch.stack([tensors[i].reshape(view) for i in idx])
+        # Convert while stacking: one pass per matrix instead of a copy and then a cast.
+        stacked = torch.empty((len(idx), *view), dtype=cfg.dtype, device=tensors[idx[0]].device)
+        for j, i in enumerate(idx):
+            stacked[j].copy_(tensors[i].reshape(view))
         result = newton_schulz(
             stacked, cfg.steps, dtype=cfg.dtype, coefficients=cfg.coefficients, norm_over="matrix"
         )

@@ -143,6 +143,16 @@ def test_huge_but_finite_grads_are_clipped_not_mistaken_for_overflow():
     assert torch.allclose(huge, ones, atol=1e-6, rtol=0) and not torch.equal(huge, torch.eye(4))
 
 
+def test_c_t_overflowing_float32_is_refused_not_applied():
+    """g is finite but (1 + kappa) g is not: refusing beats writing Inf into the momentum."""
+    p = torch.nn.Parameter(torch.eye(3))
+    opt = MARSM([("w", p)], ns_dtype=torch.float32)
+    p.grad = torch.full((3, 3), 3e38)
+    with pytest.raises(NonFiniteGradError, match="c_t of 'w' .overflow"):
+        opt.step()
+    assert torch.equal(p, torch.eye(3)) and not opt.state[p]["exp_avg"].any()
+
+
 def test_exact_mode_demands_a_lookahead_before_each_step():
     params, opt = make(approx=False)
     problem.loss(params, 0).backward()

@@ -54,8 +54,8 @@ MUTANTS = {
     ),
     "weight decay with the scaled lr": (
         "marsm_dist/functional.py",
-        "p.mul_(1.0 - lr * weight_decay).add_(step)",
-        "p.mul_(1.0 - lr * s * weight_decay).add_(step)",
+        "p.mul_(1.0 - lr * weight_decay)",
+        "p.mul_(1.0 - lr * s * weight_decay)",
     ),
     "per-matrix norm for >2-D tensors": (
         "marsm_dist/orthogonalize.py",
