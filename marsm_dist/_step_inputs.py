@@ -111,3 +111,13 @@ def nonfinite_flag(tensors: list[Tensor]) -> Tensor:
     # The max-abs norm is NaN/Inf exactly when the tensor holds one; it never overflows.
     worst = torch.stack(torch._foreach_norm(tensors, float("inf"))).double().amax()
     return (worst * 0.0).reshape(1)
+
+
+def describe_overflow(param_groups: list[Group], matrix: list[GroupWork], stats: Tensor) -> str:
+    """Name the matrix whose c_t overflowed float32 although its gradient is finite."""
+    i = int((~torch.isfinite(stats[:-1])).nonzero()[0])
+    for work in matrix:
+        if i < len(work.params):
+            return f"c_t of {param_name(param_groups, work.group, work.indices[i])} (overflow)"
+        i -= len(work.params)
+    return "gradient of a parameter held by another rank"

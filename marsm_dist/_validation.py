@@ -90,3 +90,14 @@ def validate_hyperparameters(group: Mapping[str, Any], where: str = "") -> None:
     use = group["use_marsm"]
     _check(use is None or isinstance(use, bool), "use_marsm", use, where, "must be True, False or None")
     resolve_dtype(group["ns_dtype"], "ns_dtype" + where)
+
+
+def check_param(p: torch.Tensor, group: Mapping[str, Any], name: str) -> None:
+    """Refuse a parameter MARS-M cannot take in ``group``, naming it."""
+    if torch.is_complex(p):
+        raise ValueError(f"MARSM does not support complex parameters ({name})")
+    if group["use_marsm"] is True and p.ndim < 2:
+        raise ValueError(
+            f"use_marsm=True needs tensors with at least 2 dims, but {name} has shape "
+            f"{tuple(p.shape)}; put it in a use_marsm=False group"
+        )

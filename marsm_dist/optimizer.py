@@ -15,11 +15,12 @@ from ._step_inputs import (
     check_grad,
     check_lookahead_ready,
     collect,
+    describe_overflow,
     first_nonfinite,
     nonfinite_flag,
     param_name,
 )
-from ._validation import resolve_dtype, validate_hyperparameters
+from ._validation import check_param, resolve_dtype, validate_hyperparameters
 from .newton_schulz import NS_COEFFICIENTS
 from .orthogonalize import NSConfig, orthogonalize, scale_for
 
@@ -28,8 +29,7 @@ __all__ = ["MARSM", "NonFiniteGradError"]
 logger = logging.getLogger(__name__)
 
 # Keys a param group may carry, with the values a group added by an older version should get.
-_GROUP_DEFAULTS = {"ns_coefficients": NS_COEFFICIENTS, "flatten": False, "maximize": False,
-                   "use_marsm": None}
+_GROUP_DEFAULTS = dict(ns_coefficients=NS_COEFFICIENTS, flatten=False, maximize=False, use_marsm=None)
 
 
 class NonFiniteGradError(RuntimeError):
@@ -117,22 +117,17 @@ class MARSM(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see ``torch.optim.Optimizer``); its hyperparameters are validated."""
         super().add_param_group(param_group)
-        index = len(self.param_groups) - 1
-        group = self.param_groups[index]
-        where = f" in param group {index}"
-        if isinstance(group["adamw_betas"], list):
-            group["adamw_betas"] = tuple(group["adamw_betas"])
-        validate_hyperparameters(group, where)
-        group["ns_dtype"] = resolve_dtype(group["ns_dtype"])
-        for i, p in enumerate(group["params"]):
-            name = param_name(self.param_groups, group, i)
-            if torch.is_complex(p):
-                raise ValueError(f"MARSM does not support complex parameters ({name})")
-            if group["use_marsm"] is True and p.ndim < 2:
-                raise ValueError(
-                    f"use_marsm=True needs tensors with at least 2 dims, but {name} has shape "
-                    f"{tuple(p.shape)}; put it in a use_marsm=False group"
-                )
+        group = self.param_groups[-1]
+        try:
+            if isinstance(group["adamw_betas"], list):
+                group["adamw_betas"] = tuple(group["adamw_betas"])
+            validate_hyperparameters(group, f" in param group {len(self.param_groups) - 1}")
+            group["ns_dtype"] = resolve_dtype(group["ns_dtype"])
+            for i, p in enumerate(group["params"]):
+                check_param(p, group, param_name(self.param_groups, group, i))
+        except ValueError:
+            self.param_groups.pop()  # a refused group must not stay half-added
+            raise
 
     # ----------------------------------------------------------------------------- routing, state
     @staticmethod
@@ -214,8 +209,8 @@ class MARSM(Optimizer):
         stats = self._reduce_step_stats(
             torch.cat([F.squared_norms([c for group in cs for c in group]), nonfinite_flag(screened)]))
         if not bool(torch.isfinite(stats).all()):
-            bad = first_nonfinite(self.param_groups, matrix, adamw, self.state) or self._overflow(
-                matrix, stats)
+            bad = first_nonfinite(self.param_groups, matrix, adamw, self.state) or describe_overflow(
+                self.param_groups, matrix, stats)
             if self.on_nonfinite == "raise":
                 raise NonFiniteGradError(
                     f"MARSM: the {bad} contains NaN or Inf; parameters and optimizer state were "
@@ -227,15 +222,6 @@ class MARSM(Optimizer):
             self._adamw_step(work)
         self._matrix_update(matrix, grads, states, cs, F.clip_factors(stats[:-1]))
         return loss
-
-    def _overflow(self, matrix: list[GroupWork], stats: Tensor) -> str:
-        """Name the matrix whose c_t overflowed float32 although its gradient is finite."""
-        i = int((~torch.isfinite(stats[:-1])).nonzero()[0])
-        for work in matrix:
-            if i < len(work.params):
-                return f"c_t of {param_name(self.param_groups, work.group, work.indices[i])} (overflow)"
-            i -= len(work.params)
-        return "gradient of a parameter held by another rank"
 
     def _skip_step(self, matrix: list[GroupWork], bad: str) -> None:
         self.skipped_steps += 1

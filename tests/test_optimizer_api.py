@@ -65,6 +65,12 @@ def test_invalid_group_value_names_the_group():
     a, b = torch.nn.Parameter(torch.zeros(3, 3)), torch.nn.Parameter(torch.zeros(3, 3))
     with pytest.raises(ValueError, match=r"Invalid momentum in param group 1"):
         MARSM([{"params": [a]}, {"params": [b], "momentum": 1.5}])
+    opt = MARSM([a])
+    with pytest.raises(ValueError, match=r"Invalid lr in param group 1"):
+        opt.add_param_group({"params": [b], "lr": -1.0})
+    assert len(opt.param_groups) == 1  # the refused group is not left half-added
+    opt.add_param_group({"params": [b], "lr": 0.5})
+    assert opt.param_groups[1]["lr"] == 0.5
 
 
 def test_use_marsm_on_a_vector_is_refused_by_name():
