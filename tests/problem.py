@@ -84,3 +84,23 @@ def groups(params: dict[str, torch.Tensor]) -> list[dict]:
         {"params": [("embedding", params["embedding"])], "use_marsm": False},
         {"params": [(n, params[n]) for n in ("wide", "conv", "bias", "tiny_grad", "scalar")]},
     ]
+
+
+def leaf_params(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Fresh trainable copies of the initial parameters."""
+    return {n: p.clone().requires_grad_() for n, p in initial_params(dtype).items()}
+
+
+def train(params, opt, start: int, stop: int, *, approx: bool, set_to_none: bool = True,
+          sched=None) -> None:
+    """Steps ``start .. stop-1`` of the standard loop (exact mode: look-ahead on batch t + 1)."""
+    for t in range(start, stop):
+        if not approx:
+            loss(params, t + 1).backward()
+            opt.store_lookahead_grad()
+            opt.zero_grad(set_to_none=set_to_none)
+        loss(params, t).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=set_to_none)
+        if sched is not None:
+            sched.step()

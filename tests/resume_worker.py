@@ -12,22 +12,14 @@ from tests import problem
 
 
 def build(approx: bool):
-    params = {n: p.clone().requires_grad_() for n, p in problem.initial_params(torch.float32).items()}
+    params = problem.leaf_params()
     opt = MARSM(problem.groups(params), lr=problem.BASE_LR, approx=approx)  # bf16 NS: the default
     sched = torch.optim.lr_scheduler.LambdaLR(opt, problem.schedule)
     return params, opt, sched
 
 
 def train(params, opt, sched, start: int, stop: int, approx: bool) -> None:
-    for t in range(start, stop):
-        if not approx:
-            problem.loss(params, t + 1).backward()
-            opt.store_lookahead_grad()
-            opt.zero_grad()
-        problem.loss(params, t).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        sched.step()
+    problem.train(params, opt, start, stop, approx=approx, set_to_none=False, sched=sched)
 
 
 def final(params, opt):

@@ -12,20 +12,13 @@ from tests import problem
 
 
 def make(approx=True, **kw):
-    params = {n: p.clone().requires_grad_() for n, p in problem.initial_params(torch.float32).items()}
+    params = problem.leaf_params()
     kw.setdefault("ns_dtype", torch.float32)
     return params, MARSM(problem.groups(params), lr=problem.BASE_LR, approx=approx, **kw)
 
 
 def train(params, opt, steps, start=0, approx=True):
-    for t in range(start, start + steps):
-        if not approx:
-            problem.loss(params, t + 1).backward()
-            opt.store_lookahead_grad()
-            opt.zero_grad()
-        problem.loss(params, t).backward()
-        opt.step()
-        opt.zero_grad()
+    problem.train(params, opt, start, start + steps, approx=approx)
 
 
 def snapshot(params, opt):

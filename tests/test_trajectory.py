@@ -20,20 +20,11 @@ STEPS = 20
 
 
 def run_marsm(steps, *, approx, weight_decay, use_schedule=True, set_to_none=True, **kw):
-    params = {n: p.clone().requires_grad_() for n, p in problem.initial_params(torch.float32).items()}
+    params = problem.leaf_params()
     opt = MARSM(problem.groups(params), lr=problem.BASE_LR, weight_decay=weight_decay,
                 approx=approx, **kw)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, problem.schedule) if use_schedule else None
-    for t in range(steps):
-        if not approx:
-            problem.loss(params, t + 1).backward()
-            opt.store_lookahead_grad()
-            opt.zero_grad(set_to_none=set_to_none)
-        problem.loss(params, t).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=set_to_none)
-        if sched is not None:
-            sched.step()
+    problem.train(params, opt, 0, steps, approx=approx, set_to_none=set_to_none, sched=sched)
     return {n: p.detach() for n, p in params.items()}, opt
 
 
