@@ -4,8 +4,9 @@ MARS-M (arXiv 2510.21800) combines MARS's variance-reduced momentum with Muon's 
 orthogonalization for matrix parameters; other parameters take an AdamW branch.
 """
 
+from . import adapters as _adapters  # noqa: F401  (registers the built-in sharding adapters)
 from .newton_schulz import NS_COEFFICIENTS, newton_schulz
-from .optimizer import MARSM, NonFiniteGradError
+from .optimizer import MARSM, NonFiniteGradError, StepStats
 from .param_groups import RoutingDecision, explain_routing, param_groups, routing_report
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "NS_COEFFICIENTS",
     "NonFiniteGradError",
     "RoutingDecision",
+    "StepStats",
     "explain_routing",
     "newton_schulz",
     "param_groups",

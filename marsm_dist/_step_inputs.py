@@ -1,7 +1,8 @@
 """Gather and check what a step consumes, before anything is changed.
 
 Every check here runs before the first write to a parameter or to optimizer state, so a refused
-step (bad gradient, missing look-ahead) leaves both untouched.
+step (bad gradient, missing look-ahead) leaves both untouched. All math runs on *local* tensors
+(the shard this rank holds), obtained through each parameter's sharding adapter.
 """
 
 from __future__ import annotations
@@ -13,17 +14,38 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .sharding.adapter import ShardingAdapter
+
 Group = dict[str, Any]
 
 
 @dataclass(eq=False)
 class GroupWork:
-    """The parameters of one group (and one branch) that have a gradient this step."""
+    """The parameters of one group (and one branch) that take part in this step.
+
+    ``grads`` are local views, with zeros standing in for a sharded matrix that has no gradient
+    on this rank (it still joins every collective); ``has_grad`` says which those are.
+    """
 
     group: Group
     params: list[Tensor] = field(default_factory=list)
-    grads: list[Tensor] = field(default_factory=list)
+    adapters: list[ShardingAdapter] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)  # positions in group["params"], for names
+    local_params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    has_grad: list[bool] = field(default_factory=list)
+
+    def add(self, p: Tensor, adapter: ShardingAdapter, i: int) -> None:
+        self.params.append(p)
+        self.adapters.append(adapter)
+        self.indices.append(i)
+        local = adapter.local(p)
+        self.local_params.append(local)
+        self.has_grad.append(p.grad is not None)
+        self.grads.append(adapter.local(p.grad) if p.grad is not None else torch.zeros_like(local))
+
+    def local_state(self, state: Mapping, key: str) -> list[Tensor]:
+        return [a.local(state[p][key]) for p, a in zip(self.params, self.adapters, strict=True)]
 
 
 def param_name(param_groups: list[Group], group: Group, i: int) -> str:
@@ -44,27 +66,31 @@ def check_grad(param_groups: list[Group], group: Group, i: int, grad: Tensor) ->
 
 
 def collect(
-    param_groups: list[Group], uses_marsm: Callable[[Group, Tensor], bool]
+    param_groups: list[Group],
+    uses_marsm: Callable[[Group, Tensor], bool],
+    adapter_of: Callable[[Tensor], ShardingAdapter],
+    always: Callable[[Tensor], bool],
 ) -> tuple[list[GroupWork], list[GroupWork]]:
-    """Split the parameters that have a gradient into matrix and AdamW work, one per group."""
+    """Split the parameters into matrix and AdamW work, one of each per group. A parameter takes
+    part when it has a gradient, or when ``always(p)`` (sharded matrices: every rank must join
+    the same collectives, whether or not its shard got a gradient)."""
     matrix, adamw = [], []
     for group in param_groups:
         mw, aw = GroupWork(group), GroupWork(group)
         for i, p in enumerate(group["params"]):
-            if p.grad is None:
+            is_matrix = uses_marsm(group, p)
+            if p.grad is None and not (is_matrix and always(p)):
                 continue
-            check_grad(param_groups, group, i, p.grad)
-            work = mw if uses_marsm(group, p) else aw
-            work.params.append(p)
-            work.grads.append(p.grad)
-            work.indices.append(i)
+            if p.grad is not None:
+                check_grad(param_groups, group, i, p.grad)
+            (mw if is_matrix else aw).add(p, adapter_of(p), i)
         matrix.append(mw)
         adamw.append(aw)
-    return matrix, adamw
+    return [w for w in matrix if w.params], [w for w in adamw if w.params]
 
 
 def check_lookahead_ready(param_groups: list[Group], matrix: list[GroupWork], state: Mapping) -> None:
-    """Exact mode: every matrix with a gradient needs a look-ahead stored since the last step."""
+    """Exact mode: every matrix taking part needs a look-ahead stored since the last step."""
     for work in matrix:
         if work.group["approx"]:
             continue
@@ -78,46 +104,46 @@ def check_lookahead_ready(param_groups: list[Group], matrix: list[GroupWork], st
                 )
 
 
-def first_nonfinite(
-    param_groups: list[Group], matrix: list[GroupWork], adamw: list[GroupWork], state: Mapping
-) -> str | None:
-    """Describe the first NaN/Inf among the gradients this step consumes, or return None."""
-    tensors, labels = [], []
-    for work in matrix + adamw:
-        tensors += work.grads
-        labels += [("gradient", work.group, i) for i in work.indices]
-    for work in matrix:
-        if not work.group["approx"]:
-            tensors += [state[p]["lookahead_grad"] for p in work.params]
-            labels += [("look-ahead gradient", work.group, i) for i in work.indices]
-    if not tensors:
-        return None
-    # The max-abs norm is NaN/Inf exactly when the tensor holds one; it never overflows.
-    finite = torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf"))).float())
-    if bool(finite.all()):
-        return None
-    bad = int((~finite).nonzero()[0])
-    kind, group, i = labels[bad]
-    return f"{kind} of {param_name(param_groups, group, i)} (shape {tuple(tensors[bad].shape)})"
+def pending_lookaheads(matrix: list[GroupWork], state: Mapping) -> list[Tensor]:
+    """Local views of the look-ahead gradients that become P after this step (exact mode)."""
+    return [t for w in matrix if not w.group["approx"] for t in w.local_state(state, "lookahead_grad")]
 
 
-def nonfinite_flag(tensors: list[Tensor]) -> Tensor:
+def nonfinite_flag(tensors: list[Tensor], device: torch.device | None = None) -> Tensor:
     """A float64 vector of one element: 0 if every tensor is finite, NaN otherwise.
 
     Summed with other per-step statistics (one all-reduce when sharded), the NaN survives.
     """
+    tensors = [t for t in tensors if t.numel()]  # an empty shard has no max (and is finite)
     if not tensors:
-        return torch.zeros(1, dtype=torch.float64)
+        return torch.zeros(1, dtype=torch.float64, device=device)
     # The max-abs norm is NaN/Inf exactly when the tensor holds one; it never overflows.
     worst = torch.stack(torch._foreach_norm(tensors, float("inf"))).double().amax()
-    return (worst * 0.0).reshape(1)
+    return (worst * 0.0).reshape(1).to(device) if device is not None else (worst * 0.0).reshape(1)
 
 
-def describe_overflow(param_groups: list[Group], matrix: list[GroupWork], stats: Tensor) -> str:
-    """Name the matrix whose c_t overflowed float32 although its gradient is finite."""
-    i = int((~torch.isfinite(stats[:-1])).nonzero()[0])
+def describe_nonfinite(
+    param_groups: list[Group], matrix: list[GroupWork], adamw: list[GroupWork], state: Mapping,
+    sq_norms: Tensor,
+) -> str:
+    """Name what made this step's statistics non-finite: a local NaN/Inf gradient or look-ahead,
+    a c_t that overflowed float32, or (when this rank holds neither) another rank's shard."""
+    candidates = []
+    for work in matrix + adamw:
+        candidates += [("gradient", work.group, i, g) for i, g in zip(work.indices, work.grads, strict=True)]
     for work in matrix:
-        if i < len(work.params):
-            return f"c_t of {param_name(param_groups, work.group, work.indices[i])} (overflow)"
-        i -= len(work.params)
-    return "gradient of a parameter held by another rank"
+        if not work.group["approx"]:
+            looks = work.local_state(state, "lookahead_grad")
+            candidates += [("look-ahead gradient", work.group, i, t) for i, t in zip(work.indices, looks,
+                                                                                   strict=True)]
+    for kind, group, i, t in candidates:
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            return f"{kind} of {param_name(param_groups, group, i)} (shape {tuple(t.shape)})"
+    bad = (~torch.isfinite(sq_norms)).nonzero().flatten().tolist()
+    k = 0
+    for work in matrix:
+        for i in work.indices:
+            if k in bad:
+                return f"c_t of {param_name(param_groups, work.group, i)} (overflow)"
+            k += 1
+    return "gradient of a parameter shard held by another rank"

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .sharding.plan import OWNER_POLICIES
+
 _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
@@ -101,3 +103,13 @@ def check_param(p: torch.Tensor, group: Mapping[str, Any], name: str) -> None:
             f"use_marsm=True needs tensors with at least 2 dims, but {name} has shape "
             f"{tuple(p.shape)}; put it in a use_marsm=False group"
         )
+
+
+def validate_options(*, on_nonfinite: str, owner_policy: str, bucket_bytes: int) -> None:
+    """Check the optimizer-wide (not per-group) options."""
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (expected 'raise' or 'skip')")
+    if owner_policy not in OWNER_POLICIES:
+        raise ValueError(f"Invalid owner_policy: {owner_policy!r} (expected one of {OWNER_POLICIES})")
+    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 4:
+        raise ValueError(f"Invalid bucket_bytes: {bucket_bytes!r} (expected an int >= 4)")

@@ -3,28 +3,37 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from . import functional as F
+from ._sharding_context import ShardingContext
+from ._step import (
+    StepStats,
+    adamw_step,
+    apply_updates,
+    orthogonalize_all,
+    precondition,
+    step_statistics,
+    update_momenta,
+)
 from ._step_inputs import (
     GroupWork,
     check_grad,
     check_lookahead_ready,
     collect,
-    describe_overflow,
-    first_nonfinite,
-    nonfinite_flag,
+    describe_nonfinite,
     param_name,
 )
-from ._validation import check_param, resolve_dtype, validate_hyperparameters
+from ._timing import PhaseTimer
+from ._validation import check_param, resolve_dtype, validate_hyperparameters, validate_options
 from .newton_schulz import NS_COEFFICIENTS
-from .orthogonalize import NSConfig, orthogonalize, scale_for
+from .sharding.adapter import adapter_for
 
-__all__ = ["MARSM", "NonFiniteGradError"]
+__all__ = ["MARSM", "NonFiniteGradError", "StepStats"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +83,18 @@ class MARSM(Optimizer):
         maximize: maximize the objective instead of minimizing it.
         on_nonfinite: ``"raise"`` (default) raises :class:`NonFiniteGradError` naming the
             parameter when a gradient holds NaN/Inf; ``"skip"`` skips the whole step instead.
-            Either way parameters and state are left untouched.
+            Either way parameters and state are left untouched (on every rank, when sharded).
+        owner_policy: sharded matrices only: which rank orthogonalizes each matrix.
+            ``"balanced"`` (default) spreads Newton-Schulz FLOPs greedily, largest matrix
+            first; ``"round_robin"`` gives matrix i to rank i mod W (the paper's scheme).
+        bucket_bytes: sharded matrices only: at most this many bytes (counted as float32) of
+            full matrices owned by one rank per exchange round; bounds the extra memory.
+        timing: synchronize the device around each phase so :attr:`last_step_stats` times are
+            exact on GPUs (costs a little speed; on the CPU they are exact anyway).
+
+    Sharded parameters (FSDP2 DTensors, and the frameworks whose adapters are imported) need no
+    change: every rank does the elementwise work on its own shard, each matrix is gathered to
+    one owner rank for Newton-Schulz and the result is scattered back (see ``marsm_dist.sharding``).
     """
 
     def __init__(
@@ -94,25 +114,36 @@ class MARSM(Optimizer):
         flatten: bool = False,
         maximize: bool = False,
         on_nonfinite: str = "raise",
+        owner_policy: str = "balanced",
+        bucket_bytes: int = 256 * 2**20,
+        timing: bool = False,
     ) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, gamma=gamma,
                         ns_steps=ns_steps, ns_dtype=ns_dtype, adamw_betas=tuple(adamw_betas),
                         adamw_eps=adamw_eps, approx=approx, ns_coefficients=tuple(ns_coefficients),
                         flatten=flatten, maximize=maximize, use_marsm=None)
         validate_hyperparameters(defaults)
-        if on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (expected 'raise' or 'skip')")
-        self.on_nonfinite = on_nonfinite
+        validate_options(on_nonfinite=on_nonfinite, owner_policy=owner_policy, bucket_bytes=bucket_bytes)
+        self.on_nonfinite, self.owner_policy, self.bucket_bytes = on_nonfinite, owner_policy, bucket_bytes
         self.skipped_steps = 0
+        self.last_step_stats: StepStats | None = None
+        self._timer = PhaseTimer(_device_sync() if timing else None)
+        self._context: ShardingContext | None = None
         super().__init__(params, defaults)
+        # Sharded frameworks that keep their parameters (FSDP2) get every state key now, so
+        # checkpoint helpers see rank-symmetric keys and never run a dummy step.
+        if any(adapter_for(p).prepopulate_state for g in self.param_groups for p in g["params"]):
+            self.init_state()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in _GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
-        self.__dict__.setdefault("on_nonfinite", "raise")
-        self.__dict__.setdefault("skipped_steps", 0)
+        for key, value in dict(on_nonfinite="raise", owner_policy="balanced", bucket_bytes=256 * 2**20,
+                               skipped_steps=0, last_step_stats=None, _context=None).items():
+            self.__dict__.setdefault(key, value)
+        self.__dict__.setdefault("_timer", PhaseTimer())
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see ``torch.optim.Optimizer``); its hyperparameters are validated."""
@@ -147,9 +178,11 @@ class MARSM(Optimizer):
                 state.setdefault("lookahead_ready", False)
         else:
             keys = ("exp_avg", "exp_avg_sq")
-        for key in keys:
-            if key not in state:
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        missing = [k for k in keys if k not in state]
+        if missing:
+            adapter = adapter_for(p)
+            for key in missing:
+                state[key] = adapter.zeros_state(p)
         return state
 
     @torch.no_grad()
@@ -157,6 +190,7 @@ class MARSM(Optimizer):
         """Create every state tensor now (zeros), so all keys exist before the first step.
 
         Checkpoint helpers that need rank-symmetric keys call this instead of a dummy step.
+        The FSDP2 adapter calls it at construction; ZeRO must not (it swaps parameters later).
         """
         for group in self.param_groups:
             for p in group["params"]:
@@ -178,18 +212,27 @@ class MARSM(Optimizer):
             for i, p in enumerate(group["params"]):
                 if not self.uses_marsm(group, p):
                     continue
-                state = self._ensure_state(group, p)
-                buf = state["lookahead_grad"]
+                adapter = adapter_for(p)
+                buf = adapter.local(self._ensure_state(group, p)["lookahead_grad"])
                 if p.grad is None:
                     buf.zero_()
                 else:
                     check_grad(self.param_groups, group, i, p.grad)
-                    buf.copy_(p.grad)
+                    buf.copy_(adapter.local(p.grad))
                     if group["maximize"]:
                         buf.neg_()
-                state["lookahead_ready"] = True
+                self.state[p]["lookahead_ready"] = True
 
     # ------------------------------------------------------------------------------------- step
+    def _sharding(self) -> ShardingContext:
+        if self._context is None or self._context.key != ShardingContext.key_of(self.param_groups):
+            self._context = ShardingContext(
+                self.param_groups, self.uses_marsm,
+                lambda g, i: param_name(self.param_groups, g, i),
+                owner_policy=self.owner_policy, bucket_numel=max(1, self.bucket_bytes // 4),
+                timer=self._timer)
+        return self._context
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """Take one optimization step; ``closure`` (optional) re-evaluates and returns the loss."""
@@ -197,20 +240,19 @@ class MARSM(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        matrix, adamw = collect(self.param_groups, self.uses_marsm)
-        check_lookahead_ready(self.param_groups, matrix, self.state)
-        matrix = [w for w in matrix if w.params]
-        # Phase 1 writes nothing: c_t of every matrix, then one vector with their squared norms
-        # (the clip needs whole-tensor norms) and a NaN/Inf screen of everything else this step
-        # consumes. A NaN/Inf in a matrix gradient shows up in its norm, so it costs no extra pass.
-        grads, states, cs = self._precondition(matrix)
-        screened = [t for w in adamw for t in w.grads] + [
-            self.state[p]["lookahead_grad"] for w in matrix if not w.group["approx"] for p in w.params]
-        stats = self._reduce_step_stats(
-            torch.cat([F.squared_norms([c for group in cs for c in group]), nonfinite_flag(screened)]))
-        if not bool(torch.isfinite(stats).all()):
-            bad = first_nonfinite(self.param_groups, matrix, adamw, self.state) or describe_overflow(
-                self.param_groups, matrix, stats)
+        ctx = self._sharding()
+        timer = self._timer
+        timer.reset()
+        sent0, received0 = _exchange_bytes(ctx)
+        with timer.phase("elementwise"):
+            matrix, adamw = collect(self.param_groups, self.uses_marsm, ctx.adapter, ctx.is_sharded_matrix)
+            check_lookahead_ready(self.param_groups, matrix, self.state)
+            # Phase 1 writes nothing: c_t of every matrix and the step statistics.
+            pre = precondition(matrix, self.state, self._ensure_state)
+        with timer.phase("communication"):
+            stats = step_statistics(ctx, matrix, adamw, pre, self.state)
+        if not stats.finite:
+            bad = describe_nonfinite(self.param_groups, matrix, adamw, self.state, stats.sq_norms)
             if self.on_nonfinite == "raise":
                 raise NonFiniteGradError(
                     f"MARSM: the {bad} contains NaN or Inf; parameters and optimizer state were "
@@ -218,9 +260,14 @@ class MARSM(Optimizer):
                 )
             self._skip_step(matrix, bad)
             return loss
-        for work in adamw:
-            self._adamw_step(work)
-        self._matrix_update(matrix, grads, states, cs, F.clip_factors(stats[:-1]))
+        with timer.phase("elementwise"):
+            for work in adamw:
+                adamw_step(work, self.state, self._ensure_state)
+            momenta = update_momenta(matrix, pre, stats, self.state)
+        orthos = orthogonalize_all(ctx, matrix, momenta, timer)
+        with timer.phase("apply"):
+            apply_updates(matrix, pre, stats, orthos, self.state)
+        self._record_stats(ctx, stats, sent0, received0)
         return loss
 
     def _skip_step(self, matrix: list[GroupWork], bad: str) -> None:
@@ -231,72 +278,26 @@ class MARSM(Optimizer):
                 if "lookahead_ready" in self.state[p]:
                     self.state[p]["lookahead_ready"] = False
 
-    def _adamw_step(self, work: GroupWork) -> None:
-        if not work.params:
-            return
-        g = work.group
-        states = [self._ensure_state(g, p) for p in work.params]
-        for s in states:
-            s["step"] += 1
-        grads = torch._foreach_neg(work.grads) if g["maximize"] else work.grads
-        F.adamw_update_(
-            work.params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [int(s["step"].item()) for s in states], lr=float(g["lr"]), betas=g["adamw_betas"],
-            eps=float(g["adamw_eps"]), weight_decay=float(g["weight_decay"]),
+    def _record_stats(self, ctx: ShardingContext, stats: Any, sent0: int, received0: int) -> None:
+        sent, received = _exchange_bytes(ctx)
+        plan = ctx.engine.plan if ctx.engine is not None else None
+        rank = ctx.engine.rank if ctx.engine is not None else 0
+        self.last_step_stats = StepStats(
+            milliseconds=self._timer.milliseconds(), bytes_sent=sent - sent0,
+            bytes_received=received - received0, clipped=stats.clipped,
+            ns_flops_this_rank=(plan.ns_flops[rank] if plan else 0) + stats.local_ns_flops,
+            ns_flops_max_over_mean=plan.flops_balance if plan else 1.0,
+            owned_matrices=sum(o == rank for o in plan.owners) if plan else 0,
         )
+        logger.debug("MARSM step: %s", self.last_step_stats)
 
-    def _precondition(self, works: list[GroupWork]):
-        """Per group: the (sign-adjusted) gradients, the states and c_t = g + kappa (g - P)."""
-        grads, states, cs = [], [], []
-        for work in works:
-            g = work.group
-            st = [self._ensure_state(g, p) for p in work.params]
-            gs = torch._foreach_neg(work.grads) if g["maximize"] else work.grads
-            kappa = F.marsm_kappa(float(g["momentum"]), float(g["gamma"]))
-            cs.append(F.variance_reduced_grads(gs, [s["last_grad"] for s in st], kappa=kappa))
-            grads.append(gs)
-            states.append(st)
-        return grads, states, cs
 
-    def _matrix_update(self, works, grads, states, cs, factors: list[float]) -> None:
-        """Clip and accumulate momentum, orthogonalize, apply, then set P for the next step."""
-        momenta, configs, start = [], [], 0
-        for work, st, c in zip(works, states, cs, strict=True):
-            g = work.group
-            n = len(c)
-            exp_avgs = [s["exp_avg"] for s in st]
-            F.update_momentum_(exp_avgs, c, factors[start:start + n], momentum=float(g["momentum"]))
-            start += n
-            momenta += exp_avgs
-            configs += [NSConfig(g["ns_steps"], g["ns_dtype"], g["ns_coefficients"], g["flatten"])] * n
-        orthos = self._orthogonalize(momenta, configs)
-        start = 0
-        for work, st, gs in zip(works, states, grads, strict=True):
-            g, n = work.group, len(st)
-            F.apply_matrix_update_(
-                work.params, orthos[start:start + n], lr=float(g["lr"]),
-                weight_decay=float(g["weight_decay"]),
-                scales=[scale_for(p.shape, g["flatten"]) for p in work.params],
-            )
-            start += n
-            self._promote_previous_grads(g, st, gs)
+def _exchange_bytes(ctx: ShardingContext) -> tuple[int, int]:
+    if ctx.engine is None:
+        return 0, 0
+    c = ctx.engine.exchange.counters
+    return c.bytes_sent, c.bytes_received
 
-    def _promote_previous_grads(self, group: dict[str, Any], states: list[dict], grads: list[Tensor]):
-        """Set P for the next step: a copy of g (approx) or the stored look-ahead (exact)."""
-        for s in states:
-            s["step"] += 1
-        if group["approx"]:
-            # A copy, never an alias of .grad: zero_grad(set_to_none=False) zeroes .grad in place.
-            torch._foreach_copy_([s["last_grad"] for s in states], grads)
-            return
-        for s in states:
-            s["last_grad"], s["lookahead_grad"] = s["lookahead_grad"], s["last_grad"]
-            s["lookahead_ready"] = False
 
-    # Seams for the sharding engine: a single process is a world of one.
-    def _reduce_step_stats(self, stats: Tensor) -> Tensor:
-        """Sum the per-matrix squared norms (and the NaN screen) over the ranks holding shards."""
-        return stats
-
-    def _orthogonalize(self, tensors: list[Tensor], configs: list[NSConfig]) -> list[Tensor]:
-        return orthogonalize(tensors, configs)
+def _device_sync() -> Callable[[], None] | None:
+    return torch.cuda.synchronize if torch.cuda.is_available() else None

@@ -33,14 +33,16 @@ MUTANTS = {
         "    step_sizes = [-lr / (1.0 - beta1**k) for k in steps]",
     ),
     "P aliases .grad in approx mode": (
-        "marsm_dist/optimizer.py",
-        'torch._foreach_copy_([s["last_grad"] for s in states], grads)',
-        'for s, g in zip(states, grads): s["last_grad"] = g  # noqa',
+        "marsm_dist/_step.py",
+        '            torch._foreach_copy_([work.adapters[j].local(st[j]["last_grad"]) for j in sel],\n'
+        '                                 [gs[j] for j in sel])\n',
+        '            for j in sel:\n'
+        '                st[j]["last_grad"] = gs[j]\n',
     ),
     "exact mode uses the new look-ahead at once": (
-        "marsm_dist/optimizer.py",
-        '[s["last_grad"] for s in st]',
-        '[s.get("lookahead_grad", s["last_grad"]) for s in st]',
+        "marsm_dist/_step.py",
+        'a.local(s["last_grad"]) for a, s in',
+        'a.local(s.get("lookahead_grad", s["last_grad"])) for a, s in',
     ),
     "kappa without beta": (
         "marsm_dist/functional.py",

@@ -1,0 +1,200 @@
+"""The phases of one MARSM step over the work lists, on local shards.
+
+1. :func:`precondition`: c_t = g + kappa (g - P) for every matrix (writes nothing).
+2. :func:`step_statistics`: squared norms of c_t (summed over shards), which sharded matrices got
+   a gradient anywhere, and a NaN/Inf screen, in one all-reduce.
+3. :func:`update_momenta`, :func:`adamw_step`: elementwise updates of the state.
+4. :func:`orthogonalize_all`: NS, through the sharding engine for sharded matrices.
+5. :func:`apply_updates`: decay + scaled orthogonal step, then P for the next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from ._sharding_context import ShardingContext
+from ._step_inputs import GroupWork, nonfinite_flag, pending_lookaheads
+from ._timing import PhaseTimer
+from .newton_schulz import newton_schulz_flops
+from .orthogonalize import NSConfig, matrix_view_shape, orthogonalize, scale_for
+
+EnsureState = Callable[[dict[str, Any], Tensor], dict[str, Any]]
+
+
+@dataclass
+class StepStats:
+    """What the last step did (``MARSM.last_step_stats``), as seen by this rank.
+
+    Attributes:
+        milliseconds: wall time per phase: elementwise, communication, newton_schulz, apply.
+        bytes_sent, bytes_received: bytes exchanged with other ranks (gather + scatter).
+        clipped: matrices whose c_t was clipped to unit norm.
+        ns_flops_this_rank: predicted Newton-Schulz FLOPs this rank runs per step.
+        ns_flops_max_over_mean: the owner plan's load balance (1.0 is perfect).
+        owned_matrices: sharded matrices this rank orthogonalizes.
+    """
+
+    milliseconds: dict[str, float]
+    bytes_sent: int
+    bytes_received: int
+    clipped: int
+    ns_flops_this_rank: int
+    ns_flops_max_over_mean: float
+    owned_matrices: int
+
+
+@dataclass
+class Preconditioned:
+    """Per matrix work: the states, the sign-adjusted local gradients and c_t."""
+
+    states: list[list[dict[str, Any]]] = field(default_factory=list)
+    grads: list[list[Tensor]] = field(default_factory=list)
+    cs: list[list[Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class Statistics:
+    """The reduced step statistics, one entry per matrix in work order."""
+
+    sq_norms: Tensor
+    active: list[bool]
+    finite: bool
+    factors: list[float]
+    clipped: int
+    local_ns_flops: int
+
+
+def precondition(matrix: list[GroupWork], state: Mapping, ensure_state: EnsureState) -> Preconditioned:
+    pre = Preconditioned()
+    for work in matrix:
+        g = work.group
+        st = [ensure_state(g, p) for p in work.params]
+        gs = list(torch._foreach_neg(work.grads)) if g["maximize"] else work.grads
+        kappa = F.marsm_kappa(float(g["momentum"]), float(g["gamma"]))
+        prev = [a.local(s["last_grad"]) for a, s in zip(work.adapters, st, strict=True)]
+        pre.states.append(st)
+        pre.grads.append(gs)
+        pre.cs.append(F.variance_reduced_grads(gs, prev, kappa=kappa))
+    return pre
+
+
+def _config(group: dict[str, Any]) -> NSConfig:
+    return NSConfig(group["ns_steps"], group["ns_dtype"], group["ns_coefficients"], group["flatten"])
+
+
+def step_statistics(ctx: ShardingContext, matrix: list[GroupWork], adamw: list[GroupWork],
+                    pre: Preconditioned, state: Mapping) -> Statistics:
+    params = [p for w in matrix for p in w.params]
+    has = [h for w in matrix for h in w.has_grad]
+    sq = F.squared_norms([c for cs in pre.cs for c in cs])
+    sharded = [k for k, p in enumerate(params) if ctx.is_sharded_matrix(p)]
+    local = [k for k, p in enumerate(params) if not ctx.is_sharded_matrix(p)]
+    flag = nonfinite_flag([g for w in adamw for g in w.grads] + pending_lookaheads(matrix, state))
+    if local:  # a NaN/Inf among unsharded matrices must stop every rank too
+        flag = flag + sq[local].sum() * 0.0
+    counts = torch.tensor([float(has[k]) for k in sharded], dtype=torch.float64)
+    vec = ctx.all_reduce(torch.cat([sq[sharded], counts, flag]))
+    n = len(sharded)
+    sq[sharded] = vec[:n]
+    active = [True] * len(params)
+    for k, count in zip(sharded, vec[n:2 * n].tolist(), strict=True):
+        active[k] = count > 0
+    finite = bool(torch.isfinite(sq).all()) and bool(torch.isfinite(vec[-1]))
+    factors = F.clip_factors(sq) if finite else []
+    clipped = sum(1 for k, f in enumerate(factors) if active[k] and f < 1.0)
+    configs = [(_config(w.group), p.shape) for w in matrix for p in w.params]
+    local_flops = sum(newton_schulz_flops(matrix_view_shape(shape, cfg.flatten), cfg.steps)
+                      for k, (cfg, shape) in enumerate(configs) if k in set(local))
+    return Statistics(sq, active, finite, factors, clipped, local_flops)
+
+
+def adamw_step(work: GroupWork, state: Mapping, ensure_state: EnsureState) -> None:
+    g = work.group
+    states = [ensure_state(g, p) for p in work.params]
+    for s in states:
+        s["step"] += 1
+    grads = list(torch._foreach_neg(work.grads)) if g["maximize"] else work.grads
+    F.adamw_update_(
+        work.local_params, grads, work.local_state(state, "exp_avg"), work.local_state(state, "exp_avg_sq"),
+        [int(s["step"].item()) for s in states], lr=float(g["lr"]), betas=g["adamw_betas"],
+        eps=float(g["adamw_eps"]), weight_decay=float(g["weight_decay"]),
+    )
+
+
+def _active_slices(matrix: list[GroupWork], stats: Statistics):
+    """Per work: the flat offset and the positions of the matrices that are active this step."""
+    k = 0
+    for work in matrix:
+        n = len(work.params)
+        yield k, [j for j in range(n) if stats.active[k + j]]
+        k += n
+
+
+def update_momenta(matrix: list[GroupWork], pre: Preconditioned, stats: Statistics,
+                   state: Mapping) -> list[Tensor | None]:
+    """M <- beta M + (1 - beta) clip(c) for active matrices; returns local M (None: inactive)."""
+    momenta: list[Tensor | None] = [None] * len(stats.active)
+    for work, cs, (k, sel) in zip(matrix, pre.cs, _active_slices(matrix, stats), strict=True):
+        exp_avgs = [work.adapters[j].local(state[work.params[j]]["exp_avg"]) for j in sel]
+        F.update_momentum_(exp_avgs, [cs[j] for j in sel], [stats.factors[k + j] for j in sel],
+                           momentum=float(work.group["momentum"]))
+        for j, m in zip(sel, exp_avgs, strict=True):
+            momenta[k + j] = m
+    return momenta
+
+
+def orthogonalize_all(ctx: ShardingContext, matrix: list[GroupWork], momenta: list[Tensor | None],
+                      timer: PhaseTimer) -> list[Tensor | None]:
+    """NS of every active matrix, as a tensor shaped like this rank's local shard."""
+    slots = [(w, j) for w in matrix for j in range(len(w.params))]
+    out: list[Tensor | None] = [None] * len(slots)
+    local = [k for k, (w, j) in enumerate(slots) if momenta[k] is not None
+             and not ctx.is_sharded_matrix(w.params[j])]
+    with timer.phase("newton_schulz"):
+        done = orthogonalize([momenta[k] for k in local], [_config(slots[k][0].group) for k in local])
+    for k, o in zip(local, done, strict=True):
+        out[k] = o
+    if ctx.engine is not None:
+        n = len(ctx.engine.layouts)
+        inputs: list[Tensor | None] = [None] * n
+        configs: list[NSConfig | None] = [None] * n
+        where = {}
+        for k, (w, j) in enumerate(slots):
+            e = ctx.engine_index.get(id(w.params[j]))
+            if e is not None and momenta[k] is not None:
+                inputs[e], configs[e], where[e] = momenta[k], _config(w.group), k
+        for e, o in enumerate(ctx.engine.orthogonalize(inputs, configs)):
+            if o is not None:
+                w, j = slots[where[e]]
+                out[where[e]] = o.view(w.local_params[j].shape)
+    return out
+
+
+def apply_updates(matrix: list[GroupWork], pre: Preconditioned, stats: Statistics,
+                  orthos: list[Tensor | None], state: Mapping) -> None:
+    """W <- W (1 - lr wd) - lr s O on local shards, then set P for the next step."""
+    for work, st, gs, (k, sel) in zip(matrix, pre.states, pre.grads, _active_slices(matrix, stats),
+                                      strict=True):
+        g = work.group
+        F.apply_matrix_update_(
+            [work.local_params[j] for j in sel], [orthos[k + j] for j in sel], lr=float(g["lr"]),
+            weight_decay=float(g["weight_decay"]),
+            scales=[scale_for(work.params[j].shape, g["flatten"]) for j in sel],
+        )
+        for j in sel:
+            st[j]["step"] += 1
+        if g["approx"]:
+            # A copy, never an alias of .grad: zero_grad(set_to_none=False) zeroes .grad in place.
+            torch._foreach_copy_([work.adapters[j].local(st[j]["last_grad"]) for j in sel],
+                                 [gs[j] for j in sel])
+            continue
+        for j in sel:
+            s = st[j]
+            s["last_grad"], s["lookahead_grad"] = s["lookahead_grad"], s["last_grad"]
+            s["lookahead_ready"] = False

@@ -1,0 +1,26 @@
+"""The sharding engine: piece layouts, the owner plan, and the gather/scatter exchange.
+
+It knows ``torch.distributed`` but no training framework: adapters describe their shards as
+:class:`MatrixLayout` pieces and register a :class:`ShardingAdapter` that the optimizer asks.
+"""
+
+from .adapter import ShardingAdapter, adapter_for, register_adapter
+from .engine import ShardingEngine
+from .layout import MatrixLayout, Piece, assemble, cut, row_chunks, whole
+from .plan import OWNER_POLICIES, ExchangePlan, make_plan
+
+__all__ = [
+    "OWNER_POLICIES",
+    "ExchangePlan",
+    "MatrixLayout",
+    "Piece",
+    "ShardingAdapter",
+    "ShardingEngine",
+    "adapter_for",
+    "assemble",
+    "cut",
+    "make_plan",
+    "register_adapter",
+    "row_chunks",
+    "whole",
+]

@@ -1,0 +1,91 @@
+"""Orthogonalize sharded matrices: gather each to its owner, run NS there, scatter back."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .._timing import PhaseTimer
+from ..orthogonalize import NSConfig, orthogonalize
+from .exchange import Exchange
+from .layout import MatrixLayout
+from .plan import make_plan
+
+__all__ = ["ShardingEngine"]
+
+
+class ShardingEngine:
+    """Owner plan + exchange for a fixed list of matrices sharded over one process group.
+
+    Args:
+        layouts: every matrix's piece layout (the same list, in the same order, on every rank).
+        group: the process group the pieces are spread over (``None``: a world of one).
+        policy: ``"round_robin"`` or ``"balanced"`` (see :mod:`marsm_dist.sharding.plan`).
+        bucket_numel: at most this many elements of full matrices owned by one rank per round.
+        timer: where communication and Newton-Schulz time is recorded.
+    """
+
+    def __init__(self, layouts: list[MatrixLayout], group: dist.ProcessGroup | None,
+                 policy: str = "balanced", bucket_numel: int = 1 << 26,
+                 timer: PhaseTimer | None = None) -> None:
+        world = dist.get_world_size(group) if group is not None else 1
+        rank = dist.get_rank(group) if group is not None else 0
+        for layout in layouts:
+            if layout.world_size != world:
+                raise ValueError(f"a layout for {layout.shape} covers {layout.world_size} ranks, "
+                                 f"but the process group has {world}")
+        self.layouts, self.group, self.rank, self.world_size = layouts, group, rank, world
+        self.plan = make_plan([lay.shape for lay in layouts], world, policy, bucket_numel)
+        self.exchange = Exchange(group, rank, world)
+        self.timer = timer or PhaseTimer()
+        if world > 1:
+            self._verify_same_on_every_rank()
+
+    def _verify_same_on_every_rank(self) -> None:
+        """One all-reduce at start-up: every rank must hold the same plan and layouts, or the
+        exchanges would pair up wrongly (or hang)."""
+        text = repr((self.plan.digest(), [(lay.shape, lay.pieces) for lay in self.layouts]))
+        digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+        t = torch.tensor([digest, -digest], dtype=torch.int64)
+        if dist.get_backend(self.group) == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        if t[0].item() != digest or t[1].item() != -digest:
+            raise RuntimeError(
+                "MARSM: ranks disagree on the matrices to orthogonalize (shapes, order or sharding "
+                "differ between ranks); every rank must build the optimizer from the same model"
+            )
+
+    def orthogonalize(
+        self, local: list[Tensor | None], configs: list[NSConfig | None]
+    ) -> list[Tensor | None]:
+        """NS of every active matrix, returned as this rank's local shard (flat, NS dtype).
+
+        ``local[i]`` is this rank's shard of matrix i's momentum, or ``None`` when matrix i sits
+        out this step; that choice must be the same on every rank.
+        """
+        out: list[Tensor | None] = [None] * len(local)
+        owners = self.plan.owners
+        for bucket in self.plan.buckets:
+            active = [i for i in bucket if local[i] is not None]
+            for dtype in sorted({configs[i].dtype for i in active}, key=str):
+                idx = [i for i in active if configs[i].dtype == dtype]
+                device = local[idx[0]].device
+                with self.timer.phase("communication"):
+                    fulls = self.exchange.gather(
+                        [(self.layouts[i], owners[i], local[i].reshape(-1)) for i in idx], dtype)
+                mine = [k for k, i in enumerate(idx) if owners[i] == self.rank]
+                with self.timer.phase("newton_schulz"):
+                    done = orthogonalize([fulls[k] for k in mine], [configs[idx[k]] for k in mine])
+                results: list[Tensor | None] = [None] * len(idx)
+                for k, o in zip(mine, done, strict=True):
+                    results[k] = o
+                with self.timer.phase("communication"):
+                    shards = self.exchange.scatter(
+                        [(self.layouts[i], owners[i]) for i in idx], results, dtype, device)
+                for k, i in enumerate(idx):
+                    out[i] = shards[k]
+        return out
