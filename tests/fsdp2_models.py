@@ -70,19 +70,35 @@ def shard(model: nn.Module, world_size: int) -> nn.Module:
     return model
 
 
-def train(name, model, opt, steps, *, approx, rank=0, world_size=1, start=0):
-    """``steps`` steps; each rank takes its slice of the global batch (FSDP2 averages grads)."""
+def train(name, model, opt, steps, *, approx, rank=0, world_size=1, start=0, shadow=None):
+    """``steps`` steps; each rank takes its slice of the global batch (FSDP2 averages grads).
+
+    ``shadow`` = (plain model, its single-process MARSM): fed the sharded run's full gradients
+    at every step, it isolates the optimizer from gradient rounding (see test_fsdp2.py)."""
     lo, hi = rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size
     for t in range(start, start + steps):
         if not approx:
             x, y = batch(name, t + 1)
             model(x[lo:hi], y[lo:hi]).backward()
+            _mirror(model, shadow, "store_lookahead_grad")
             opt.store_lookahead_grad()
             opt.zero_grad()
         x, y = batch(name, t)
         model(x[lo:hi], y[lo:hi]).backward()
+        _mirror(model, shadow, "step")
         opt.step()
         opt.zero_grad()
+
+
+def _mirror(model, shadow, method: str) -> None:
+    if shadow is None:
+        return
+    twin, twin_opt = shadow
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        full = p.grad.full_tensor() if p.grad is not None else None
+        q.grad = full.clone() if full is not None else None
+    getattr(twin_opt, method)()
+    twin_opt.zero_grad()
 
 
 def make_opt(model, **kw) -> MARSM:
