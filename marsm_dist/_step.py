@@ -63,6 +63,7 @@ class Statistics:
     """The reduced step statistics, one entry per matrix in work order."""
 
     sq_norms: Tensor
+    local_sq_norms: Tensor
     active: list[bool]
     finite: bool
     factors: list[float]
@@ -99,6 +100,7 @@ def step_statistics(ctx: ShardingContext, matrix: list[GroupWork], adamw: list[G
     if local:  # a NaN/Inf among unsharded matrices must stop every rank too
         flag = flag + sq[local].sum() * 0.0
     counts = torch.tensor([float(has[k]) for k in sharded], dtype=torch.float64)
+    local_sq = sq.clone()
     vec = ctx.all_reduce(torch.cat([sq[sharded], counts, flag]))
     n = len(sharded)
     sq[sharded] = vec[:n]
@@ -111,7 +113,7 @@ def step_statistics(ctx: ShardingContext, matrix: list[GroupWork], adamw: list[G
     configs = [(_config(w.group), p.shape) for w in matrix for p in w.params]
     local_flops = sum(newton_schulz_flops(matrix_view_shape(shape, cfg.flatten), cfg.steps)
                       for k, (cfg, shape) in enumerate(configs) if k in set(local))
-    return Statistics(sq, active, finite, factors, clipped, local_flops)
+    return Statistics(sq, local_sq, active, finite, factors, clipped, local_flops)
 
 
 def adamw_step(work: GroupWork, state: Mapping, ensure_state: EnsureState) -> None:

@@ -124,10 +124,10 @@ def nonfinite_flag(tensors: list[Tensor], device: torch.device | None = None) ->
 
 def describe_nonfinite(
     param_groups: list[Group], matrix: list[GroupWork], adamw: list[GroupWork], state: Mapping,
-    sq_norms: Tensor,
+    sq_norms: Tensor, local_sq_norms: Tensor,
 ) -> str:
     """Name what made this step's statistics non-finite: a local NaN/Inf gradient or look-ahead,
-    a c_t that overflowed float32, or (when this rank holds neither) another rank's shard."""
+    a c_t that overflowed float32, or a shard that another rank holds."""
     candidates = []
     for work in matrix + adamw:
         candidates += [("gradient", work.group, i, g) for i, g in zip(work.indices, work.grads, strict=True)]
@@ -139,11 +139,9 @@ def describe_nonfinite(
     for kind, group, i, t in candidates:
         if t.numel() and not bool(torch.isfinite(t).all()):
             return f"{kind} of {param_name(param_groups, group, i)} (shape {tuple(t.shape)})"
-    bad = (~torch.isfinite(sq_norms)).nonzero().flatten().tolist()
-    k = 0
-    for work in matrix:
-        for i in work.indices:
-            if k in bad:
-                return f"c_t of {param_name(param_groups, work.group, i)} (overflow)"
-            k += 1
+    names = [param_name(param_groups, w.group, i) for w in matrix for i in w.indices]
+    for k in (~torch.isfinite(sq_norms)).nonzero().flatten().tolist():
+        if bool(torch.isfinite(local_sq_norms[k])):
+            return f"gradient shard of {names[k]} held by another rank"
+        return f"c_t of {names[k]} (overflow)"
     return "gradient of a parameter shard held by another rank"

@@ -252,7 +252,8 @@ class MARSM(Optimizer):
         with timer.phase("communication"):
             stats = step_statistics(ctx, matrix, adamw, pre, self.state)
         if not stats.finite:
-            bad = describe_nonfinite(self.param_groups, matrix, adamw, self.state, stats.sq_norms)
+            bad = describe_nonfinite(self.param_groups, matrix, adamw, self.state, stats.sq_norms,
+                                     stats.local_sq_norms)
             if self.on_nonfinite == "raise":
                 raise NonFiniteGradError(
                     f"MARSM: the {bad} contains NaN or Inf; parameters and optimizer state were "
