@@ -22,8 +22,9 @@ class Awkward(nn.Module):
     (3, 7) splits 1,1,1,0 over 4 ranks: rank 3 holds an empty shard.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, loss_scale: float = 1.0) -> None:
         super().__init__()
+        self.loss_scale = loss_scale  # > 1: gradients large enough that the c_t clip engages
         self.emb = nn.Embedding(11, 16)
         self.a = nn.Linear(16, 30)
         self.norm = nn.LayerNorm(30)
@@ -34,13 +35,15 @@ class Awkward(nn.Module):
     def forward(self, idx: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         x = torch.tanh(self.norm(self.a(self.emb(idx))))
         logits = self.head(torch.tanh(self.c(torch.tanh(self.b(x)))))
-        return nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+        return self.loss_scale * nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
 def build(name: str) -> nn.Module:
     torch.manual_seed(0)
     if name == "awkward":
         return Awkward()
+    if name == "awkward-clipped":
+        return Awkward(loss_scale=200.0)
     if name == "gpt":
         model = TinyGPT(d=32, layers=2, heads=2, seq_len=16)
         # The key part of a QKV bias has an exactly zero gradient (softmax ignores a shift shared
@@ -55,7 +58,7 @@ def build(name: str) -> nn.Module:
 
 def batch(name: str, t: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + t)
-    vocab, seq = (11, 5) if name == "awkward" else (256, 16)
+    vocab, seq = (11, 5) if name.startswith("awkward") else (256, 16)
     x = torch.randint(0, vocab, (GLOBAL_BATCH, seq + 1), generator=gen)
     return x[:, :-1], x[:, 1:]
 

@@ -40,6 +40,17 @@ def test_awkward_shapes_match_single_process(world_size, approx, policy):
     assert len({r["digest"] for r in results}) == 1 and len({r["owners"] for r in results}) == 1
 
 
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_clip_uses_the_whole_matrix_norm(world_size):
+    """Large gradients: c_t is clipped every step, and a shard-local norm would clip differently."""
+    kw = dict(ns_dtype=torch.float32)
+    results = run_distributed(sharded_run, world_size, "awkward-clipped", True, kw)
+    want = fm.reference("awkward-clipped", STEPS, approx=True, ns_dtype=torch.float32)
+    assert results[0]["stats"].clipped == 3  # all three matrices, on the last step
+    for r in results:
+        assert max_diff(r["params"], want) < 1e-5
+
+
 def shadowed_run(rank, world_size, name, approx, kw):
     twin = fm.build(name)
     model = fm.shard(fm.build(name), world_size)

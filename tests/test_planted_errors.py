@@ -64,12 +64,25 @@ MUTANTS = {
         'coefficients=cfg.coefficients, norm_over="tensor"',
         'coefficients=cfg.coefficients, norm_over="matrix"',
     ),
+    "shard-local clip norm (no all-reduce)": (
+        "marsm_dist/_sharding_context.py",
+        "        dist.all_reduce(out, group=self.group)\n",
+        "",
+        ["tests/test_fsdp2.py"],
+    ),
+    "FSDP2 state as plain local tensors": (
+        "marsm_dist/adapters/fsdp2.py",
+        "        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,\n"
+        "                                  shape=p.shape, stride=p.stride())",
+        "        return local",
+        ["tests/test_fsdp2_checkpoint.py"],
+    ),
 }
 
 
-def run_suite(tree: Path) -> subprocess.CompletedProcess:
+def run_suite(tree: Path, suite: list[str] = SUITE) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(tree))
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *SUITE]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *suite]
     return subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -95,13 +108,13 @@ def test_control_copy_passes_and_is_the_one_imported(tree):
 @pytest.mark.slow
 @pytest.mark.parametrize("mutant", list(MUTANTS))
 def test_mutant_is_caught(tree, mutant):
-    path, old, new = MUTANTS[mutant]
+    path, old, new, *suite = MUTANTS[mutant]
     target = tree / path
     original = target.read_text()
     assert original.count(old) == 1, f"mutation site for {mutant!r} not found exactly once"
     target.write_text(original.replace(old, new))
     try:
-        result = run_suite(tree)
+        result = run_suite(tree, *suite)
     finally:
         target.write_text(original)
     out = result.stdout

@@ -1,0 +1,69 @@
+"""torch.distributed.checkpoint with get/set_optimizer_state_dict: save at W=4, load at W=2 and
+W=3, and the run continues the single-process trajectory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+from tests import fsdp2_models as fm
+from tests.distributed import run_distributed
+
+pytestmark = pytest.mark.distributed
+KW = dict(ns_dtype=torch.float32)
+
+
+def save_run(rank, world_size, path, approx):
+    model = fm.shard(fm.build("awkward"), world_size)
+    opt = fm.make_opt(model, approx=approx, **KW)
+    # State exists before the first step (no dummy step inside the checkpoint helpers), with the
+    # same keys on every rank, each per-element tensor a DTensor like its parameter.
+    keys = {k for st in opt.state.values() for k in st}
+    fm.train("awkward", model, opt, 5, approx=approx, rank=rank, world_size=world_size)
+    osd = get_optimizer_state_dict(model, opt)
+    placements = {(n, k): (type(v).__name__, getattr(v, "placements", None))
+                  for n, st in osd["state"].items() for k, v in st.items()}
+    dcp.save({"model": get_model_state_dict(model), "optim": osd}, checkpoint_id=path)
+    return keys, placements
+
+
+def load_run(rank, world_size, path, approx):
+    model = fm.shard(fm.build("awkward"), world_size)
+    opt = fm.make_opt(model, approx=approx, **KW)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, optim_state_dict=state["optim"])
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and k != "step":
+                assert isinstance(v, DTensor) and v.placements == p.placements, k
+                assert v.dtype == p.dtype, k
+    fm.train("awkward", model, opt, 5, approx=approx, rank=rank, world_size=world_size, start=5)
+    return fm.full_params(model)
+
+
+@pytest.mark.parametrize("approx", [True, False], ids=["approx", "exact"])
+def test_save_at_four_ranks_resume_at_two_and_three(tmp_path, approx):
+    saved = run_distributed(save_run, 4, str(tmp_path / "ckpt"), approx)
+    keys = {frozenset(k) for k, _ in saved}
+    assert len(keys) == 1  # rank-symmetric
+    expected = {"step", "exp_avg", "last_grad", "exp_avg_sq"} | (
+        set() if approx else {"lookahead_grad", "lookahead_ready"})
+    assert set(next(iter(keys))) == expected
+    for (n, k), (kind, placements) in saved[0][1].items():
+        if k not in ("step", "lookahead_ready"):
+            assert kind == "DTensor" and "Shard(dim=0)" in str(placements), (n, k)
+    want = fm.reference("awkward", 10, approx=approx, **KW)
+    for world_size in (2, 3):
+        got = run_distributed(load_run, world_size, str(tmp_path / "ckpt"), approx)[0]
+        for n in want:
+            assert (got[n] - want[n]).abs().max() < 1e-5, (world_size, n)
