@@ -111,8 +111,8 @@ def step_statistics(ctx: ShardingContext, matrix: list[GroupWork], adamw: list[G
     factors = F.clip_factors(sq) if finite else []
     clipped = sum(1 for k, f in enumerate(factors) if active[k] and f < 1.0)
     configs = [(_config(w.group), p.shape) for w in matrix for p in w.params]
-    local_flops = sum(newton_schulz_flops(matrix_view_shape(shape, cfg.flatten), cfg.steps)
-                      for k, (cfg, shape) in enumerate(configs) if k in set(local))
+    local_flops = sum(newton_schulz_flops(matrix_view_shape(configs[k][1], configs[k][0].flatten),
+                                          configs[k][0].steps) for k in local if active[k])
     return Statistics(sq, local_sq, active, finite, factors, clipped, local_flops)
 
 

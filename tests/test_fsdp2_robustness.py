@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from marsm_dist import NonFiniteGradError
+from marsm_dist.newton_schulz import newton_schulz_flops
 from tests import fsdp2_models as fm
 from tests.distributed import run_distributed
 
@@ -108,7 +109,7 @@ def bytes_run(rank, world_size, ns_dtype):
     opt = fm.make_opt(model, ns_dtype=ns_dtype, owner_policy="round_robin")
     fm.train("awkward", model, opt, 1, approx=True, rank=rank, world_size=world_size)
     s = opt.last_step_stats
-    return s.bytes_sent, s.bytes_received, s.owned_matrices
+    return s.bytes_sent, s.bytes_received, s.owned_matrices, s
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -116,7 +117,8 @@ def bytes_run(rank, world_size, ns_dtype):
 def test_bytes_per_rank_equal_the_analytic_count(world_size, ns_dtype):
     shapes = [(30, 16), (7, 30), (3, 7)]  # the MARS-M matrices of Awkward, in order
     itemsize = 4 if ns_dtype == torch.float32 else 2  # bf16 NS: bf16 on the wire
-    for rank, (sent, received, owned) in enumerate(run_distributed(bytes_run, world_size, ns_dtype)):
+    results = run_distributed(bytes_run, world_size, ns_dtype)
+    for rank, (sent, received, owned, _) in enumerate(results):
         want = 0
         for i, (rows, cols) in enumerate(shapes):
             chunks = [c.numel() for c in torch.arange(rows).chunk(world_size)]
@@ -126,3 +128,13 @@ def test_bytes_per_rank_equal_the_analytic_count(world_size, ns_dtype):
             want += (rows * cols - mine) if i % world_size == rank else mine
         assert sent == received == want * itemsize
         assert owned == sum(1 for i in range(len(shapes)) if i % world_size == rank)
+    # Diagnostics: every phase timed; the plan's NS FLOPs add up to the hand count and their
+    # balance is what the ranks report.
+    stats = [r[3] for r in results]
+    flops = [newton_schulz_flops(s) for s in shapes]
+    assert sum(s.ns_flops_this_rank for s in stats) == sum(flops)
+    per_rank = [sum(f for i, f in enumerate(flops) if i % world_size == r) for r in range(world_size)]
+    assert stats[0].ns_flops_max_over_mean == pytest.approx(max(per_rank) / (sum(flops) / world_size))
+    for s in stats:
+        assert set(s.milliseconds) == {"elementwise", "communication", "newton_schulz", "apply"}
+        assert s.milliseconds["communication"] > 0 and all(v >= 0 for v in s.milliseconds.values())
