@@ -99,9 +99,9 @@ def step_statistics(ctx: ShardingContext, matrix: list[GroupWork], adamw: list[G
     flag = nonfinite_flag([g for w in adamw for g in w.grads] + pending_lookaheads(matrix, state))
     if local:  # a NaN/Inf among unsharded matrices must stop every rank too
         flag = flag + sq[local].sum() * 0.0
-    counts = torch.tensor([float(has[k]) for k in sharded], dtype=torch.float64)
+    counts = torch.tensor([float(has[k]) for k in sharded], dtype=torch.float64, device=sq.device)
     local_sq = sq.clone()
-    vec = ctx.all_reduce(torch.cat([sq[sharded], counts, flag]))
+    vec = ctx.all_reduce(torch.cat([sq[sharded], counts, flag.to(sq.device)]))
     n = len(sharded)
     sq[sharded] = vec[:n]
     active = [True] * len(params)
