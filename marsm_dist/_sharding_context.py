@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._timing import PhaseTimer
-from .sharding.adapter import ShardingAdapter, adapter_for
+from .sharding.adapter import ShardingAdapter, Slot, adapter_for
 from .sharding.engine import ShardingEngine
 
 Group = dict[str, Any]
@@ -23,12 +23,13 @@ Group = dict[str, Any]
 class ShardingContext:
     """What the optimizer needs to know about how its parameters are sharded."""
 
-    def __init__(self, param_groups: list[Group], uses_marsm: Callable[[Group, Tensor], bool],
+    def __init__(self, param_groups: list[Group], uses_marsm: Callable[[Group, Slot], bool],
                  name_of: Callable[[Group, int], str], *, owner_policy: str, bucket_numel: int,
                  timer: PhaseTimer) -> None:
         self.key = self.key_of(param_groups)
         self.adapters: dict[int, ShardingAdapter] = {}
-        self.engine_index: dict[int, int] = {}
+        self.slot_lists: dict[int, list[Slot]] = {}
+        self.engine_index: dict[tuple[int, int], int] = {}
         self.group: dist.ProcessGroup | None = None
         self.device: torch.device | None = None
         layouts, first = [], None
@@ -36,6 +37,7 @@ class ShardingContext:
             for i, p in enumerate(group["params"]):
                 adapter = adapter_for(p)
                 self.adapters[id(p)] = adapter
+                self.slot_lists[id(p)] = adapter.slots(p)
                 pg = adapter.process_group(p)
                 if pg is None:
                     continue
@@ -44,9 +46,10 @@ class ShardingContext:
                 elif pg is not self.group:
                     raise ValueError(f"MARSM needs every sharded parameter on one process group; "
                                      f"{name_of(group, i)} and {first} are sharded over different ones")
-                if uses_marsm(group, p):
-                    self.engine_index[id(p)] = len(layouts)
-                    layouts.append(adapter.layout(p))
+                for k, slot in enumerate(self.slot_lists[id(p)]):
+                    if slot.layout is not None and uses_marsm(group, slot):
+                        self.engine_index[(id(p), k)] = len(layouts)
+                        layouts.append(slot.layout)
         self.engine = (ShardingEngine(layouts, self.group, owner_policy, bucket_numel, timer)
                        if layouts else None)
 
@@ -57,8 +60,11 @@ class ShardingContext:
     def adapter(self, p: Tensor) -> ShardingAdapter:
         return self.adapters[id(p)]
 
-    def is_sharded_matrix(self, p: Tensor) -> bool:
-        return id(p) in self.engine_index
+    def slots(self, p: Tensor) -> list[Slot]:
+        return self.slot_lists[id(p)]
+
+    def is_sharded_matrix(self, p: Tensor, k: int = 0) -> bool:
+        return (id(p), k) in self.engine_index
 
     def all_reduce(self, vec: Tensor) -> Tensor:
         """Sum ``vec`` over the ranks holding shards (a no-op for a world of one)."""

@@ -51,9 +51,8 @@ class StepStats:
 
 @dataclass
 class Preconditioned:
-    """Per matrix work: the states, the sign-adjusted local gradients and c_t."""
+    """Per matrix work: the sign-adjusted local gradients and c_t."""
 
-    states: list[list[dict[str, Any]]] = field(default_factory=list)
     grads: list[list[Tensor]] = field(default_factory=list)
     cs: list[list[Tensor]] = field(default_factory=list)
 
@@ -75,11 +74,11 @@ def precondition(matrix: list[GroupWork], state: Mapping, ensure_state: EnsureSt
     pre = Preconditioned()
     for work in matrix:
         g = work.group
-        st = [ensure_state(g, p) for p in work.params]
+        for p in work.containers():
+            ensure_state(g, p)
         gs = list(torch._foreach_neg(work.grads)) if g["maximize"] else work.grads
         kappa = F.marsm_kappa(float(g["momentum"]), float(g["gamma"]))
-        prev = [a.local(s["last_grad"]) for a, s in zip(work.adapters, st, strict=True)]
-        pre.states.append(st)
+        prev = work.local_state(state, "last_grad")
         pre.grads.append(gs)
         pre.cs.append(F.variance_reduced_grads(gs, prev, kappa=kappa))
     return pre
@@ -91,11 +90,11 @@ def _config(group: dict[str, Any]) -> NSConfig:
 
 def step_statistics(ctx: ShardingContext, matrix: list[GroupWork], adamw: list[GroupWork],
                     pre: Preconditioned, state: Mapping) -> Statistics:
-    params = [p for w in matrix for p in w.params]
+    entries = [(p, k) for w in matrix for p, (_, k) in zip(w.params, w.indices, strict=True)]
     has = [h for w in matrix for h in w.has_grad]
     sq = F.squared_norms([c for cs in pre.cs for c in cs])
-    sharded = [k for k, p in enumerate(params) if ctx.is_sharded_matrix(p)]
-    local = [k for k, p in enumerate(params) if not ctx.is_sharded_matrix(p)]
+    sharded = [n for n, (p, k) in enumerate(entries) if ctx.is_sharded_matrix(p, k)]
+    local = [n for n, (p, k) in enumerate(entries) if not ctx.is_sharded_matrix(p, k)]
     flag = nonfinite_flag([g for w in adamw for g in w.grads] + pending_lookaheads(matrix, state))
     if local:  # a NaN/Inf among unsharded matrices must stop every rank too
         flag = flag + sq[local].sum() * 0.0
@@ -104,13 +103,13 @@ def step_statistics(ctx: ShardingContext, matrix: list[GroupWork], adamw: list[G
     vec = ctx.all_reduce(torch.cat([sq[sharded], counts, flag.to(sq.device)]))
     n = len(sharded)
     sq[sharded] = vec[:n]
-    active = [True] * len(params)
+    active = [True] * len(entries)
     for k, count in zip(sharded, vec[n:2 * n].tolist(), strict=True):
         active[k] = count > 0
     finite = bool(torch.isfinite(sq).all()) and bool(torch.isfinite(vec[-1]))
     factors = F.clip_factors(sq) if finite else []
     clipped = sum(1 for k, f in enumerate(factors) if active[k] and f < 1.0)
-    configs = [(_config(w.group), p.shape) for w in matrix for p in w.params]
+    configs = [(_config(w.group), s.shape) for w in matrix for s in w.slots]
     local_flops = sum(newton_schulz_flops(matrix_view_shape(configs[k][1], configs[k][0].flatten),
                                           configs[k][0].steps) for k in local if active[k])
     return Statistics(sq, local_sq, active, finite, factors, clipped, local_flops)
@@ -118,13 +117,12 @@ def step_statistics(ctx: ShardingContext, matrix: list[GroupWork], adamw: list[G
 
 def adamw_step(work: GroupWork, state: Mapping, ensure_state: EnsureState) -> None:
     g = work.group
-    states = [ensure_state(g, p) for p in work.params]
-    for s in states:
-        s["step"] += 1
+    for p in work.containers():  # one count per container, however many slots it holds
+        ensure_state(g, p)["step"] += 1
     grads = list(torch._foreach_neg(work.grads)) if g["maximize"] else work.grads
     F.adamw_update_(
         work.local_params, grads, work.local_state(state, "exp_avg"), work.local_state(state, "exp_avg_sq"),
-        [int(s["step"].item()) for s in states], lr=float(g["lr"]), betas=g["adamw_betas"],
+        [int(state[p]["step"].item()) for p in work.params], lr=float(g["lr"]), betas=g["adamw_betas"],
         eps=float(g["adamw_eps"]), weight_decay=float(g["weight_decay"]),
     )
 
@@ -143,7 +141,8 @@ def update_momenta(matrix: list[GroupWork], pre: Preconditioned, stats: Statisti
     """M <- beta M + (1 - beta) clip(c) for active matrices; returns local M (None: inactive)."""
     momenta: list[Tensor | None] = [None] * len(stats.active)
     for work, cs, (k, sel) in zip(matrix, pre.cs, _active_slices(matrix, stats), strict=True):
-        exp_avgs = [work.adapters[j].local(state[work.params[j]]["exp_avg"]) for j in sel]
+        all_exp_avgs = work.local_state(state, "exp_avg")
+        exp_avgs = [all_exp_avgs[j] for j in sel]
         F.update_momentum_(exp_avgs, [cs[j] for j in sel], [stats.factors[k + j] for j in sel],
                            momentum=float(work.group["momentum"]))
         for j, m in zip(sel, exp_avgs, strict=True):
@@ -157,7 +156,7 @@ def orthogonalize_all(ctx: ShardingContext, matrix: list[GroupWork], momenta: li
     slots = [(w, j) for w in matrix for j in range(len(w.params))]
     out: list[Tensor | None] = [None] * len(slots)
     local = [k for k, (w, j) in enumerate(slots) if momenta[k] is not None
-             and not ctx.is_sharded_matrix(w.params[j])]
+             and not ctx.is_sharded_matrix(w.params[j], w.indices[j][1])]
     with timer.phase("newton_schulz"):
         done = orthogonalize([momenta[k] for k in local], [_config(slots[k][0].group) for k in local])
     for k, o in zip(local, done, strict=True):
@@ -168,7 +167,7 @@ def orthogonalize_all(ctx: ShardingContext, matrix: list[GroupWork], momenta: li
         configs: list[NSConfig | None] = [None] * n
         where = {}
         for k, (w, j) in enumerate(slots):
-            e = ctx.engine_index.get(id(w.params[j]))
+            e = ctx.engine_index.get((id(w.params[j]), w.indices[j][1]))
             if e is not None and momenta[k] is not None:
                 inputs[e], configs[e], where[e] = momenta[k], _config(w.group), k
         for e, o in enumerate(ctx.engine.orthogonalize(inputs, configs)):
@@ -181,22 +180,22 @@ def orthogonalize_all(ctx: ShardingContext, matrix: list[GroupWork], momenta: li
 def apply_updates(matrix: list[GroupWork], pre: Preconditioned, stats: Statistics,
                   orthos: list[Tensor | None], state: Mapping) -> None:
     """W <- W (1 - lr wd) - lr s O on local shards, then set P for the next step."""
-    for work, st, gs, (k, sel) in zip(matrix, pre.states, pre.grads, _active_slices(matrix, stats),
-                                      strict=True):
+    for work, gs, (k, sel) in zip(matrix, pre.grads, _active_slices(matrix, stats), strict=True):
         g = work.group
         F.apply_matrix_update_(
             [work.local_params[j] for j in sel], [orthos[k + j] for j in sel], lr=float(g["lr"]),
             weight_decay=float(g["weight_decay"]),
-            scales=[scale_for(work.params[j].shape, g["flatten"]) for j in sel],
+            scales=[scale_for(work.slots[j].shape, g["flatten"]) for j in sel],
         )
-        for j in sel:
-            st[j]["step"] += 1
         if g["approx"]:
             # A copy, never an alias of .grad: zero_grad(set_to_none=False) zeroes .grad in place.
-            torch._foreach_copy_([work.adapters[j].local(st[j]["last_grad"]) for j in sel],
-                                 [gs[j] for j in sel])
-            continue
-        for j in sel:
-            s = st[j]
-            s["last_grad"], s["lookahead_grad"] = s["lookahead_grad"], s["last_grad"]
-            s["lookahead_ready"] = False
+            prev = work.local_state(state, "last_grad")
+            torch._foreach_copy_([prev[j] for j in sel], [gs[j] for j in sel])
+        # Per container, not per slot: a flat ZeRO partition holds many slots but counts one
+        # step, and swapping its buffers once per slot would undo an even number of swaps.
+        for p in {id(work.params[j]): work.params[j] for j in sel}.values():
+            s = state[p]
+            s["step"] += 1
+            if not g["approx"]:
+                s["last_grad"], s["lookahead_grad"] = s["lookahead_grad"], s["last_grad"]
+                s["lookahead_ready"] = False

@@ -14,47 +14,63 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .sharding.adapter import ShardingAdapter
+from .sharding.adapter import ShardingAdapter, Slot, slot_view
 
 Group = dict[str, Any]
 
 
 @dataclass(eq=False)
 class GroupWork:
-    """The parameters of one group (and one branch) that take part in this step.
+    """The slots of one group (and one branch) that take part in this step.
 
-    ``grads`` are local views, with zeros standing in for a sharded matrix that has no gradient
-    on this rank (it still joins every collective); ``has_grad`` says which those are.
+    A slot is one logical tensor inside a parameter container (see ``sharding.Slot``); entry
+    ``j`` is slot ``slots[j]`` of container ``params[j]``. ``grads`` are local views, with zeros
+    standing in for a sharded matrix that has no gradient on this rank (it still joins every
+    collective); ``has_grad`` says which those are.
     """
 
     group: Group
     params: list[Tensor] = field(default_factory=list)
     adapters: list[ShardingAdapter] = field(default_factory=list)
-    indices: list[int] = field(default_factory=list)  # positions in group["params"], for names
+    slots: list[Slot] = field(default_factory=list)
+    indices: list[tuple[int, int]] = field(default_factory=list)  # (param index in group, slot)
     local_params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
     has_grad: list[bool] = field(default_factory=list)
 
-    def add(self, p: Tensor, adapter: ShardingAdapter, i: int) -> None:
+    def add(self, p: Tensor, adapter: ShardingAdapter, slot: Slot, index: tuple[int, int]) -> None:
         self.params.append(p)
         self.adapters.append(adapter)
-        self.indices.append(i)
-        local = adapter.local(p)
+        self.slots.append(slot)
+        self.indices.append(index)
+        local = slot_view(adapter.local(p), slot)
         self.local_params.append(local)
         self.has_grad.append(p.grad is not None)
-        self.grads.append(adapter.local(p.grad) if p.grad is not None else torch.zeros_like(local))
+        grad = slot_view(adapter.local(p.grad), slot) if p.grad is not None else torch.zeros_like(local)
+        self.grads.append(grad)
 
     def local_state(self, state: Mapping, key: str) -> list[Tensor]:
-        return [a.local(state[p][key]) for p, a in zip(self.params, self.adapters, strict=True)]
+        return [slot_view(a.local(state[p][key]), s)
+                for p, a, s in zip(self.params, self.adapters, self.slots, strict=True)]
+
+    def containers(self) -> list[Tensor]:
+        """The distinct parameter containers, in first-seen order."""
+        return list({id(p): p for p in self.params}.values())
 
 
-def param_name(param_groups: list[Group], group: Group, i: int) -> str:
-    """The parameter's name if the optimizer was given names, else its position."""
+def param_name(param_groups: list[Group], group: Group, i: int | tuple[int, int],
+               slot: Slot | None = None) -> str:
+    """A parameter's (or slot's) name: the adapter's, the optimizer's names, or its position."""
+    i, k = i if isinstance(i, tuple) else (i, 0)
+    if slot is not None and slot.name is not None:
+        return repr(slot.name)
     names = group.get("param_names")
     if names is not None:
-        return repr(names[i])
-    gi = next(k for k, g in enumerate(param_groups) if g is group)
-    return f"param_groups[{gi}]['params'][{i}]"
+        base = repr(names[i])
+    else:
+        gi = next(n for n, g in enumerate(param_groups) if g is group)
+        base = f"param_groups[{gi}]['params'][{i}]"
+    return base if slot is None or slot.numel < 0 else f"{base} slot {k}"
 
 
 def check_grad(param_groups: list[Group], group: Group, i: int, grad: Tensor) -> None:
@@ -67,23 +83,25 @@ def check_grad(param_groups: list[Group], group: Group, i: int, grad: Tensor) ->
 
 def collect(
     param_groups: list[Group],
-    uses_marsm: Callable[[Group, Tensor], bool],
+    uses_marsm: Callable[[Group, Slot], bool],
     adapter_of: Callable[[Tensor], ShardingAdapter],
-    always: Callable[[Tensor], bool],
+    slots_of: Callable[[Tensor], list[Slot]],
+    always: Callable[[Tensor, int], bool],
 ) -> tuple[list[GroupWork], list[GroupWork]]:
-    """Split the parameters into matrix and AdamW work, one of each per group. A parameter takes
-    part when it has a gradient, or when ``always(p)`` (sharded matrices: every rank must join
-    the same collectives, whether or not its shard got a gradient)."""
+    """Split every container's slots into matrix and AdamW work, one of each per group. A slot
+    takes part when its container has a gradient, or when ``always(p, k)`` (sharded matrices:
+    every rank must join the same collectives, whether or not its shard got a gradient)."""
     matrix, adamw = [], []
     for group in param_groups:
         mw, aw = GroupWork(group), GroupWork(group)
         for i, p in enumerate(group["params"]):
-            is_matrix = uses_marsm(group, p)
-            if p.grad is None and not (is_matrix and always(p)):
-                continue
             if p.grad is not None:
                 check_grad(param_groups, group, i, p.grad)
-            (mw if is_matrix else aw).add(p, adapter_of(p), i)
+            for k, slot in enumerate(slots_of(p)):
+                is_matrix = uses_marsm(group, slot)
+                if p.grad is None and not (is_matrix and always(p, k)):
+                    continue
+                (mw if is_matrix else aw).add(p, adapter_of(p), slot, (i, k))
         matrix.append(mw)
         adamw.append(aw)
     return [w for w in matrix if w.params], [w for w in adamw if w.params]
@@ -94,11 +112,11 @@ def check_lookahead_ready(param_groups: list[Group], matrix: list[GroupWork], st
     for work in matrix:
         if work.group["approx"]:
             continue
-        for p, i in zip(work.params, work.indices, strict=True):
+        for p, i, slot in zip(work.params, work.indices, work.slots, strict=True):
             if not state[p].get("lookahead_ready", False):
                 raise RuntimeError(
                     "MARSM(approx=False): no look-ahead gradient stored for "
-                    f"{param_name(param_groups, work.group, i)} since the last step; call "
+                    f"{param_name(param_groups, work.group, i, slot)} since the last step; call "
                     "store_lookahead_grad() after a backward pass on the next batch at the current "
                     "weights, before every step()"
                 )
@@ -128,18 +146,21 @@ def describe_nonfinite(
 ) -> str:
     """Name what made this step's statistics non-finite: a local NaN/Inf gradient or look-ahead,
     a c_t that overflowed float32, or a shard that another rank holds."""
+    def named(work: GroupWork) -> list[str]:
+        return [param_name(param_groups, work.group, i, s) for i, s in zip(work.indices, work.slots,
+                                                                           strict=True)]
+
     candidates = []
     for work in matrix + adamw:
-        candidates += [("gradient", work.group, i, g) for i, g in zip(work.indices, work.grads, strict=True)]
+        candidates += [("gradient", n, g) for n, g in zip(named(work), work.grads, strict=True)]
     for work in matrix:
         if not work.group["approx"]:
             looks = work.local_state(state, "lookahead_grad")
-            candidates += [("look-ahead gradient", work.group, i, t) for i, t in zip(work.indices, looks,
-                                                                                   strict=True)]
-    for kind, group, i, t in candidates:
+            candidates += [("look-ahead gradient", n, t) for n, t in zip(named(work), looks, strict=True)]
+    for kind, name, t in candidates:
         if t.numel() and not bool(torch.isfinite(t).all()):
-            return f"{kind} of {param_name(param_groups, group, i)} (shape {tuple(t.shape)})"
-    names = [param_name(param_groups, w.group, i) for w in matrix for i in w.indices]
+            return f"{kind} of {name} (shape {tuple(t.shape)})"
+    names = [n for w in matrix for n in named(w)]
     for k in (~torch.isfinite(sq_norms)).nonzero().flatten().tolist():
         if bool(torch.isfinite(local_sq_norms[k])):
             return f"gradient shard of {names[k]} held by another rank"

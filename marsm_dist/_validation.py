@@ -94,14 +94,17 @@ def validate_hyperparameters(group: Mapping[str, Any], where: str = "") -> None:
     resolve_dtype(group["ns_dtype"], "ns_dtype" + where)
 
 
-def check_param(p: torch.Tensor, group: Mapping[str, Any], name: str) -> None:
-    """Refuse a parameter MARS-M cannot take in ``group``, naming it."""
+def check_param(p: torch.Tensor, group: Mapping[str, Any], name: str,
+                shapes: list[tuple[int, ...]]) -> None:
+    """Refuse a parameter MARS-M cannot take in ``group``, naming it. ``shapes`` are the logical
+    shapes it holds (its own shape, or the real shapes behind a framework's flat buffer)."""
     if torch.is_complex(p):
         raise ValueError(f"MARSM does not support complex parameters ({name})")
-    if group["use_marsm"] is True and p.ndim < 2:
+    small = [s for s in shapes if len(s) < 2]
+    if group["use_marsm"] is True and small:
         raise ValueError(
             f"use_marsm=True needs tensors with at least 2 dims, but {name} has shape "
-            f"{tuple(p.shape)}; put it in a use_marsm=False group"
+            f"{small[0]}; put it in a use_marsm=False group"
         )
 
 

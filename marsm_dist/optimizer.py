@@ -31,7 +31,7 @@ from ._step_inputs import (
 from ._timing import PhaseTimer
 from ._validation import check_param, resolve_dtype, validate_hyperparameters, validate_options
 from .newton_schulz import NS_COEFFICIENTS
-from .sharding.adapter import adapter_for
+from .sharding.adapter import Slot, adapter_for
 
 __all__ = ["MARSM", "NonFiniteGradError", "StepStats"]
 
@@ -155,29 +155,38 @@ class MARSM(Optimizer):
             validate_hyperparameters(group, f" in param group {len(self.param_groups) - 1}")
             group["ns_dtype"] = resolve_dtype(group["ns_dtype"])
             for i, p in enumerate(group["params"]):
-                check_param(p, group, param_name(self.param_groups, group, i))
+                check_param(p, group, param_name(self.param_groups, group, i),
+                            [s.shape for s in self._slots_of(p)])
         except ValueError:
             self.param_groups.pop()  # a refused group must not stay half-added
             raise
 
     # ----------------------------------------------------------------------------- routing, state
     @staticmethod
-    def uses_marsm(group: dict[str, Any], p: Tensor) -> bool:
-        """True if ``p`` takes the matrix update in ``group`` (the key, else ``ndim >= 2``)."""
+    def uses_marsm(group: dict[str, Any], slot: Slot) -> bool:
+        """True if ``slot`` takes the matrix update in ``group`` (the key, else >= 2 dims)."""
         use = group["use_marsm"]
-        return p.ndim >= 2 if use is None else use
+        return len(slot.shape) >= 2 if use is None else use
+
+    def _slots_of(self, p: Tensor) -> list[Slot]:
+        ctx = self.__dict__.get("_context")
+        if ctx is not None and id(p) in ctx.slot_lists:
+            return ctx.slot_lists[id(p)]
+        return adapter_for(p).slots(p)
 
     def _ensure_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         """The parameter's state, with any missing key created (zeros); existing keys untouched."""
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        if self.uses_marsm(group, p):
-            keys = ("exp_avg", "last_grad") + (() if group["approx"] else ("lookahead_grad",))
+        routes = {self.uses_marsm(group, s) for s in self._slots_of(p)}
+        keys = ["exp_avg"]
+        if True in routes:
+            keys += ["last_grad"] + ([] if group["approx"] else ["lookahead_grad"])
             if not group["approx"]:
                 state.setdefault("lookahead_ready", False)
-        else:
-            keys = ("exp_avg", "exp_avg_sq")
+        if False in routes:
+            keys += ["exp_avg_sq"]
         missing = [k for k in keys if k not in state]
         if missing:
             adapter = adapter_for(p)
@@ -210,7 +219,7 @@ class MARSM(Optimizer):
             raise RuntimeError("store_lookahead_grad() is for approx=False; every group has approx=True")
         for group in groups:
             for i, p in enumerate(group["params"]):
-                if not self.uses_marsm(group, p):
+                if not any(self.uses_marsm(group, s) for s in self._slots_of(p)):
                     continue
                 adapter = adapter_for(p)
                 buf = adapter.local(self._ensure_state(group, p)["lookahead_grad"])
@@ -245,7 +254,8 @@ class MARSM(Optimizer):
         timer.reset()
         sent0, received0 = _exchange_bytes(ctx)
         with timer.phase("elementwise"):
-            matrix, adamw = collect(self.param_groups, self.uses_marsm, ctx.adapter, ctx.is_sharded_matrix)
+            matrix, adamw = collect(self.param_groups, self.uses_marsm, ctx.adapter, ctx.slots,
+                                    ctx.is_sharded_matrix)
             check_lookahead_ready(self.param_groups, matrix, self.state)
             # Phase 1 writes nothing: c_t of every matrix and the step statistics.
             pre = precondition(matrix, self.state, self._ensure_state)

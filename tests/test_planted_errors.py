@@ -34,15 +34,15 @@ MUTANTS = {
     ),
     "P aliases .grad in approx mode": (
         "marsm_dist/_step.py",
-        '            torch._foreach_copy_([work.adapters[j].local(st[j]["last_grad"]) for j in sel],\n'
-        '                                 [gs[j] for j in sel])\n',
-        '            for j in sel:\n'
-        '                st[j]["last_grad"] = gs[j]\n',
+        "            torch._foreach_copy_([prev[j] for j in sel], [gs[j] for j in sel])\n",
+        "            for j in sel:\n"
+        '                state[work.params[j]]["last_grad"] = gs[j]\n',
     ),
     "exact mode uses the new look-ahead at once": (
         "marsm_dist/_step.py",
-        'a.local(s["last_grad"]) for a, s in',
-        'a.local(s.get("lookahead_grad", s["last_grad"])) for a, s in',
+        'prev = work.local_state(state, "last_grad")\n        pre.grads',
+        'prev = work.local_state(state, "last_grad" if g["approx"] else "lookahead_grad")\n'
+        "        pre.grads",
     ),
     "kappa without beta": (
         "marsm_dist/functional.py",

@@ -4,7 +4,7 @@ It knows ``torch.distributed`` but no training framework: adapters describe thei
 :class:`MatrixLayout` pieces and register a :class:`ShardingAdapter` that the optimizer asks.
 """
 
-from .adapter import ShardingAdapter, adapter_for, register_adapter
+from .adapter import ShardingAdapter, Slot, adapter_for, register_adapter, slot_view
 from .engine import ShardingEngine
 from .layout import MatrixLayout, Piece, assemble, cut, row_chunks, whole
 from .plan import OWNER_POLICIES, ExchangePlan, make_plan
@@ -16,11 +16,13 @@ __all__ = [
     "Piece",
     "ShardingAdapter",
     "ShardingEngine",
+    "Slot",
     "adapter_for",
     "assemble",
     "cut",
     "make_plan",
     "register_adapter",
     "row_chunks",
+    "slot_view",
     "whole",
 ]

@@ -8,13 +8,45 @@ register themselves (``marsm_dist.adapters.*``); a plain tensor is a world of on
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .layout import MatrixLayout, whole
 
-__all__ = ["ShardingAdapter", "adapter_for", "register_adapter"]
+__all__ = ["ShardingAdapter", "Slot", "adapter_for", "register_adapter", "slot_view"]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One logical tensor held (in part) by a parameter *container*.
+
+    Usually a container is one parameter and has one slot. Frameworks that hand the optimizer
+    flat buffers (ZeRO partitions) have one slot per original parameter that the buffer covers
+    on any rank; every rank lists the same slots, some with no local elements.
+
+    Attributes:
+        shape: the logical full shape (routing, update scale and Newton-Schulz use it).
+        layout: the pieces every rank holds, or None when this process holds the whole tensor.
+        offset, numel: where this rank's elements sit in the container's flattened local tensor;
+            ``numel=-1`` means the whole local tensor, kept in its own shape.
+        name: a readable name for messages, when the adapter knows one.
+    """
+
+    shape: tuple[int, ...]
+    layout: MatrixLayout | None = None
+    offset: int = 0
+    numel: int = -1
+    name: str | None = None
+
+
+def slot_view(local: Tensor, slot: Slot) -> Tensor:
+    """This rank's elements of ``slot`` inside the container's local tensor (a view)."""
+    if slot.numel < 0:
+        return local
+    return local.view(-1)[slot.offset:slot.offset + slot.numel]
 
 
 class ShardingAdapter:
@@ -46,6 +78,11 @@ class ShardingAdapter:
     def layout(self, p: Tensor) -> MatrixLayout:
         """The pieces every rank of :meth:`process_group` holds of ``p``."""
         return whole(tuple(p.shape))
+
+    def slots(self, p: Tensor) -> list[Slot]:
+        """The logical tensors container ``p`` holds: by default ``p`` itself, one slot."""
+        sharded = self.process_group(p) is not None
+        return [Slot(tuple(p.shape), self.layout(p) if sharded else None)]
 
 
 _PLAIN = ShardingAdapter()
