@@ -5,11 +5,12 @@
 # package's requirements) pip would resolve torch to a multi-GB CUDA build. The project's own
 # range (torch>=2.6,<2.15) is then already satisfied, so nothing else pulls a torch.
 #
-# MARSM_EXTRAS picks the extras to install (default "dev": pytest, pytest-timeout, ruff, numpy).
+# MARSM_EXTRAS picks the extras to install (default "dev,deepspeed": the test tools and
+# deepspeed, whose adapter the tests exercise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${MARSM_VENV:-.venv}"
-extras="${MARSM_EXTRAS:-dev}"
+extras="${MARSM_EXTRAS:-dev,deepspeed}"
 if [ ! -x "$venv/bin/python" ]; then
     echo "setup: creating $venv"
     "${PYTHON:-python3}" -m venv "$venv"
@@ -21,4 +22,4 @@ if ! "$py" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2
     "$py" -m pip install -q --disable-pip-version-check "torch==2.13.0"
 fi
 echo "setup: installing marsm-dist[$extras] (editable)"
-"$py" -m pip install -q --disable-pip-version-check -e ".[$extras]"
+"$py" -m pip install -q --disable-pip-version-check -c launch/constraints.txt -e ".[$extras]"

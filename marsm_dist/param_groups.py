@@ -8,12 +8,12 @@ treat them that way. A head tied to the embedding is one tensor and goes to Adam
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["DEFAULT_HEAD_NAMES", "RoutingDecision", "explain_routing", "param_groups", "routing_report"]
 
@@ -65,6 +65,7 @@ def explain_routing(
     marsm: Iterable[str] = (),
     adamw: Iterable[str] = (),
     head_names: Iterable[str] = DEFAULT_HEAD_NAMES,
+    shape_of: Callable[[Tensor], tuple[int, ...]] | None = None,
 ) -> list[RoutingDecision]:
     """Decide, for every parameter of ``model``, which branch takes it and why.
 
@@ -73,6 +74,8 @@ def explain_routing(
         marsm: glob patterns of parameter names forced to MARS-M (they must have >= 2 dims).
         adamw: glob patterns of parameter names forced to AdamW; they win over ``marsm``.
         head_names: module names that mark an output head.
+        shape_of: the real shape of a parameter, where a framework stores it elsewhere (under
+            DeepSpeed ZeRO-3 a parameter is a flat placeholder; adapters pass this).
     """
     marsm, adamw, head_names = tuple(marsm), tuple(adamw), tuple(head_names)
     names: dict[int, list[str]] = {}
@@ -86,19 +89,20 @@ def explain_routing(
     decisions = []
     for name, p in model.named_parameters():
         aliases = names[id(p)]
-        shape = tuple(p.shape)
+        shape = tuple(shape_of(p) if shape_of is not None else p.shape)
+        ndim = len(shape)
         tied = f" (tied: {', '.join(aliases[1:])})" if len(aliases) > 1 else ""
         if not p.requires_grad:
             use, why = None, "frozen (requires_grad=False): not optimized"
         elif any(_matches(a, adamw) for a in aliases):
             use, why = False, "forced to AdamW by the adamw= patterns"
         elif any(_matches(a, marsm) for a in aliases):
-            if p.ndim < 2:
+            if ndim < 2:
                 raise ValueError(f"marsm= pattern matches {name!r} of shape {shape}; MARS-M "
                                  "needs at least 2 dims")
             use, why = True, "forced to MARS-M by the marsm= patterns"
-        elif p.ndim < 2:
-            use, why = False, f"{p.ndim}-D (bias, norm gain or scalar)"
+        elif ndim < 2:
+            use, why = False, f"{ndim}-D (bias, norm gain or scalar)"
         elif id(p) in embedding_params:
             use, why = False, f"embedding ({embedding_params[id(p)]}){tied}"
         elif any(_is_embedding_name(a) for a in aliases):
@@ -106,7 +110,7 @@ def explain_routing(
         elif any(_is_head_name(a, head_names) for a in aliases):
             use, why = False, f"output head{tied}"
         else:
-            use, why = True, f"hidden matrix ({p.ndim}-D)"
+            use, why = True, f"hidden matrix ({ndim}-D)"
         decisions.append(RoutingDecision(name, shape, use, why))
     return decisions
 
@@ -142,6 +146,7 @@ def param_groups(
     adamw_options: Mapping[str, Any] | None = None,
     named: bool = True,
     report: bool = False,
+    shape_of: Callable[[Tensor], tuple[int, ...]] | None = None,
 ) -> list[dict[str, Any]]:
     """Build MARSM's param groups for ``model``: ``use_marsm=True`` and ``use_marsm=False``.
 
@@ -152,12 +157,14 @@ def param_groups(
         named: give ``(name, param)`` pairs so the optimizer knows names (error messages,
             ``param_names`` in its state dict).
         report: print the routing table (it is always logged at DEBUG level).
+        shape_of: see :func:`explain_routing`.
 
     Returns:
         A list of at most two group dicts, ready for ``MARSM(groups, ...)``; empty groups are
         left out.
     """
-    decisions = explain_routing(model, marsm=marsm, adamw=adamw, head_names=head_names)
+    decisions = explain_routing(model, marsm=marsm, adamw=adamw, head_names=head_names,
+                                shape_of=shape_of)
     text = routing_report(decisions)
     logger.debug("MARS-M parameter routing:\n%s", text)
     if report:

@@ -1,0 +1,221 @@
+"""DeepSpeed: ``"optimizer": {"type": "MARSM", "params": {...}}`` in the JSON config, ZeRO 0-3.
+
+``import marsm_dist.adapters.deepspeed`` before ``deepspeed.initialize`` is the whole setup:
+
+* DeepSpeed resolves an unknown optimizer type by ``getattr(torch.optim, name)`` and has no
+  plugin registry, so this module teaches its engine the name ``MARSM`` (any case), builds the
+  optimizer with the model's real parameter names and shapes (embeddings and the head go to
+  the AdamW branch, as :func:`marsm_dist.param_groups` decides), and lists MARSM among the
+  optimizers ZeRO accepts (no ``zero_allow_untested_optimizer`` needed).
+* Under ZeRO the optimizer only sees flat fp32 partitions. Once DeepSpeed has built them, this
+  module describes each partition as slots: every original parameter of the group, with the
+  flat range each data-parallel rank holds of it (a range may start mid-row, and a matrix may
+  span ranks). The sharding engine then rebuilds each matrix on one owner rank for
+  Newton-Schulz, exactly as for FSDP2.
+
+DeepSpeed applies its gradient clipping and its fp16/bf16 overflow check before it calls
+``MARSM.step``; an overflow step never reaches the optimizer, so momentum, P and parameters stay
+untouched. ``engine.save_checkpoint``/``load_checkpoint`` save and restore MARS-M's state as it
+is (flat, per partition). Resuming at another world size is not supported: DeepSpeed refuses it
+without universal checkpoints, and its universal converter only carries Adam's state names.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+try:
+    import deepspeed  # noqa: F401
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero import utils as zero_utils
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError('marsm_dist.adapters.deepspeed needs DeepSpeed: pip install "marsm-dist[deepspeed]"'
+                      ) from err
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..optimizer import MARSM
+from ..param_groups import explain_routing
+from ..sharding.adapter import ShardingAdapter, Slot, register_adapter
+from ..sharding.layout import MatrixLayout, Piece
+
+__all__ = ["DeepSpeedAdapter", "build_marsm", "describe_partitions"]
+
+_OPTIONS = set(inspect.signature(MARSM.__init__).parameters) - {"self", "params"}
+
+
+class DeepSpeedAdapter(ShardingAdapter):
+    """ZeRO flat fp32 partitions (described by :func:`describe_partitions`) and ZeRO-3
+    placeholders (1-D until gathered; the real shape is ``ds_shape``)."""
+
+    name = "deepspeed"
+    prepopulate_state = False  # ZeRO replaces the parameters after the optimizer is built
+
+    def handles(self, p: Tensor) -> bool:
+        return _partition(p) is not None or hasattr(p, "ds_shape")
+
+    def process_group(self, p: Tensor) -> dist.ProcessGroup | None:
+        known = _partition(p)
+        return known[1] if known is not None else None
+
+    def slots(self, p: Tensor) -> list[Slot]:
+        known = _partition(p)
+        if known is not None:
+            return known[0]
+        return [Slot(tuple(p.ds_shape))]
+
+
+# Flat partition -> (slots, process group). Kept beside the tensors, not on them: DeepSpeed's
+# ZeRO-3 checkpoint pickles the flat tensors, and a process group cannot be pickled.
+_PARTITIONS: dict[int, tuple[weakref.ref, list[Slot], dist.ProcessGroup]] = {}
+
+
+def _partition(p: Tensor) -> tuple[list[Slot], dist.ProcessGroup] | None:
+    entry = _PARTITIONS.get(id(p))
+    if entry is None or entry[0]() is not p:
+        return None
+    return entry[1], entry[2]
+
+
+def _shape_of(p: Tensor) -> tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def build_marsm(module: torch.nn.Module, model_parameters: Iterable[Any], options: dict[str, Any]) -> MARSM:
+    """MARSM from a DeepSpeed config's ``optimizer.params``, routed by ``module``'s names.
+
+    Groups that carry ``"use_marsm"`` keep it; any other group is split into its MARS-M and
+    AdamW parts (other keys kept), as :func:`marsm_dist.param_groups` would route them.
+    """
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise ValueError(f"Unknown MARSM option(s) {unknown} in the DeepSpeed config's optimizer.params; "
+                         f"valid options: {sorted(_OPTIONS)}")
+    routes = {id(p): d.use_marsm for d, p in zip(explain_routing(module, shape_of=_shape_of),
+                                                  dict(module.named_parameters()).values(), strict=True)}
+    items = list(model_parameters)
+    groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+    routed = []
+    for group in groups:
+        params = list(group["params"])
+        if "use_marsm" in group:
+            routed.append({**group, "params": params})
+            continue
+        for use in (True, False):
+            chosen = [p for p in params if routes.get(id(p), len(_shape_of(p)) >= 2) is use]
+            if chosen:
+                routed.append({**group, "params": chosen, "use_marsm": use})
+    return MARSM(routed, **options)
+
+
+def _flat_slots(params, offsets, partition_size: int, group, names) -> list[Slot]:
+    """Slots of one ZeRO-1/2 (or BF16_Optimizer) partition: rank q holds [q*ps, (q+1)*ps) of the
+    group's flat buffer, and parameter k occupies [offsets[k], offsets[k] + numel)."""
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    slots = []
+    for p, off in zip(params, offsets, strict=True):
+        n, pieces = p.numel(), []
+        for q in range(world):
+            a, b = max(off, q * partition_size), min(off + n, (q + 1) * partition_size)
+            pieces.append((Piece(0, a - off, b - off),) if b > a else ())
+        local = max(off, me * partition_size) - me * partition_size
+        mine = sum(pc.numel for pc in pieces[me])
+        slots.append(Slot(tuple(p.shape), MatrixLayout(tuple(p.shape), tuple(pieces)), local if mine else 0,
+                          mine, names.get(p)))
+    return slots
+
+
+def _stage3_slots(params, group, names) -> list[Slot]:
+    """Slots of one ZeRO-3 sub-group: each parameter is flattened and split in ceil(n/W) chunks
+    (the last rank's chunk padded); the rank's chunks of the sub-group are concatenated."""
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    slots, offset = [], 0
+    for p in params:
+        n, shape, chunk = p.ds_numel, tuple(p.ds_shape), p.partition_numel()
+        pieces = tuple((Piece(0, q * chunk, min((q + 1) * chunk, n)),) if q * chunk < n else ()
+                       for q in range(world))
+        mine = sum(pc.numel for pc in pieces[me])
+        # Only the real elements: the padding of the last chunk holds uninitialised memory.
+        slots.append(Slot(shape, MatrixLayout(shape, pieces), offset, mine, names.get(p)))
+        offset += chunk
+    return slots
+
+
+def _tag(flat: Tensor, slots: list[Slot], group) -> None:
+    for key in [k for k, (ref, _, _) in _PARTITIONS.items() if ref() is None]:
+        del _PARTITIONS[key]  # partitions of engines that are gone
+    _PARTITIONS[id(flat)] = (weakref.ref(flat), slots, group)
+
+
+def describe_partitions(wrapper: Any, names: dict[Tensor, str]) -> None:
+    """Tag the flat fp32 partitions a DeepSpeed optimizer wrapper feeds MARSM with their slots."""
+    if any(not g["approx"] for g in wrapper.optimizer.param_groups):
+        raise NotImplementedError(
+            "MARSM(approx=False) is not supported under DeepSpeed ZeRO/bf16 wrappers: the exact mode "
+            "needs the look-ahead gradient before the step, and DeepSpeed only hands reduced "
+            "gradients to the optimizer inside engine.step(). Use approx=True (the default).")
+    if hasattr(wrapper, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        for sg, flat in enumerate(wrapper.fp32_partitioned_groups_flat):
+            pg = (wrapper._get_sub_group_process_group(sg)
+                  if hasattr(wrapper, "_get_sub_group_process_group") else wrapper.dp_process_group)
+            _tag(flat, _stage3_slots(wrapper.fp16_groups[sg], pg, names), pg)
+    elif hasattr(wrapper, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        for i, flat in enumerate(wrapper.single_partition_of_fp32_groups):
+            pg = wrapper.real_dp_process_group[i]
+            _tag(flat, _flat_slots(wrapper.round_robin_bit16_groups[i], wrapper.round_robin_bit16_offsets[i],
+                                   wrapper.partition_size[i], pg, names), pg)
+    elif hasattr(wrapper, "fp32_groups_flat_partition"):  # BF16_Optimizer (ZeRO-1, fp32 accumulation)
+        for i, flat in enumerate(wrapper.fp32_groups_flat_partition):
+            pg = wrapper.real_dp_process_group[i]
+            params = wrapper.bf16_groups[i]
+            offsets = [sum(p.numel() for p in params[:k]) for k in range(len(params))]
+            size = wrapper.bf16_groups_flat[i].numel() // dist.get_world_size(pg)
+            _tag(flat, _flat_slots(params, offsets, size, pg, names), pg)
+    else:
+        raise NotImplementedError(f"MARSM does not know DeepSpeed's {type(wrapper).__name__} yet")
+
+
+def _is_marsm(name: Any) -> bool:
+    return isinstance(name, str) and name.lower() == "marsm"
+
+
+def _patch_engine() -> None:
+    """Teach DeepSpeedEngine the optimizer type "MARSM" (idempotent)."""
+    if getattr(DeepSpeedEngine, "_marsm_patched", False):
+        return
+    supported, basic = DeepSpeedEngine._is_supported_optimizer, DeepSpeedEngine._configure_basic_optimizer
+    zero, bf16 = DeepSpeedEngine._configure_zero_optimizer, DeepSpeedEngine._configure_bf16_optimizer
+
+    def is_supported(self, optimizer_name):
+        return _is_marsm(optimizer_name) or supported(self, optimizer_name)
+
+    def configure_basic(self, model_parameters):
+        if self.client_optimizer is None and _is_marsm(self.optimizer_name()):
+            return build_marsm(self.module, model_parameters, dict(self.optimizer_params() or {}))
+        return basic(self, model_parameters)
+
+    def wrap(configure):
+        def configure_wrapped(self, optimizer):
+            wrapper = configure(self, optimizer)
+            if isinstance(getattr(wrapper, "optimizer", None), MARSM):
+                describe_partitions(wrapper, getattr(self, "param_names", {}) or {})
+            return wrapper
+        return configure_wrapped
+
+    DeepSpeedEngine._is_supported_optimizer = is_supported
+    DeepSpeedEngine._configure_basic_optimizer = configure_basic
+    DeepSpeedEngine._configure_zero_optimizer = wrap(zero)
+    DeepSpeedEngine._configure_bf16_optimizer = wrap(bf16)
+    DeepSpeedEngine._marsm_patched = True
+
+
+if MARSM not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+    zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(MARSM)
+torch.optim.MARSM = MARSM  # the name DeepSpeed's own fallback looks up
+_patch_engine()
+register_adapter(DeepSpeedAdapter())
