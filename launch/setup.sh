@@ -9,6 +9,8 @@
 # deepspeed, whose adapter the tests exercise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# MARSM_SKIP_SETUP=1: the environment is ready (tests that start launch scripts set it).
+[ "${MARSM_SKIP_SETUP:-0}" = 1 ] && exit 0
 venv="${MARSM_VENV:-.venv}"
 extras="${MARSM_EXTRAS:-dev,deepspeed}"
 if [ ! -x "$venv/bin/python" ]; then

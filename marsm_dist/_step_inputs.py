@@ -99,6 +99,11 @@ def collect(
                 check_grad(param_groups, group, i, p.grad)
             for k, slot in enumerate(slots_of(p)):
                 is_matrix = uses_marsm(group, slot)
+                if is_matrix and len(slot.shape) < 2:
+                    raise RuntimeError(
+                        f"{param_name(param_groups, group, i)} has shape {slot.shape} but sits in a "
+                        "use_marsm=True group. If a framework flattened it (DeepSpeed ZeRO), import "
+                        "marsm_dist.adapters.deepspeed before deepspeed.initialize.")
                 if p.grad is None and not (is_matrix and always(p, k)):
                     continue
                 (mw if is_matrix else aw).add(p, adapter_of(p), slot, (i, k))

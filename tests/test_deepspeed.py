@@ -85,6 +85,28 @@ def test_every_zero_stage_matches_single_process(stage, world_size):
             assert (got[n] - want[n]).abs().max() < 1e-5, (stage, n)
 
 
+def client_run(rank, world_size, stage):
+    """The other way in: a MARSM object passed to deepspeed.initialize (no optimizer block)."""
+    from marsm_dist import MARSM, param_groups
+
+    ds_env(rank, world_size)
+    model = fm.build("awkward")
+    cfg = config(stage, world_size)
+    del cfg["optimizer"]
+    opt = MARSM(param_groups(model, named=False), lr=0.02, ns_dtype=torch.float32)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    ds_train(engine, rank, world_size, STEPS)
+    return full_params(engine)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_marsm_object_works_as_a_client_optimizer(stage):
+    want = fm.reference("awkward", STEPS, approx=True, ns_dtype=torch.float32)
+    got = run_distributed(client_run, 2, stage)[0]
+    for n in want:
+        assert (got[n] - want[n]).abs().max() < 1e-5, n
+
+
 def json_run(rank, world_size, cfg):
     try:
         engine_for(rank, world_size, cfg)

@@ -1,0 +1,80 @@
+"""Train the demo byte-level GPT with DeepSpeed and MARS-M chosen in the JSON config.
+
+    deepspeed --num_gpus 2 integrations/deepspeed/train.py \
+        --deepspeed_config integrations/deepspeed/zero2.json
+
+(or ``bash launch/deepspeed.sh``). The only MARS-M-specific line is the import below; the rest
+is a plain DeepSpeed training loop. The corpus is the Python standard library's source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+import marsm_dist.adapters.deepspeed  # noqa: F401  (makes "type": "MARSM" known to DeepSpeed)
+from marsm_dist.demo.data import Batches, stdlib_corpus
+from marsm_dist.demo.model import TinyGPT
+
+
+def parse_args() -> argparse.Namespace:
+    """Command line; ``--local_rank`` is appended by the deepspeed launcher."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON config")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    return p.parse_args()
+
+
+def main() -> None:
+    """Build the model, let DeepSpeed build MARSM from the config, train, print the loss."""
+    args = parse_args()
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(args.seed)
+    model = TinyGPT(args.d_model, args.layers, heads=4, seq_len=args.seq_len)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=args.deepspeed_config)
+    micro = engine.train_micro_batch_size_per_gpu()
+    train, val = stdlib_corpus()
+    batches = Batches(train, val, micro * world, args.seq_len, args.seed)
+    start = time.perf_counter()
+    for step in range(args.steps):
+        x, y = batches.batch(step)
+        x, y = x[rank * micro:(rank + 1) * micro], y[rank * micro:(rank + 1) * micro]
+        loss = engine(x.to(engine.device), y.to(engine.device))
+        engine.backward(loss)
+        engine.step()
+        if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
+            tokens = (step + 1) * micro * world * args.seq_len
+            print(f"step {step + 1}/{args.steps} loss {loss.item():.4f} "
+                  f"{tokens / (time.perf_counter() - start):,.0f} tok/s", flush=True)
+
+
+if __name__ == "__main__":
+    code = 0
+    try:
+        main()
+    except BaseException:
+        code = 1
+        raise
+    finally:
+        # torch 2.13 gloo processes can abort at interpreter exit: leave deliberately.
+        if dist.is_initialized():
+            if code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

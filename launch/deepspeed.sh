@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Train the demo GPT with DeepSpeed and MARS-M ("type": "MARSM" in the JSON config), started by
+# the deepspeed launcher. Environment: NUM_PROCS (default 2), DS_CONFIG (default
+# integrations/deepspeed/zero2.json), MASTER_PORT (default 29500). Other arguments go to
+# integrations/deepspeed/train.py (--steps, --d-model, --layers, --log-every, ...).
+# On a machine without GPUs the processes run on the CPU (gloo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+venv="${MARSM_VENV:-.venv}"
+export PATH="$PWD/$venv/bin:$PATH"
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+    export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+fi
+exec deepspeed --num_gpus "${NUM_PROCS:-2}" --master_port "${MASTER_PORT:-29500}" \
+    integrations/deepspeed/train.py --deepspeed_config "${DS_CONFIG:-integrations/deepspeed/zero2.json}" "$@"
