@@ -107,6 +107,27 @@ def test_a_marsm_object_works_as_a_client_optimizer(stage):
         assert (got[n] - want[n]).abs().max() < 1e-5, n
 
 
+def zero_init_run(rank, world_size):
+    """ZeRO-3 with the model built under deepspeed.zero.Init: parameters are flat placeholders
+    from the start, and routing must use their real shapes (ds_shape)."""
+    ds_env(rank, world_size)
+    cfg = config(3, world_size)
+    with deepspeed.zero.Init(config_dict_or_path=cfg):
+        model = fm.build("awkward")
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    ds_train(engine, rank, world_size, STEPS)
+    return full_params(engine), shapes
+
+
+def test_zero3_with_zero_init_routes_by_real_shapes():
+    got, placeholder_shapes = run_distributed(zero_init_run, 2)[0]
+    assert placeholder_shapes["a.weight"] != (30, 16)  # really flat placeholders
+    want = fm.reference("awkward", STEPS, approx=True, ns_dtype=torch.float32)
+    for n in want:
+        assert (got[n] - want[n]).abs().max() < 1e-5, n
+
+
 def json_run(rank, world_size, cfg):
     try:
         engine_for(rank, world_size, cfg)
