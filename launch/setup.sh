@@ -5,14 +5,14 @@
 # package's requirements) pip would resolve torch to a multi-GB CUDA build. The project's own
 # range (torch>=2.6,<2.15) is then already satisfied, so nothing else pulls a torch.
 #
-# MARSM_EXTRAS picks the extras to install (default "dev,deepspeed": the test tools and
-# deepspeed, whose adapter the tests exercise).
+# MARSM_EXTRAS picks the extras to install (default "dev,deepspeed,megatron": the test tools
+# and the frameworks whose adapters the tests exercise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # MARSM_SKIP_SETUP=1: the environment is ready (tests that start launch scripts set it).
 [ "${MARSM_SKIP_SETUP:-0}" = 1 ] && exit 0
 venv="${MARSM_VENV:-.venv}"
-extras="${MARSM_EXTRAS:-dev,deepspeed}"
+extras="${MARSM_EXTRAS:-dev,deepspeed,megatron}"
 if [ ! -x "$venv/bin/python" ]; then
     echo "setup: creating $venv"
     "${PYTHON:-python3}" -m venv "$venv"

@@ -81,8 +81,10 @@ class ShardingAdapter:
 
     def slots(self, p: Tensor) -> list[Slot]:
         """The logical tensors container ``p`` holds: by default ``p`` itself, one slot."""
-        sharded = self.process_group(p) is not None
-        return [Slot(tuple(p.shape), self.layout(p) if sharded else None)]
+        if self.process_group(p) is None:
+            return [Slot(tuple(p.shape))]
+        layout = self.layout(p)
+        return [Slot(layout.shape, layout)]  # the full logical shape, not the local one
 
 
 _PLAIN = ShardingAdapter()

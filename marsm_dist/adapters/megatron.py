@@ -1,0 +1,150 @@
+"""Megatron-core: tensor-parallel layouts and a MARS-M optimizer builder.
+
+``get_megatron_marsm_optimizer(config, model_chunks, ...)`` takes the place of Megatron's
+``get_megatron_optimizer``: it returns a ``ChainedOptimizer`` that Megatron's training loop
+steps, zeroes, checkpoints and schedules as usual. Inside, one ``MARSM`` takes every
+parameter: hidden matrices take the MARS-M update, embeddings, the output layer, norms and
+biases the AdamW branch (Megatron's ``is_embedding_or_output_parameter`` marker decides, as
+well as the names).
+
+A tensor-parallel weight (``tensor_model_parallel=True``) is one block of the full logical
+matrix along ``partition_dim`` (``partition_stride`` > 1, as in SwiGLU's fc1, interleaves
+blocks). Newton-Schulz always runs on the full matrix, gathered over the tensor-parallel group
+by the sharding engine. Data-parallel replicas hold the same blocks and compute the same
+update. A fused QKV weight is one matrix, as in the spec.
+
+Not yet: ``use_distributed_optimizer=True`` (MARS-M's own data-parallel sharding of state) and
+the per-query-group QKV split option.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+try:
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import (
+        ChainedOptimizer,
+        Float16OptimizerWithFloat16Params,
+        FP32Optimizer,
+        OptimizerConfig,
+        _get_param_groups,
+    )
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError('marsm_dist.adapters.megatron needs megatron-core: pip install "marsm-dist[megatron]"'
+                      ) from err
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..optimizer import MARSM
+from ..param_groups import explain_routing
+from ..sharding.adapter import ShardingAdapter, register_adapter
+from ..sharding.layout import MatrixLayout, Piece
+
+__all__ = ["MegatronTPAdapter", "add_marsm_args", "get_megatron_marsm_optimizer", "marsm_kwargs_from_args"]
+
+
+class MegatronTPAdapter(ShardingAdapter):
+    """Parameters that Megatron split over the tensor-parallel group."""
+
+    name = "megatron"
+    prepopulate_state = False  # Megatron calls init_state_fn when it needs state templates
+
+    def handles(self, p: Tensor) -> bool:
+        return bool(getattr(p, "tensor_model_parallel", False))
+
+    def process_group(self, p: Tensor) -> dist.ProcessGroup | None:
+        if parallel_state.get_tensor_model_parallel_world_size() == 1:
+            return None
+        return parallel_state.get_tensor_model_parallel_group()
+
+    def layout(self, p: Tensor) -> MatrixLayout:
+        world = parallel_state.get_tensor_model_parallel_world_size()
+        dim, stride = p.partition_dim, getattr(p, "partition_stride", 1)
+        if stride > 1 and dim != 0:
+            raise NotImplementedError(f"MARSM supports partition_stride > 1 only along dim 0; got stride "
+                                      f"{stride} along dim {dim} for a {tuple(p.shape)} shard")
+        full = list(p.shape)
+        full[dim] *= world
+        numel = p.numel() // stride
+        # Rank r holds blocks r, W + r, 2W + r, ... of the full matrix cut in W * stride blocks.
+        pieces = tuple(tuple(Piece(j * world + r, 0, numel) for j in range(stride)) for r in range(world))
+        return MatrixLayout(tuple(full), pieces, split_dim=dim, num_blocks=world * stride)
+
+
+def _routes(model_chunks: list[torch.nn.Module]) -> dict[int, bool]:
+    """id(param) -> True for MARS-M. Megatron's marker first, then param_groups' rules."""
+    routes: dict[int, bool] = {}
+    for chunk in model_chunks:
+        params = dict(chunk.named_parameters())
+        for d in explain_routing(chunk):
+            p = params[d.name]
+            routes[id(p)] = bool(d.use_marsm) and not getattr(p, "is_embedding_or_output_parameter", False)
+    return routes
+
+
+def get_megatron_marsm_optimizer(
+    config: OptimizerConfig,
+    model_chunks: list[torch.nn.Module],
+    config_overrides: Any = None,
+    use_gloo_process_groups: bool = True,
+    pg_collection: Any = None,
+    **marsm_kwargs: Any,
+) -> ChainedOptimizer:
+    """A drop-in for ``megatron.core.optimizer.get_megatron_optimizer`` that builds MARS-M.
+
+    Megatron's parameter groups (``wd_mult``, ``lr_mult``, ``max_lr``, ...) are kept; each is
+    split into its MARS-M and AdamW parts. ``config.lr``, ``weight_decay``, ``adam_beta1/2``
+    and ``adam_eps`` set the shared hyperparameters; ``marsm_kwargs`` go to :class:`MARSM`
+    (e.g. ``gamma``, ``momentum``, ``ns_steps``, ``ns_dtype``, ``approx``, ``owner_policy``).
+    """
+    del use_gloo_process_groups, pg_collection  # accepted for signature compatibility
+    if getattr(config, "use_distributed_optimizer", False):
+        raise NotImplementedError("MARSM does not support use_distributed_optimizer=True yet: Megatron's "
+                                  "DistributedOptimizer only wraps Adam. Train without it (state is then "
+                                  "replicated over data-parallel ranks).")
+    routes = _routes(model_chunks)
+    groups = []
+    for group in _get_param_groups(model_chunks, config, config_overrides):
+        for use in (True, False):
+            chosen = [p for p in group["params"] if routes.get(id(p), p.ndim >= 2) is use]
+            if chosen:
+                groups.append({**group, "params": chosen, "use_marsm": use})
+    kwargs = dict(lr=config.lr, weight_decay=config.weight_decay,
+                  adamw_betas=(config.adam_beta1, config.adam_beta2), adamw_eps=config.adam_eps)
+    kwargs.update(marsm_kwargs)
+    optimizer = MARSM(groups, **kwargs)
+
+    def init_state_fn(opt: MARSM, config: Any = None) -> None:
+        opt.init_state()
+
+    if config.fp16 or config.bf16:
+        wrapped = Float16OptimizerWithFloat16Params(optimizer, config, None, init_state_fn)
+    else:
+        wrapped = FP32Optimizer(optimizer, config, init_state_fn)
+    return ChainedOptimizer([wrapped])
+
+
+def add_marsm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--marsm-*`` flags for Megatron-LM's ``extra_args_provider`` (mirroring ``--muon-*``)."""
+    g = parser.add_argument_group("MARS-M")
+    g.add_argument("--marsm-momentum", type=float, default=0.95)
+    g.add_argument("--marsm-gamma", type=float, default=0.025)
+    g.add_argument("--marsm-ns-steps", type=int, default=5)
+    g.add_argument("--marsm-ns-dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    g.add_argument("--marsm-exact", action="store_true", help="exact correction (needs look-ahead grads)")
+    g.add_argument("--marsm-owner-policy", choices=["balanced", "round_robin"], default="balanced")
+    return parser
+
+
+def marsm_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The MARSM keyword arguments that :func:`add_marsm_args`'s flags select."""
+    return dict(momentum=args.marsm_momentum, gamma=args.marsm_gamma, ns_steps=args.marsm_ns_steps,
+                ns_dtype=args.marsm_ns_dtype, approx=not args.marsm_exact,
+                owner_policy=args.marsm_owner_policy)
+
+
+register_adapter(MegatronTPAdapter())

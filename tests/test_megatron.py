@@ -1,0 +1,160 @@
+"""MARSM under real megatron-core (CPU, gloo): a small GPTModel with tensor and data parallelism
+must follow the single-process MARSM trajectory. Megatron's GPT forward and DDP assume CUDA;
+the test-only shim in tests/megatron_cpu_shim.py redirects those calls to the CPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from tests.distributed import run_distributed  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+STEPS, GLOBAL_BATCH, VOCAB, SEQ = 10, 4, 64, 16
+
+
+def setup(tp: int):
+    warnings.filterwarnings("ignore")
+    from megatron.core import parallel_state as ps
+
+    from tests.megatron_cpu_shim import CpuCudaShim
+
+    CpuCudaShim().install()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    return ps
+
+
+def build_gpt(tp: int):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    torch.manual_seed(1234)
+    model_parallel_cuda_manual_seed(1234)  # CPU initialization is TP-invariant: same full weights
+    # No linear biases: the key part of a QKV bias has an exactly zero gradient, which Adam turns
+    # from rounding noise into ~1e-5 differences between two exact runs.
+    cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                            ffn_hidden_size=128, use_cpu_initialization=True,
+                            gradient_accumulation_fusion=False,
+                            tensor_model_parallel_size=tp, hidden_dropout=0.0, attention_dropout=0.0,
+                            bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
+                            persist_layer_norm=False, add_bias_linear=False)
+    return GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
+                    max_sequence_length=SEQ)
+
+
+def batch(t: int):
+    gen = torch.Generator().manual_seed(500 + t)
+    tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+    pos = torch.arange(SEQ).unsqueeze(0).expand(GLOBAL_BATCH, SEQ)
+    mask = torch.tril(torch.ones(SEQ, SEQ, dtype=torch.bool)).logical_not().view(1, 1, SEQ, SEQ)
+    return tokens[:, :-1], pos, mask, tokens[:, 1:]
+
+
+def full_params(model, ps) -> dict[str, torch.Tensor]:
+    import torch.distributed as dist
+
+    group, world = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
+    out = {}
+    for name, p in model.named_parameters():
+        name = name.removeprefix("module.")
+        if not getattr(p, "tensor_model_parallel", False) or world == 1:
+            out[name] = p.detach().clone()
+            continue
+        parts = [torch.empty_like(p) for _ in range(world)]
+        dist.all_gather(parts, p.detach().contiguous(), group=group)
+        out[name] = torch.cat(parts, dim=p.partition_dim)
+    return out
+
+
+def megatron_run(rank, world_size, tp):
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig
+
+    from marsm_dist.adapters.megatron import get_megatron_marsm_optimizer
+
+    ps = setup(tp)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    model = build_gpt(tp)
+    ddp = DistributedDataParallel(config=model.config, module=model,
+                                  ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=False))
+    config = OptimizerConfig(optimizer="adam", lr=0.02, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
+                             adam_eps=1e-8, clip_grad=0.0)
+    opt = get_megatron_marsm_optimizer(config, [ddp], ns_dtype=torch.float32)
+    lo, hi = dp_rank * GLOBAL_BATCH // dp, (dp_rank + 1) * GLOBAL_BATCH // dp
+    for t in range(STEPS):
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        tokens, pos, mask, labels = batch(t)
+        loss = ddp(tokens[lo:hi], pos[lo:hi], mask, labels=labels[lo:hi]).float().mean()
+        loss.backward()
+        finalize_model_grads([ddp])
+        success, _, _ = opt.step()
+        assert success
+    inner = opt.chained_optimizers[0].optimizer
+    return full_params(ddp, ps), type(inner).__name__, inner.last_step_stats.bytes_sent
+
+
+def reference_run(rank, world_size):
+    """Single-process MARSM (no Megatron wrappers, no DDP) on the TP=1 model and the full batch."""
+    from marsm_dist import MARSM
+
+    ps = setup(1)
+    model = build_gpt(1)
+    groups = [{"params": [], "use_marsm": True}, {"params": [], "use_marsm": False}]
+    for name, p in model.named_parameters():
+        matrix = p.ndim >= 2 and "embedding" not in name and not getattr(
+            p, "is_embedding_or_output_parameter", False)
+        groups[0 if matrix else 1]["params"].append(p)
+    opt = MARSM(groups, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32)
+    for t in range(STEPS):
+        tokens, pos, mask, labels = batch(t)
+        model(tokens, pos, mask, labels=labels).float().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return full_params(model, ps)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_distributed(reference_run, 1)[0]
+
+
+@pytest.mark.parametrize(("tp", "world_size"), [(2, 2), (1, 2), (2, 4)],
+                         ids=["tp2-dp1", "tp1-dp2", "tp2-dp2"])
+def test_gpt_with_tensor_and_data_parallelism_matches_single_process(reference, tp, world_size):
+    results = run_distributed(megatron_run, world_size, tp)
+    for got, inner, sent in results:
+        assert inner == "MARSM"
+        assert sent > 0 if tp > 1 else sent == 0  # TP matrices really were gathered to owners
+        assert got.keys() == reference.keys()
+        for n in reference:
+            assert (got[n] - reference[n]).abs().max() < 1e-5, n
+
+
+def test_cli_flags_and_distributed_optimizer_refusal():
+    import argparse
+
+    from megatron.core.optimizer import OptimizerConfig
+
+    from marsm_dist.adapters.megatron import (
+        add_marsm_args,
+        get_megatron_marsm_optimizer,
+        marsm_kwargs_from_args,
+    )
+
+    args = add_marsm_args(argparse.ArgumentParser()).parse_args(
+        ["--marsm-gamma", "0.01", "--marsm-ns-dtype", "float32", "--marsm-exact"])
+    kw = marsm_kwargs_from_args(args)
+    assert kw["gamma"] == 0.01 and kw["ns_dtype"] == "float32" and kw["approx"] is False
+    with pytest.raises(NotImplementedError, match="use_distributed_optimizer"):
+        get_megatron_marsm_optimizer(OptimizerConfig(optimizer="adam", use_distributed_optimizer=True), [])
