@@ -158,7 +158,9 @@ def orthogonalize_all(ctx: ShardingContext, matrix: list[GroupWork], momenta: li
     local = [k for k, (w, j) in enumerate(slots) if momenta[k] is not None
              and not ctx.is_sharded_matrix(w.params[j], w.indices[j][1])]
     with timer.phase("newton_schulz"):
-        done = orthogonalize([momenta[k] for k in local], [_config(slots[k][0].group) for k in local])
+        # A slot cut out of a flat container is a 1-D view: give NS its logical shape.
+        done = orthogonalize([momenta[k].view(slots[k][0].slots[slots[k][1]].shape) for k in local],
+                             [_config(slots[k][0].group) for k in local])
     for k, o in zip(local, done, strict=True):
         out[k] = o
     if ctx.engine is not None:

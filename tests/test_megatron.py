@@ -72,7 +72,7 @@ def full_params(model, ps) -> dict[str, torch.Tensor]:
     return out
 
 
-def megatron_run(rank, world_size, tp):
+def megatron_run(rank, world_size, tp, **builder_kw):
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -89,7 +89,7 @@ def megatron_run(rank, world_size, tp):
                                   ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=False))
     config = OptimizerConfig(optimizer="adam", lr=0.02, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
                              adam_eps=1e-8, clip_grad=0.0)
-    opt = get_megatron_marsm_optimizer(config, [ddp], ns_dtype=torch.float32)
+    opt = get_megatron_marsm_optimizer(config, [ddp], ns_dtype=torch.float32, **builder_kw)
     lo, hi = dp_rank * GLOBAL_BATCH // dp, (dp_rank + 1) * GLOBAL_BATCH // dp
     for t in range(STEPS):
         ddp.zero_grad_buffer()
@@ -141,6 +141,21 @@ def test_gpt_with_tensor_and_data_parallelism_matches_single_process(reference, 
             assert (got[n] - reference[n]).abs().max() < 1e-5, n
 
 
+def split_run(rank, world_size, tp):
+    return megatron_run(rank, world_size, tp, split_qkv=True)[0]
+
+
+def test_qkv_split_option_is_the_same_with_and_without_tp(reference):
+    """Q, K and V of each query group orthogonalized separately: a different update from the
+    fused matrix, and the same one at TP=1 and TP=2 (2 query groups, one per TP rank)."""
+    single = run_distributed(split_run, 1, 1)[0]
+    qkv = "decoder.layers.0.self_attention.linear_qkv.weight"
+    assert (single[qkv] - reference[qkv]).abs().max() > 1e-3
+    for got in run_distributed(split_run, 2, 2):
+        for n in single:
+            assert (got[n] - single[n]).abs().max() < 1e-5, n
+
+
 def test_cli_flags_and_distributed_optimizer_refusal():
     import argparse
 
@@ -153,8 +168,9 @@ def test_cli_flags_and_distributed_optimizer_refusal():
     )
 
     args = add_marsm_args(argparse.ArgumentParser()).parse_args(
-        ["--marsm-gamma", "0.01", "--marsm-ns-dtype", "float32", "--marsm-exact"])
+        ["--marsm-gamma", "0.01", "--marsm-ns-dtype", "float32", "--marsm-exact", "--marsm-split-qkv"])
     kw = marsm_kwargs_from_args(args)
     assert kw["gamma"] == 0.01 and kw["ns_dtype"] == "float32" and kw["approx"] is False
+    assert kw["split_qkv"] is True
     with pytest.raises(NotImplementedError, match="use_distributed_optimizer"):
         get_megatron_marsm_optimizer(OptimizerConfig(optimizer="adam", use_distributed_optimizer=True), [])

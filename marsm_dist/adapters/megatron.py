@@ -11,15 +11,17 @@ A tensor-parallel weight (``tensor_model_parallel=True``) is one block of the fu
 matrix along ``partition_dim`` (``partition_stride`` > 1, as in SwiGLU's fc1, interleaves
 blocks). Newton-Schulz always runs on the full matrix, gathered over the tensor-parallel group
 by the sharding engine. Data-parallel replicas hold the same blocks and compute the same
-update. A fused QKV weight is one matrix, as in the spec.
+update. A fused QKV weight is one matrix, as in the spec; ``split_qkv=True`` orthogonalizes the
+Q, K and V rows of every query group as separate matrices instead (each TP rank holds whole
+query groups, so no exchange is needed, and the result is the same with and without TP).
 
-Not yet: ``use_distributed_optimizer=True`` (MARS-M's own data-parallel sharding of state) and
-the per-query-group QKV split option.
+Not yet: ``use_distributed_optimizer=True`` (MARS-M's own data-parallel sharding of state).
 """
 
 from __future__ import annotations
 
 import argparse
+import weakref
 from typing import Any
 
 try:
@@ -41,7 +43,7 @@ from torch import Tensor
 
 from ..optimizer import MARSM
 from ..param_groups import explain_routing
-from ..sharding.adapter import ShardingAdapter, register_adapter
+from ..sharding.adapter import ShardingAdapter, Slot, register_adapter
 from ..sharding.layout import MatrixLayout, Piece
 
 __all__ = ["MegatronTPAdapter", "add_marsm_args", "get_megatron_marsm_optimizer", "marsm_kwargs_from_args"]
@@ -74,6 +76,39 @@ class MegatronTPAdapter(ShardingAdapter):
         pieces = tuple(tuple(Piece(j * world + r, 0, numel) for j in range(stride)) for r in range(world))
         return MatrixLayout(tuple(full), pieces, split_dim=dim, num_blocks=world * stride)
 
+    def slots(self, p: Tensor) -> list[Slot]:
+        entry = _QKV_SPLIT.get(id(p))
+        if entry is None or entry[0]() is not p:
+            return super().slots(p)
+        heads_per_group, head_dim = entry[1]
+        cols = p.shape[1]
+        rows = [heads_per_group * head_dim, head_dim, head_dim]  # Q, K, V of one query group
+        groups = p.shape[0] // sum(rows)
+        slots, row = [], 0
+        for g in range(groups):
+            for kind, n in zip("QKV", rows, strict=True):
+                slots.append(Slot((n, cols), None, row * cols, n * cols, f"{kind} of local query group {g}"))
+                row += n
+        return slots
+
+
+# Fused QKV weights to orthogonalize per query group: id -> (weakref, (heads per group, head dim)).
+_QKV_SPLIT: dict[int, tuple[weakref.ref, tuple[int, int]]] = {}
+
+
+def _mark_qkv_split(model_chunks: list[torch.nn.Module]) -> None:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    for chunk in model_chunks:
+        cfg = getattr(chunk, "config", None) or chunk.module.config
+        groups = cfg.num_query_groups or cfg.num_attention_heads
+        if groups % tp:
+            raise NotImplementedError(f"split_qkv needs num_query_groups ({groups}) divisible by the "
+                                      f"tensor-parallel size ({tp}): a TP rank must hold whole groups")
+        head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
+        for name, p in chunk.named_parameters():
+            if name.endswith("linear_qkv.weight"):
+                _QKV_SPLIT[id(p)] = (weakref.ref(p), (cfg.num_attention_heads // groups, head_dim))
+
 
 def _routes(model_chunks: list[torch.nn.Module]) -> dict[int, bool]:
     """id(param) -> True for MARS-M. Megatron's marker first, then param_groups' rules."""
@@ -92,6 +127,7 @@ def get_megatron_marsm_optimizer(
     config_overrides: Any = None,
     use_gloo_process_groups: bool = True,
     pg_collection: Any = None,
+    split_qkv: bool = False,
     **marsm_kwargs: Any,
 ) -> ChainedOptimizer:
     """A drop-in for ``megatron.core.optimizer.get_megatron_optimizer`` that builds MARS-M.
@@ -100,12 +136,15 @@ def get_megatron_marsm_optimizer(
     split into its MARS-M and AdamW parts. ``config.lr``, ``weight_decay``, ``adam_beta1/2``
     and ``adam_eps`` set the shared hyperparameters; ``marsm_kwargs`` go to :class:`MARSM`
     (e.g. ``gamma``, ``momentum``, ``ns_steps``, ``ns_dtype``, ``approx``, ``owner_policy``).
+    ``split_qkv`` orthogonalizes each query group's Q, K and V separately (see the module doc).
     """
     del use_gloo_process_groups, pg_collection  # accepted for signature compatibility
     if getattr(config, "use_distributed_optimizer", False):
         raise NotImplementedError("MARSM does not support use_distributed_optimizer=True yet: Megatron's "
                                   "DistributedOptimizer only wraps Adam. Train without it (state is then "
                                   "replicated over data-parallel ranks).")
+    if split_qkv:
+        _mark_qkv_split(model_chunks)
     routes = _routes(model_chunks)
     groups = []
     for group in _get_param_groups(model_chunks, config, config_overrides):
@@ -137,6 +176,8 @@ def add_marsm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--marsm-ns-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     g.add_argument("--marsm-exact", action="store_true", help="exact correction (needs look-ahead grads)")
     g.add_argument("--marsm-owner-policy", choices=["balanced", "round_robin"], default="balanced")
+    g.add_argument("--marsm-split-qkv", action="store_true",
+                   help="orthogonalize Q, K, V of each query group separately")
     return parser
 
 
@@ -144,7 +185,7 @@ def marsm_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The MARSM keyword arguments that :func:`add_marsm_args`'s flags select."""
     return dict(momentum=args.marsm_momentum, gamma=args.marsm_gamma, ns_steps=args.marsm_ns_steps,
                 ns_dtype=args.marsm_ns_dtype, approx=not args.marsm_exact,
-                owner_policy=args.marsm_owner_policy)
+                owner_policy=args.marsm_owner_policy, split_qkv=args.marsm_split_qkv)
 
 
 register_adapter(MegatronTPAdapter())
