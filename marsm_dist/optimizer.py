@@ -37,6 +37,8 @@ __all__ = ["MARSM", "NonFiniteGradError", "StepStats"]
 
 logger = logging.getLogger(__name__)
 
+_MAX_CONTEXTS = 64  # sharding contexts kept per optimizer (one per set of stepped groups)
+
 # Keys a param group may carry, with the values a group added by an older version should get.
 _GROUP_DEFAULTS = dict(ns_coefficients=NS_COEFFICIENTS, flatten=False, maximize=False, use_marsm=None)
 
@@ -128,7 +130,8 @@ class MARSM(Optimizer):
         self.skipped_steps = 0
         self.last_step_stats: StepStats | None = None
         self._timer = PhaseTimer(_device_sync() if timing else None)
-        self._context: ShardingContext | None = None
+        self._context: ShardingContext | None = None  # the one the last step used
+        self._contexts: dict[tuple, ShardingContext] = {}
         super().__init__(params, defaults)
         # Sharded frameworks that keep their parameters (FSDP2) get every state key now, so
         # checkpoint helpers see rank-symmetric keys and never run a dummy step.
@@ -141,7 +144,8 @@ class MARSM(Optimizer):
             for key, value in _GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
         for key, value in dict(on_nonfinite="raise", owner_policy="balanced", bucket_bytes=256 * 2**20,
-                               skipped_steps=0, last_step_stats=None, _context=None).items():
+                               skipped_steps=0, last_step_stats=None, _context=None,
+                               _contexts={}).items():
             self.__dict__.setdefault(key, value)
         self.__dict__.setdefault("_timer", PhaseTimer())
 
@@ -234,13 +238,21 @@ class MARSM(Optimizer):
 
     # ------------------------------------------------------------------------------------- step
     def _sharding(self) -> ShardingContext:
-        if self._context is None or self._context.key != ShardingContext.key_of(self.param_groups):
-            self._context = ShardingContext(
+        """The context for the current param groups. DeepSpeed's ZeRO wrappers step one group at
+        a time (param_groups is swapped per call), so contexts are kept per set of groups: a
+        rebuild would re-plan and re-verify the plan with a collective on every call."""
+        key = ShardingContext.key_of(self.param_groups)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            if len(self._contexts) >= _MAX_CONTEXTS:  # groups were rebuilt; forget old layouts
+                self._contexts.clear()
+            ctx = self._contexts[key] = ShardingContext(
                 self.param_groups, self.uses_marsm,
                 lambda g, i: param_name(self.param_groups, g, i),
                 owner_policy=self.owner_policy, bucket_numel=max(1, self.bucket_bytes // 4),
                 timer=self._timer)
-        return self._context
+        self._context = ctx
+        return ctx
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
