@@ -153,14 +153,14 @@ def update_momenta(matrix: list[GroupWork], pre: Preconditioned, stats: Statisti
 def orthogonalize_all(ctx: ShardingContext, matrix: list[GroupWork], momenta: list[Tensor | None],
                       timer: PhaseTimer) -> list[Tensor | None]:
     """NS of every active matrix, as a tensor shaped like this rank's local shard."""
-    slots = [(w, j) for w in matrix for j in range(len(w.params))]
-    out: list[Tensor | None] = [None] * len(slots)
-    local = [k for k, (w, j) in enumerate(slots) if momenta[k] is not None
+    entries = [(w, j) for w in matrix for j in range(len(w.params))]
+    out: list[Tensor | None] = [None] * len(entries)
+    local = [k for k, (w, j) in enumerate(entries) if momenta[k] is not None
              and not ctx.is_sharded_matrix(w.params[j], w.indices[j][1])]
     with timer.phase("newton_schulz"):
         # A slot cut out of a flat container is a 1-D view: give NS its logical shape.
-        done = orthogonalize([momenta[k].view(slots[k][0].slots[slots[k][1]].shape) for k in local],
-                             [_config(slots[k][0].group) for k in local])
+        done = orthogonalize([momenta[k].view(entries[k][0].slots[entries[k][1]].shape) for k in local],
+                             [_config(entries[k][0].group) for k in local])
     for k, o in zip(local, done, strict=True):
         out[k] = o
     if ctx.engine is not None:
@@ -168,13 +168,13 @@ def orthogonalize_all(ctx: ShardingContext, matrix: list[GroupWork], momenta: li
         inputs: list[Tensor | None] = [None] * n
         configs: list[NSConfig | None] = [None] * n
         where = {}
-        for k, (w, j) in enumerate(slots):
+        for k, (w, j) in enumerate(entries):
             e = ctx.engine_index.get((id(w.params[j]), w.indices[j][1]))
             if e is not None and momenta[k] is not None:
                 inputs[e], configs[e], where[e] = momenta[k], _config(w.group), k
         for e, o in enumerate(ctx.engine.orthogonalize(inputs, configs)):
             if o is not None:
-                w, j = slots[where[e]]
+                w, j = entries[where[e]]
                 out[where[e]] = o.view(w.local_params[j].shape)
     return out
 
