@@ -46,6 +46,10 @@ def _worker(fn, rank: int, world_size: int, port: int, out: Path, args: tuple) -
             pass
         sys.stdout.flush()
         sys.stderr.flush()
+        # Helpers a rank started (Megatron's checkpoint writer starts a multiprocessing manager)
+        # would outlive os._exit, holding pipes open: stop them first.
+        for child in mp.active_children():
+            child.terminate()
         os._exit(code)
 
 

@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 
 import deepspeed
 import torch
@@ -68,7 +69,7 @@ if __name__ == "__main__":
         main()
     except BaseException:
         code = 1
-        raise
+        traceback.print_exc()  # os._exit below would otherwise swallow it
     finally:
         # torch 2.13 gloo processes can abort at interpreter exit: leave deliberately.
         if dist.is_initialized():

@@ -15,7 +15,8 @@ update. A fused QKV weight is one matrix, as in the spec; ``split_qkv=True`` ort
 Q, K and V rows of every query group as separate matrices instead (each TP rank holds whole
 query groups, so no exchange is needed, and the result is the same with and without TP).
 
-Not yet: ``use_distributed_optimizer=True`` (MARS-M's own data-parallel sharding of state).
+With ``use_distributed_optimizer=True`` MARS-M shards its own state over the data-parallel ranks
+(:mod:`marsm_dist.adapters.megatron_sharded`), in place of Megatron's Adam-only one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ try:
         OptimizerConfig,
         _get_param_groups,
     )
+    from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError('marsm_dist.adapters.megatron needs megatron-core: pip install "marsm-dist[megatron]"'
                       ) from err
@@ -65,10 +68,7 @@ class MegatronTPAdapter(ShardingAdapter):
 
     def layout(self, p: Tensor) -> MatrixLayout:
         world = parallel_state.get_tensor_model_parallel_world_size()
-        dim, stride = p.partition_dim, getattr(p, "partition_stride", 1)
-        if stride > 1 and dim != 0:
-            raise NotImplementedError(f"MARSM supports partition_stride > 1 only along dim 0; got stride "
-                                      f"{stride} along dim {dim} for a {tuple(p.shape)} shard")
+        dim, stride = p.partition_dim, tp_block_count(p)
         full = list(p.shape)
         full[dim] *= world
         numel = p.numel() // stride
@@ -90,6 +90,15 @@ class MegatronTPAdapter(ShardingAdapter):
                 slots.append(Slot((n, cols), None, row * cols, n * cols, f"{kind} of local query group {g}"))
                 row += n
         return slots
+
+
+def tp_block_count(p: Tensor) -> int:
+    """How many blocks of the full matrix this TP rank's tensor holds (``partition_stride``)."""
+    stride = getattr(p, "partition_stride", 1)
+    if stride > 1 and p.partition_dim != 0:
+        raise NotImplementedError(f"MARSM supports partition_stride > 1 only along dim 0; got stride "
+                                  f"{stride} along dim {p.partition_dim} for a {tuple(p.shape)} shard")
+    return stride
 
 
 # Fused QKV weights to orthogonalize per query group: id -> (weakref, (heads per group, head dim)).
@@ -127,6 +136,8 @@ def get_megatron_marsm_optimizer(
     config_overrides: Any = None,
     use_gloo_process_groups: bool = True,
     pg_collection: Any = None,
+    dump_param_to_param_group_map: str | None = None,
+    *,
     split_qkv: bool = False,
     **marsm_kwargs: Any,
 ) -> ChainedOptimizer:
@@ -135,14 +146,26 @@ def get_megatron_marsm_optimizer(
     Megatron's parameter groups (``wd_mult``, ``lr_mult``, ``max_lr``, ...) are kept; each is
     split into its MARS-M and AdamW parts. ``config.lr``, ``weight_decay``, ``adam_beta1/2``
     and ``adam_eps`` set the shared hyperparameters; ``marsm_kwargs`` go to :class:`MARSM`
-    (e.g. ``gamma``, ``momentum``, ``ns_steps``, ``ns_dtype``, ``approx``, ``owner_policy``).
+    (e.g. ``gamma``, ``momentum``, ``ns_steps``, ``ns_dtype``, ``owner_policy``). Exact mode
+    (``approx=False``) is refused: Megatron's loop does not run the look-ahead backward.
     ``split_qkv`` orthogonalizes each query group's Q, K and V separately (see the module doc).
+
+    With ``config.use_distributed_optimizer`` (the model wrapped in Megatron's DDP with
+    ``use_distributed_optimizer=True`` too) the optimizer state is sharded over the data-parallel
+    ranks: see :mod:`marsm_dist.adapters.megatron_sharded`. Otherwise every data-parallel rank
+    keeps the whole state, and ``config.fp16``/``bf16`` keep fp32 master weights as Megatron's
+    ``Float16OptimizerWithFloat16Params`` does.
     """
     del use_gloo_process_groups, pg_collection  # accepted for signature compatibility
-    if getattr(config, "use_distributed_optimizer", False):
-        raise NotImplementedError("MARSM does not support use_distributed_optimizer=True yet: Megatron's "
-                                  "DistributedOptimizer only wraps Adam. Train without it (state is then "
-                                  "replicated over data-parallel ranks).")
+    if dump_param_to_param_group_map is not None:
+        raise NotImplementedError("dump_param_to_param_group_map is not supported by MARSM's builder")
+    distributed = bool(getattr(config, "use_distributed_optimizer", False))
+    if marsm_kwargs.get("approx", True) is False:
+        raise NotImplementedError("MARSM's exact mode (approx=False) needs a second backward pass per step "
+                                  "(the next batch at the current weights, then store_lookahead_grad()), "
+                                  "which Megatron's training loop does not run; use approx=True (default)")
+    if split_qkv and distributed:
+        raise NotImplementedError("split_qkv is not supported with use_distributed_optimizer yet")
     if split_qkv:
         _mark_qkv_split(model_chunks)
     routes = _routes(model_chunks)
@@ -155,16 +178,64 @@ def get_megatron_marsm_optimizer(
     kwargs = dict(lr=config.lr, weight_decay=config.weight_decay,
                   adamw_betas=(config.adam_beta1, config.adam_beta2), adamw_eps=config.adam_eps)
     kwargs.update(marsm_kwargs)
-    optimizer = MARSM(groups, **kwargs)
 
     def init_state_fn(opt: MARSM, config: Any = None) -> None:
         opt.init_state()
 
+    scaler = _grad_scaler(config)
+    if distributed:
+        from .megatron_sharded import ShardedMARSMOptimizer
+
+        return ChainedOptimizer([ShardedMARSMOptimizer(config, model_chunks, groups, kwargs, scaler,
+                                                       init_state_fn)])
+    optimizer = MARSM(groups, **kwargs)
     if config.fp16 or config.bf16:
-        wrapped = Float16OptimizerWithFloat16Params(optimizer, config, None, init_state_fn)
+        wrapped = _Float16MARSM(optimizer, config, scaler, init_state_fn)
     else:
-        wrapped = FP32Optimizer(optimizer, config, init_state_fn)
+        wrapped = _FP32MARSM(optimizer, config, init_state_fn)
     return ChainedOptimizer([wrapped])
+
+
+def _grad_scaler(config: OptimizerConfig) -> ConstantGradScaler | DynamicGradScaler | None:
+    """The loss scaler Megatron's own builder makes for this config (None for bf16/fp32)."""
+    if config.loss_scale:
+        return ConstantGradScaler(config.loss_scale)
+    if config.fp16:
+        return DynamicGradScaler(initial_scale=config.initial_loss_scale, min_scale=config.min_loss_scale,
+                                 growth_factor=2.0, backoff_factor=0.5,
+                                 growth_interval=config.loss_scale_window, hysteresis=config.hysteresis)
+    return None
+
+
+def match_param_groups(current: list[dict[str, Any]], saved: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Saved param groups in the current optimizer's order.
+
+    Megatron matches groups by ``param_group_identifier_keys``; every Megatron group is split
+    here into a MARS-M and an AdamW part with the same keys, so ``use_marsm`` joins the match.
+    The ``params`` lists stay in place: they are the current run's (restored at load time).
+    """
+    def key(g: dict[str, Any]) -> tuple:
+        return tuple(g.get(k, g.get(f"pre_{k}")) for k in param_group_identifier_keys) + (g["use_marsm"],)
+
+    by_key = {key(g): g for g in saved}
+    out = []
+    for cur, params in zip(current, [g["params"] for g in saved], strict=True):
+        if key(cur) not in by_key:
+            raise ValueError(f"the checkpoint has no parameter group {key(cur)}; it has {list(by_key)}")
+        out.append({**by_key[key(cur)], "params": params})
+    return out
+
+
+class _FP32MARSM(FP32Optimizer):
+    """Megatron's FP32Optimizer; saved groups are matched with :func:`match_param_groups`."""
+
+    _filter_and_reorder_param_groups = staticmethod(match_param_groups)
+
+
+class _Float16MARSM(Float16OptimizerWithFloat16Params):
+    """Megatron's Float16OptimizerWithFloat16Params, groups matched as in :class:`_FP32MARSM`."""
+
+    _filter_and_reorder_param_groups = staticmethod(match_param_groups)
 
 
 def add_marsm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -174,7 +245,6 @@ def add_marsm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--marsm-gamma", type=float, default=0.025)
     g.add_argument("--marsm-ns-steps", type=int, default=5)
     g.add_argument("--marsm-ns-dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    g.add_argument("--marsm-exact", action="store_true", help="exact correction (needs look-ahead grads)")
     g.add_argument("--marsm-owner-policy", choices=["balanced", "round_robin"], default="balanced")
     g.add_argument("--marsm-split-qkv", action="store_true",
                    help="orthogonalize Q, K, V of each query group separately")
@@ -184,7 +254,7 @@ def add_marsm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def marsm_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The MARSM keyword arguments that :func:`add_marsm_args`'s flags select."""
     return dict(momentum=args.marsm_momentum, gamma=args.marsm_gamma, ns_steps=args.marsm_ns_steps,
-                ns_dtype=args.marsm_ns_dtype, approx=not args.marsm_exact,
+                ns_dtype=args.marsm_ns_dtype,
                 owner_policy=args.marsm_owner_policy, split_qkv=args.marsm_split_qkv)
 
 

@@ -1,0 +1,199 @@
+"""Pretrain a small Megatron-core GPT with MARS-M: tensor, data parallelism, distributed optimizer.
+
+    torchrun --nproc-per-node 4 integrations/megatron/pretrain_gpt.py \
+        --tensor-model-parallel-size 2 --use-distributed-optimizer --bf16
+
+(or ``bash launch/megatron.sh``). This is a plain megatron-core training loop: Megatron's
+``GPTModel``, its ``DistributedDataParallel``, its LR/weight-decay scheduler and its
+``dist_checkpointing``. The one MARS-M line is the optimizer builder:
+``get_megatron_marsm_optimizer`` where Megatron has ``get_megatron_optimizer``, with the
+``--marsm-*`` flags from ``add_marsm_args``. The corpus is the Python standard library's source,
+as bytes (vocabulary 256), so nothing is downloaded.
+
+Needs CUDA GPUs (NCCL): megatron-core's GPT and DDP code paths call ``torch.cuda``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from marsm_dist.adapters.megatron import add_marsm_args, get_megatron_marsm_optimizer, marsm_kwargs_from_args
+from marsm_dist.demo.data import Batches, stdlib_corpus
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Megatron-style flags (a subset) plus MARS-M's ``--marsm-*``."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard MARS-M's state (and fp32 master weights) over the data-parallel ranks")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--num-attention-heads", type=int, default=4)
+    p.add_argument("--num-query-groups", type=int, default=None)
+    p.add_argument("--ffn-hidden-size", type=int, default=None)
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--global-batch-size", type=int, default=16)
+    p.add_argument("--train-iters", type=int, default=200)
+    p.add_argument("--lr", type=float, default=6e-3)
+    p.add_argument("--min-lr", type=float, default=6e-4)
+    p.add_argument("--lr-warmup-iters", type=int, default=10)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--save", default=None, help="dist-checkpoint directory written at the end")
+    p.add_argument("--load", default=None, help="dist-checkpoint directory to resume from")
+    p.add_argument("--seed", type=int, default=1234)
+    return add_marsm_args(p).parse_args(argv)
+
+
+def build_model(args: argparse.Namespace) -> GPTModel:
+    """A GPT with Megatron's local (no Transformer Engine) layer spec."""
+    config = TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups, ffn_hidden_size=args.ffn_hidden_size,
+        tensor_model_parallel_size=args.tensor_model_parallel_size, bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32, use_cpu_initialization=True,
+        gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
+        bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
+        persist_layer_norm=False)
+    return GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=256,
+                    max_sequence_length=args.seq_length, position_embedding_type="rope")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Initialize parallel state, build model and MARS-M, train, log, optionally save/load."""
+    args = parse_args(argv)
+    if args.lr_warmup_iters >= args.train_iters:
+        raise SystemExit(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be below --train-iters")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size)
+    torch.manual_seed(args.seed)
+    model_parallel_cuda_manual_seed(args.seed)
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+
+    model = build_model(args).to(device)
+    ddp = DistributedDataParallel(
+        config=model.config, module=model,
+        ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=args.use_distributed_optimizer,
+                                                 grad_reduce_in_fp32=args.bf16))
+    config = OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+                             clip_grad=args.clip_grad, bf16=args.bf16,
+                             use_distributed_optimizer=args.use_distributed_optimizer)
+    # The one MARS-M line: Megatron's training code calls get_megatron_optimizer here.
+    optimizer = get_megatron_marsm_optimizer(config, [ddp], **marsm_kwargs_from_args(args))
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.train_iters, lr_decay_style="cosine", start_wd=args.weight_decay,
+        end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant")
+
+    first = 0
+    if args.load:
+        first = load_checkpoint(args.load, ddp, optimizer, scheduler)
+
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    if args.global_batch_size % dp:
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by DP={dp}")
+    micro = args.global_batch_size // dp
+    train, val = stdlib_corpus()
+    batches = Batches(train, val, args.global_batch_size, args.seq_length, args.seed)
+    mask = torch.tril(torch.ones(args.seq_length, args.seq_length, dtype=torch.bool, device=device))
+    mask = mask.logical_not().view(1, 1, args.seq_length, args.seq_length)
+    position_ids = torch.arange(args.seq_length, device=device).unsqueeze(0).expand(micro, -1)
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        print(f"MARS-M on megatron-core: TP={args.tensor_model_parallel_size} DP={dp} "
+              f"distributed_optimizer={args.use_distributed_optimizer} bf16={args.bf16}", flush=True)
+
+    start, step_ms = time.perf_counter(), 0.0
+    for it in range(first, args.train_iters):
+        x, y = batches.batch(it)
+        x, y = x[dp_rank * micro:(dp_rank + 1) * micro].to(device), y[dp_rank * micro:(dp_rank + 1) * micro]
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss = ddp(x, position_ids, mask, labels=y.to(device)).float().mean()
+        loss.backward()
+        finalize_model_grads([ddp])
+        t0 = time.perf_counter()
+        ok, grad_norm, _ = optimizer.step()
+        step_ms += (time.perf_counter() - t0) * 1e3
+        if ok:
+            scheduler.step(increment=1)
+        done = it + 1
+        if rank0 and (done % args.log_interval == 0 or done == args.train_iters):
+            n = done - first
+            tokens = n * args.global_batch_size * args.seq_length
+            print(f"iteration {done}/{args.train_iters} loss {loss.item():.4f} "
+                  f"lr {optimizer.param_groups[0]['lr']:.2e} grad_norm {float(grad_norm or 0.0):.3f} "
+                  f"{tokens / (time.perf_counter() - start):,.0f} tok/s optimizer {step_ms / n:.1f} ms/step",
+                  flush=True)
+    if args.save:
+        save_checkpoint(args.save, ddp, optimizer, scheduler, args.train_iters)
+
+
+def save_checkpoint(path: str, ddp: DistributedDataParallel, optimizer, scheduler, iteration: int) -> None:
+    """Megatron dist-checkpoint: model and MARS-M state (parameter-shaped, any TP/DP to load)."""
+    os.makedirs(path, exist_ok=True)
+    model_sd = ddp.module.sharded_state_dict()
+    dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd),
+                             "scheduler": scheduler.state_dict(), "iteration": iteration}, path)
+    if dist.get_rank() == 0:
+        print(f"saved {path} at iteration {iteration}", flush=True)
+
+
+def load_checkpoint(path: str, ddp: DistributedDataParallel, optimizer, scheduler) -> int:
+    """Load :func:`save_checkpoint`'s output; returns the iteration to continue from."""
+    model_sd = ddp.module.sharded_state_dict()
+    template = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
+    loaded = dist_checkpointing.load(template, path)
+    ddp.module.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    if dist.get_rank() == 0:
+        print(f"resumed from {path} at iteration {loaded['iteration']}", flush=True)
+    return int(loaded["iteration"])
+
+
+if __name__ == "__main__":
+    code = 0
+    try:
+        main(sys.argv[1:])
+    except BaseException:
+        code = 1
+        traceback.print_exc()  # os._exit below would otherwise swallow it
+    finally:
+        if dist.is_initialized():
+            if code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # dist_checkpointing starts a multiprocessing manager that would outlive os._exit.
+        for child in multiprocessing.active_children():
+            child.terminate()
+        os._exit(code)  # torch 2.13 gloo processes can abort at interpreter exit: leave deliberately

@@ -1,0 +1,319 @@
+"""MARS-M with its state sharded over Megatron's data-parallel ranks (``use_distributed_optimizer``).
+
+Megatron's DDP, built with ``DistributedDataParallelConfig(use_distributed_optimizer=True)``,
+keeps a model chunk's parameters and gradients in flat buffers cut into buckets and every bucket
+into one equal shard per data-parallel (DP) rank. It reduce-scatters gradients, so DP rank ``d``
+holds the summed gradient of shard ``d`` only, and all-gathers the parameter buffer after the step.
+
+:class:`ShardedMARSMOptimizer` owns exactly those shards, the way Megatron's own (Adam-only)
+``DistributedOptimizer`` does: the part of each parameter that falls in this rank's bucket shards
+becomes an fp32 *main shard* (a 1-D tensor), and one ``MARSM`` steps the main shards. The main
+shard of a hidden matrix is a flat range of this rank's tensor-parallel (TP) block, i.e. a piece
+of the full logical matrix; the sharding engine gathers a matrix's pieces from the TP x DP ranks
+that hold them to its owner, which runs Newton-Schulz on the whole matrix and scatters the
+update back. Optimizer state (momentum, last gradient, Adam moments, fp32 master weights) exists
+only for the main shards: 1/DP of what a replicated optimizer keeps.
+
+Checkpoints (``sharded_state_dict``) gather each parameter's state over DP into the parameter's
+shape, so they have the same format as the non-distributed MARS-M optimizer's and load at any DP
+size, with or without the distributed optimizer.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    optim_state_to_sharding_state,
+)
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer.grad_scaler import MegatronGradScaler
+from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
+from megatron.core.tensor_parallel import copy_tensor_model_parallel_attributes
+from torch import Tensor
+
+from ..optimizer import MARSM
+from ..sharding.adapter import ShardingAdapter, Slot, register_adapter
+from ..sharding.layout import MatrixLayout, Piece
+from .megatron import match_param_groups, tp_block_count
+
+__all__ = ["ShardedMARSMOptimizer", "dp_shard_ranges"]
+
+
+@dataclass
+class _Shard:
+    """This rank's part of one model parameter."""
+
+    name: str
+    param: Tensor  # the model parameter (a view into the DDP parameter buffer)
+    ranges: list[tuple[int, int]]  # [start, stop) of the flattened local param, per DP rank
+    dp_rank: int
+    main: Tensor  # fp32 copy of this rank's range: what MARSM steps
+
+    @property
+    def start(self) -> int:
+        return self.ranges[self.dp_rank][0]
+
+    @property
+    def stop(self) -> int:
+        return self.ranges[self.dp_rank][1]
+
+    def model_range(self, t: Tensor) -> Tensor:
+        return t.view(-1)[self.start:self.stop]
+
+
+def dp_shard_ranges(model_chunks: list[torch.nn.Module], dp_size: int) -> dict[Tensor, list[tuple[int, int]]]:
+    """param -> the ``[start, stop)`` of its flattened local tensor in each DP rank's bucket shards.
+
+    Mirrors how Megatron's grad buffer is reduce-scattered: each bucket is split into ``dp_size``
+    equal contiguous shards; a parameter may straddle shards (then several ranks hold pieces).
+    """
+    out: dict[Tensor, list[tuple[int, int]]] = {}
+    for chunk in model_chunks:
+        if getattr(chunk, "expert_parallel_buffers", None):
+            raise NotImplementedError("MARSM's distributed optimizer does not support expert-parallel "
+                                      "(MoE) parameters yet")
+        buffers = getattr(chunk, "buffers", None)
+        if buffers is None:
+            raise TypeError(f"use_distributed_optimizer needs Megatron DistributedDataParallel model chunks; "
+                            f"got {type(chunk).__name__}")
+        for buffer in buffers:
+            for bucket in buffer.buckets:
+                shard = bucket.grad_data.numel() // dp_size
+                for p in bucket.params:
+                    start, end, _ = buffer.param_index_map[p]
+                    ranges = []
+                    for d in range(dp_size):
+                        lo, hi = bucket.offset + d * shard, bucket.offset + (d + 1) * shard
+                        a, b = max(start, lo), min(end, hi)
+                        ranges.append((a - start, b - start) if b > a else (0, 0))
+                    out[p] = ranges
+    return out
+
+
+def _group_coordinates(group: dist.ProcessGroup) -> list[tuple[int, int]]:
+    """(tp rank, dp rank) of every rank of ``group``, in group-rank order."""
+    mine = torch.tensor([parallel_state.get_tensor_model_parallel_rank(),
+                         parallel_state.get_data_parallel_rank()], dtype=torch.int64)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    return [(int(t[0]), int(t[1])) for t in everyone]
+
+
+def _matrix_layout(p: Tensor, ranges: list[tuple[int, int]], coords: list[tuple[int, int]],
+                   tp_size: int) -> MatrixLayout:
+    """Pieces of the full logical matrix: per (tp, dp) rank, its DP range of its TP block(s)."""
+    dim, stride = p.partition_dim, tp_block_count(p)
+    full = list(p.shape)
+    full[dim] *= tp_size
+    block = p.numel() // stride  # the local tensor holds `stride` whole blocks, one after another
+    pieces = []
+    for tp_rank, dp_rank in coords:
+        lo, hi = ranges[dp_rank]
+        mine = []
+        for j in range(stride):
+            a, b = max(lo, j * block), min(hi, (j + 1) * block)
+            if b > a:
+                mine.append(Piece(j * tp_size + tp_rank, a - j * block, b - j * block))
+        pieces.append(tuple(mine))
+    return MatrixLayout(tuple(full), tuple(pieces), split_dim=dim, num_blocks=tp_size * stride)
+
+
+class MegatronDPShardAdapter(ShardingAdapter):
+    """Main shards of :class:`ShardedMARSMOptimizer` (registered when they are created)."""
+
+    name = "megatron-dp-shard"
+    prepopulate_state = False  # Megatron calls init_state_fn when it needs state templates
+
+    def handles(self, p: Tensor) -> bool:
+        entry = _SHARD_SLOTS.get(id(p))
+        return entry is not None and entry[0]() is p
+
+    def process_group(self, p: Tensor) -> dist.ProcessGroup | None:
+        return _SHARD_SLOTS[id(p)][2]
+
+    def slots(self, p: Tensor) -> list[Slot]:
+        return [_SHARD_SLOTS[id(p)][1]]
+
+
+# main shard id -> (weakref, slot, group): kept beside the tensors, not on them.
+_SHARD_SLOTS: dict[int, tuple[weakref.ref, Slot, dist.ProcessGroup | None]] = {}
+
+
+class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
+    """A ``MegatronOptimizer`` whose MARSM steps this DP rank's shards of every parameter.
+
+    Built by ``get_megatron_marsm_optimizer`` when ``config.use_distributed_optimizer`` is set;
+    see the module docstring. ``param_groups`` are Megatron's groups of model parameters, each
+    with ``use_marsm``; ``marsm_kwargs`` go to :class:`MARSM`.
+    """
+
+    def __init__(self, config: OptimizerConfig, model_chunks: list[torch.nn.Module],
+                 param_groups: list[dict[str, Any]], marsm_kwargs: dict[str, Any],
+                 grad_scaler: MegatronGradScaler | None, init_state_fn: Callable) -> None:
+        if parallel_state.get_context_parallel_world_size() > 1:
+            raise NotImplementedError("MARSM's distributed optimizer does not support context parallelism")
+        for chunk in model_chunks:
+            ddp_config = getattr(chunk, "ddp_config", None)
+            if ddp_config is None or not ddp_config.use_distributed_optimizer:
+                raise ValueError("OptimizerConfig.use_distributed_optimizer=True needs the model wrapped in "
+                                 "Megatron DistributedDataParallel with DistributedDataParallelConfig("
+                                 "use_distributed_optimizer=True) (Megatron-LM sets both from "
+                                 "--use-distributed-optimizer)")
+            if ddp_config.num_distributed_optimizer_instances > 1:
+                raise NotImplementedError("num_distributed_optimizer_instances > 1 is not supported")
+        self.model_chunks = model_chunks
+        self.ddp_config = model_chunks[0].ddp_config
+        dp_size = parallel_state.get_data_parallel_world_size()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        group = parallel_state.get_tensor_and_data_parallel_group()
+        group = group if dist.get_world_size(group) > 1 else None
+        coords = _group_coordinates(group) if group is not None else [(0, 0)]
+        ranges = dp_shard_ranges(model_chunks, dp_size)
+        names = {p: n for chunk in model_chunks for n, p in chunk.named_parameters()}
+
+        self._shards: list[_Shard] = []
+        groups = []
+        for g in param_groups:
+            mains = []
+            for p in g["params"]:
+                if p not in ranges:
+                    raise ValueError(f"{names.get(p, tuple(p.shape))} is not in the DDP buffers (frozen?)")
+                shard = _Shard(names.get(p, ""), p, ranges[p], dp_rank, torch.empty(0))
+                shard.main = shard.model_range(p.detach()).float().clone()
+                # Megatron's grad-norm and zero-count helpers read these from the tensors they see.
+                copy_tensor_model_parallel_attributes(shard.main, p)
+                shard.main.shared = getattr(p, "shared", False)
+                _SHARD_SLOTS[id(shard.main)] = (weakref.ref(shard.main), self._slot(shard, g, coords, tp_size,
+                                                                                    group), group)
+                self._shards.append(shard)
+                mains.append(shard.main)
+            groups.append({**g, "params": mains})
+        optimizer = MARSM(groups, **marsm_kwargs)
+        super().__init__(optimizer, config, grad_scaler, init_state_fn)
+        self.is_stub_optimizer = False
+        self.grad_stats_parallel_group = dist.group.WORLD  # each element is on exactly one DP rank
+
+    @staticmethod
+    def _slot(shard: _Shard, group: dict[str, Any], coords: list[tuple[int, int]], tp_size: int,
+              pg: dist.ProcessGroup | None) -> Slot:
+        p, numel = shard.param, shard.stop - shard.start
+        if not group["use_marsm"] or pg is None:
+            return Slot(tuple(p.shape) if pg is None else (numel,), None, 0, numel, shard.name)
+        if not getattr(p, "tensor_model_parallel", False):
+            raise NotImplementedError(f"{shard.name}: a matrix that is not tensor-parallel (replicated over "
+                                      f"TP ranks) cannot take the MARS-M update under the distributed "
+                                      f"optimizer yet; route it to AdamW (marsm_kwargs adamw= pattern)")
+        layout = _matrix_layout(p, shard.ranges, coords, tp_size)
+        return Slot(layout.shape, layout, 0, numel, shard.name)
+
+    # -- MixedPrecisionOptimizer hooks -------------------------------------------------------------
+
+    def _collect_main_grad_data_for_unscaling(self) -> list[Tensor]:
+        return [s.main.grad for s in self._shards if s.main.grad is not None]
+
+    def _copy_model_grads_to_main_grads(self) -> None:
+        for s in self._shards:
+            grad = getattr(s.param, "main_grad", None)
+            # After the reduce-scatter only this rank's range of the grad buffer holds the sum.
+            s.main.grad = None if grad is None else s.model_range(grad).float()
+
+    def _copy_main_params_to_model_params(self) -> None:
+        for s in self._shards:
+            s.model_range(s.param.data).copy_(s.main)
+
+    def _copy_model_params_to_main_params(self, state_dict: Any = None) -> None:
+        for s in self._shards:
+            s.main.copy_(s.model_range(s.param.data))
+
+    @torch.no_grad()
+    def step_with_ready_grads(self) -> bool:
+        ok = super().step_with_ready_grads()
+        if not self.ddp_config.overlap_param_gather:
+            for chunk in self.model_chunks:  # all-gather every rank's updated ranges
+                chunk.start_param_sync()
+        return ok
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for s in self._shards:
+            s.main.grad = None
+            s.param.grad = None
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shards: MARSM state, fp32 main shards, loss scaler (``--ckpt-format torch``)."""
+        out = {"optimizer": self.optimizer.state_dict(), "main_params": [s.main for s in self._shards]}
+        if self.grad_scaler is not None:
+            out["grad_scaler"] = self.grad_scaler.state_dict()
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load either :meth:`state_dict` or a loaded :meth:`sharded_state_dict` (param-shaped state)."""
+        if "main_params" in state_dict:
+            saved = state_dict["optimizer"]
+            saved["param_groups"] = match_param_groups(self.optimizer.param_groups, saved["param_groups"])
+            self.optimizer.load_state_dict(saved)
+            for s, saved in zip(self._shards, state_dict["main_params"], strict=True):
+                s.main.copy_(saved)
+        else:
+            self._load_param_shaped(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+    def _param_shaped_state(self) -> dict[str, Any]:
+        """MARSM's state dict with every shard's tensors gathered over DP into the param's shape."""
+        sd = self.optimizer.state_dict()
+        sd["state"] = {i: dict(v) for i, v in sd["state"].items()}  # copies: the live state is untouched
+        dp_group = parallel_state.get_data_parallel_group()
+        for i, s in enumerate(self._shards):
+            state = sd["state"].setdefault(i, {})
+            if s.param.dtype != torch.float32:
+                state["main_param"] = s.main.detach()
+            for key, value in list(state.items()):
+                if isinstance(value, Tensor) and key != "step":
+                    full = torch.zeros(s.param.numel(), dtype=value.dtype, device=value.device)
+                    full[s.start:s.stop] = value.view(-1)
+                    if parallel_state.get_data_parallel_world_size() > 1:
+                        dist.all_reduce(full, group=dp_group)  # ranges are disjoint: a sum is a gather
+                    state[key] = full.view_as(s.param)
+        return sd
+
+    def _load_param_shaped(self, sd: dict[str, Any]) -> None:
+        step = sd["state"].pop("common_step", None)
+        state = {}
+        for i, s in enumerate(self._shards):
+            entry = {k: v.reshape(-1)[s.start:s.stop].clone() for k, v in sd["state"].get(i, {}).items()}
+            main = entry.pop("main_param", None)
+            s.main.copy_(main if main is not None else s.model_range(s.param.detach()))
+            if step is not None:
+                entry["step"] = step.clone() if isinstance(step, Tensor) else torch.tensor(float(step))
+            state[i] = entry
+        groups = match_param_groups(self.optimizer.param_groups, sd["param_groups"])
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    def sharded_state_dict(self, model_sharded_state_dict: Any, is_loading: bool = False,
+                           metadata: dict | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Megatron dist-checkpointing form: state in each parameter's (TP-local) shape."""
+        if is_loading:
+            self.init_state_fn(self.optimizer, self.config)
+        sd = self._param_shaped_state()
+        step = self._extract_common_per_param_step(sd)
+        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, [s.param for s in self._shards])
+        optim_state_to_sharding_state(sd, id_map, exclude_keys="step")
+        if step is not None:
+            sd["state"]["common_step"] = step
+        if self.grad_scaler is not None:
+            sd["grad_scaler"] = self.grad_scaler.state_dict()
+        return sd
+
+
+register_adapter(MegatronDPShardAdapter())
