@@ -72,7 +72,7 @@ def full_params(model, ps) -> dict[str, torch.Tensor]:
     return out
 
 
-def megatron_run(rank, world_size, tp, distributed=False, bf16=False, **builder_kw):
+def megatron_run(rank, world_size, tp, distributed=False, bf16=False, overlap=False, **builder_kw):
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -88,7 +88,9 @@ def megatron_run(rank, world_size, tp, distributed=False, bf16=False, **builder_
     if bf16:
         model = model.bfloat16()
     ddp = DistributedDataParallel(config=model.config, module=model,
-                                  ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=distributed))
+                                  ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=distributed,
+                                                                           overlap_grad_reduce=overlap,
+                                                                           overlap_param_gather=overlap))
     config = OptimizerConfig(optimizer="adam", lr=0.02, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
                              adam_eps=1e-8, clip_grad=0.0, use_distributed_optimizer=distributed, bf16=bf16)
     opt = get_megatron_marsm_optimizer(config, [ddp], ns_dtype=torch.float32, **builder_kw)
@@ -102,6 +104,8 @@ def megatron_run(rank, world_size, tp, distributed=False, bf16=False, **builder_
         finalize_model_grads([ddp])
         success, _, _ = opt.step()
         assert success
+    if overlap:  # the last step's all-gather would run in the next forward's pre-hooks
+        ddp.start_param_sync(force_sync=True)
     inner = opt.chained_optimizers[0].optimizer
     state_numel = sum(t.numel() for st in inner.state.values() for k, t in st.items() if k == "exp_avg")
     return (full_params(ddp, ps), type(inner).__name__, inner.last_step_stats.bytes_sent, state_numel,
@@ -133,11 +137,14 @@ def reference():
     return run_distributed(reference_run, 1)[0]
 
 
-@pytest.mark.parametrize(("tp", "world_size", "distributed"),
-                         [(2, 2, False), (1, 2, False), (2, 4, False), (1, 2, True), (2, 4, True)],
-                         ids=["tp2-dp1", "tp1-dp2", "tp2-dp2", "tp1-dp2-distopt", "tp2-dp2-distopt"])
-def test_gpt_with_tensor_and_data_parallelism_matches_single_process(reference, tp, world_size, distributed):
-    results = run_distributed(megatron_run, world_size, tp, distributed)
+@pytest.mark.parametrize(("tp", "world_size", "distributed", "overlap"),
+                         [(2, 2, False, False), (1, 2, False, False), (2, 4, False, False),
+                          (1, 2, True, False), (2, 4, True, False), (1, 2, True, True)],
+                         ids=["tp2-dp1", "tp1-dp2", "tp2-dp2", "tp1-dp2-distopt", "tp2-dp2-distopt",
+                              "tp1-dp2-distopt-overlap"])
+def test_gpt_with_tensor_and_data_parallelism_matches_single_process(reference, tp, world_size, distributed,
+                                                                     overlap):
+    results = run_distributed(megatron_run, world_size, tp, distributed, False, overlap)
     dp = world_size // tp
     for got, inner, sent, state_numel, param_numel in results:
         assert inner == "MARSM"
