@@ -1,0 +1,92 @@
+"""This process's place in the run: rank, world size, device and backend, read from the environment.
+
+Every way the demo is started ends up here with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT`` set: torchrun and the deepspeed launcher set them, the demo's
+own fork/spawn launcher sets them per child, and ``marsm_dist.demo.mpi`` fills them from MPI.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Rank, world size and device of this process."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 prints and writes files; the others stay quiet."""
+        return self.rank == 0
+
+    def slice(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's equal share of a global batch, on this rank's device."""
+        x, y = batch
+        n = x.shape[0] // self.world_size
+        rows = slice(self.rank * n, (self.rank + 1) * n)
+        return x[rows].to(self.device), y[rows].to(self.device)
+
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean of a scalar over all ranks (gloo has no AVG all-reduce: sum, then divide)."""
+        t = value.detach().float().reshape(1).to(self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    def synchronize(self) -> None:
+        """Wait for queued GPU work, so wall-clock timings measure it (no-op on the CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def launched() -> bool:
+    """Whether a launcher already made this process one rank of a run."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_from_env(threads: int | None = None) -> DistEnv:
+    """Join the process group described by the environment: NCCL on GPUs, else gloo."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if threads is None and "OMP_NUM_THREADS" not in os.environ:
+        # Ranks on one machine share its cores: more threads than cores makes every rank slower.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        threads = max(1, (os.cpu_count() or 1) // local_world)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=5))
+    return DistEnv(rank, world, local_rank, device)
+
+
+def finish(ok: bool) -> None:
+    """Leave the process group cleanly (barrier only if this rank succeeded) and flush output.
+
+    torch 2.13's gloo processes abort at interpreter exit now and then ("terminate called
+    without an active exception", SIGABRT) unless they barrier and destroy first; the caller
+    then leaves with ``os._exit``, which skips the interpreter teardown that triggers it.
+    """
+    if dist.is_initialized():
+        try:
+            if ok:
+                dist.barrier()
+            dist.destroy_process_group()
+        except Exception as err:  # a peer already gone: nothing left to synchronize with
+            print(f"marsm demo: process-group teardown failed: {err}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()

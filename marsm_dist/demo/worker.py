@@ -1,0 +1,103 @@
+"""What every rank runs: join the group, train once per optimizer, and (rank 0) report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, replace
+
+import torch
+
+from . import report
+from .cli import base_config, optimizer_names
+from .data import Batches, stdlib_corpus
+from .dist_env import DistEnv, finish, init_from_env
+from .model import TinyGPT
+from .ns_dtype import resolve_ns_dtype
+from .progress import ProgressBar
+from .train import Config, Result, train
+
+
+def _stepper(cfg: Config, env: DistEnv):
+    if cfg.framework == "deepspeed":
+        from .deepspeed_setup import DeepSpeedStepper
+
+        return DeepSpeedStepper(cfg, env)
+    from .fsdp2_setup import FSDP2Stepper
+
+    return FSDP2Stepper(cfg, env)
+
+
+_NS_NOTE = " (torch.optim.Muon always uses bfloat16, which is slow where bf16 matmuls are emulated)"
+
+
+def _describe(base: Config, env: DistEnv, batches: Batches) -> str:
+    # Counted on a plain copy: the sharded model's parameters are shards or flat partitions.
+    plain = TinyGPT(base.d_model, base.layers, base.heads, base.seq_len)
+    n_params = sum(p.numel() for p in plain.parameters())
+    backend = torch.distributed.get_backend()
+    return (f"marsm demo: {base.framework} on {env.world_size} rank(s) ({backend}, {env.device.type}, "
+            f"{torch.get_num_threads()} torch thread(s) each)\n"
+            f"model: byte-level GPT d={base.d_model} layers={base.layers} heads={base.heads} "
+            f"({n_params / 1e6:.2f}M params); corpus: {len(batches.train):,} training and "
+            f"{len(batches.val):,} validation bytes of Python stdlib source\n"
+            f"budget: {base.steps} steps x {base.batch_size}x{base.seq_len} tokens = "
+            f"{base.steps * base.batch_size * base.seq_len:,} tokens per optimizer, seed {base.seed}; "
+            f"MARS-M mode {base.mode}, Newton-Schulz in {base.ns_dtype}"
+            f"{_NS_NOTE if base.ns_dtype == 'float32' else ''}")
+
+
+def train_all(args: argparse.Namespace, env: DistEnv) -> list[Result]:
+    """Train one model per optimizer from the same initial weights on the same batches."""
+    base = base_config(args)
+    base = replace(base, ns_dtype=resolve_ns_dtype(base.ns_dtype, env.device))
+    batches = Batches(*stdlib_corpus(), base.batch_size, base.seq_len, base.seed)
+    results = []
+    for i, name in enumerate(optimizer_names(args)):
+        cfg = replace(base, optimizer=name)
+        stepper = _stepper(cfg, env)
+        if env.is_main and i == 0:
+            print(_describe(base, env, batches), flush=True)
+        bar = None
+        if env.is_main:
+            bar = ProgressBar(name, cfg.steps, cfg.batch_size * cfg.seq_len, cfg.log_every)
+        results.append(train(cfg, batches, env, stepper, bar.update if bar else None))
+        if bar:
+            bar.close()
+        del stepper
+    if env.is_main:
+        _report(args, base, env, results)
+    return results
+
+
+def _report(args: argparse.Namespace, base: Config, env: DistEnv, results: list[Result]) -> None:
+    print("\n" + report.table(results), flush=True)
+    settings = {k: v for k, v in asdict(base).items() if k not in ("optimizer", "lr")}
+    meta = {"world_size": env.world_size, "backend": torch.distributed.get_backend(),
+            "device": env.device.type, "config": settings}
+    report.write_json(args.json, meta, results)
+    written = [str(args.json)]
+    title = (f"{base.framework}, {env.world_size} ranks: GPT d={base.d_model} L={base.layers}, "
+             f"{base.steps} steps x {base.batch_size}x{base.seq_len} bytes")
+    if report.plot(args.png, results, title):
+        written.append(str(args.png))
+    print(f"wrote {', '.join(written)}", flush=True)
+
+
+def run_worker(args: argparse.Namespace, on_exit: Callable[[bool], None] | None = None) -> None:
+    """Run this rank to the end and leave the process (never returns; exit code 0 or 1)."""
+    ok = False
+    try:
+        env = init_from_env(args.threads)
+        train_all(args, env)
+        ok = True
+    except BaseException:
+        print(f"rank {os.environ.get('RANK', '?')} failed:\n{traceback.format_exc()}", file=sys.stderr)
+    finally:
+        finish(ok)
+        if on_exit is not None:
+            on_exit(ok)
+        os._exit(0 if ok else 1)
