@@ -1,24 +1,51 @@
 """Single-process optimizer step time: MARSM vs torch.optim.Muon (+AdamW) vs torch.optim.AdamW.
 
-    python benchmarks/optimizer_step.py [--model gpt2-small --layers 2] [--repeats 5] [--json out.json]
+    python benchmarks/optimizer_step.py [--model gpt2-small --layers 2] [--repeats 5] [--threads 1]
+                                        [--skip muon+adamw,marsm-torch-bf16] [--json out.json]
 
-Every optimizer steps the same parameters with the same fixed gradients; the table reports the
-median wall time of ``--repeats`` steps after two warm-up steps, and each time as a ratio to
-torch.optim.Muon measured in the same run. Muon gets torch.optim.AdamW for the non-matrix
-parameters, as MARSM has its own AdamW branch, so both steps cover the whole model.
+Every optimizer steps its own copy of the same parameters with the same fixed gradients. After
+``--warmup`` steps each, the optimizers take turns step by step (round robin), so a load change on
+a shared machine hits every row alike; the table reports the median of ``--repeats`` steps and
+each as a ratio to torch.optim.Muon measured in the same run. Muon gets torch.optim.AdamW for the
+non-matrix parameters, as MARSM has its own AdamW branch, so both steps cover the whole model.
+
+Rows:
+  marsm                 the default: bf16 Newton-Schulz, form "auto" (plain in bf16)
+  marsm-fp32-ns         float32 Newton-Schulz, form "auto" (Gram form where it is cheaper)
+  marsm-fp32-ns-plain   float32 Newton-Schulz, plain form
+  marsm-torch-bf16      bf16 through torch's own CPU kernels (only where marsm emulates bf16,
+                        i.e. on a CPU without bf16 matmul; see marsm_dist/newton_schulz.py)
+  muon+adamw            torch.optim.Muon with its own bf16 Newton-Schulz, + torch.optim.AdamW
+  muon[marsm-ns]+adamw  torch.optim.Muon with its NS function swapped for marsm's plain bf16 one:
+                        the same bf16 matmul path as MARSM, so the ratio isolates the step logic
+  adamw                 torch.optim.AdamW on everything
+
+The JSON (default benchmarks/results/optimizer_step.json) keeps one entry per model and layer
+count, so the GPT-2 and demo runs sit side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
+import platform
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from marsm_dist import MARSM
+
+ns_module = importlib.import_module("marsm_dist.newton_schulz")  # the package re-exports the function
+muon_module = importlib.import_module("torch.optim._muon")
+
+ROWS = ("marsm", "marsm-fp32-ns", "marsm-fp32-ns-plain", "marsm-torch-bf16", "muon+adamw",
+        "muon[marsm-ns]+adamw", "adamw")
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "optimizer_step.json"
 
 
 def model_shapes(name: str, layers: int) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
@@ -36,39 +63,91 @@ def model_shapes(name: str, layers: int) -> tuple[list[tuple[int, ...]], list[tu
     return matrices, others
 
 
-def build(kind: str, matrices, others):
+@contextlib.contextmanager
+def _patched(obj: object, name: str, value: object) -> Iterator[None]:
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _marsm_ns_for_muon(grad: torch.Tensor, ns_coefficients, ns_steps: int, eps: float) -> torch.Tensor:
+    """torch Muon's NS signature, computed by marsm's plain bf16 Newton-Schulz."""
+    return ns_module.newton_schulz(grad, ns_steps, coefficients=tuple(ns_coefficients), eps=eps, form="plain")
+
+
+def build(kind: str, matrices, others) -> tuple[list[torch.optim.Optimizer], Callable[[], object]]:
+    """The optimizers of one row and the context its steps run in."""
     gen = torch.Generator().manual_seed(0)
     mats = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in matrices]
     rest = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in others]
     for p in mats + rest:
         p.grad = torch.randn(p.shape, generator=gen) * 1e-3
-    if kind == "marsm":
-        opts = [MARSM([{"params": mats, "use_marsm": True}, {"params": rest, "use_marsm": False}],
-                      lr=1e-3)]
-    elif kind == "marsm-fp32-ns":
-        opts = [MARSM([{"params": mats, "use_marsm": True}, {"params": rest, "use_marsm": False}],
-                      lr=1e-3, ns_dtype=torch.float32)]
-    elif kind == "muon+adamw":
+    context: Callable[[], object] = contextlib.nullcontext
+    if kind.startswith("marsm"):
+        dtype = torch.float32 if "fp32" in kind else torch.bfloat16
+        form = "plain" if kind.endswith("plain") else "auto"
+        groups = [{"params": mats, "use_marsm": True, "ns_form": form}, {"params": rest, "use_marsm": False}]
+        opts = [MARSM(groups, lr=1e-3, ns_dtype=dtype, timing=True)]
+        if kind == "marsm-torch-bf16":
+            context = lambda: _patched(ns_module, "EMULATE_CPU_BF16", False)  # noqa: E731
+    elif kind.startswith("muon"):
         opts = [torch.optim.Muon(mats, lr=1e-3, adjust_lr_fn="match_rms_adamw"),
                 torch.optim.AdamW(rest, lr=1e-3, betas=(0.9, 0.95), foreach=True)]
+        if kind == "muon[marsm-ns]+adamw":
+            context = lambda: _patched(muon_module, "_zeropower_via_newtonschulz", _marsm_ns_for_muon)  # noqa: E731
     elif kind == "adamw":
         opts = [torch.optim.AdamW(mats + rest, lr=1e-3, betas=(0.9, 0.95), foreach=True)]
     else:
         raise ValueError(kind)
-    return opts
+    return opts, context
 
 
-def time_steps(opts, repeats: int) -> float:
-    for _ in range(2):
-        for o in opts:
-            o.step()
-    times = []
-    for _ in range(repeats):
+def step_once(opts: list[torch.optim.Optimizer], context: Callable[[], object]) -> float:
+    with context():
         t0 = time.perf_counter()
         for o in opts:
             o.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time.perf_counter() - t0
+
+
+def run(kinds: list[str], matrices, others, warmup: int, repeats: int) -> dict[str, dict]:
+    """Median step seconds per row (round robin over rows), plus MARSM's phase split."""
+    built = {k: build(k, matrices, others) for k in kinds}
+    for opts, context in built.values():
+        for _ in range(warmup):
+            step_once(opts, context)
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    phases: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
+    for _ in range(repeats):
+        for k, (opts, context) in built.items():
+            times[k].append(step_once(opts, context))
+            stats = getattr(opts[0], "last_step_stats", None)
+            if stats is not None:
+                phases[k].append(stats.milliseconds)
+    out = {}
+    for k in kinds:
+        row = {"step_seconds": statistics.median(times[k]), "all_seconds": times[k]}
+        if phases[k]:
+            row["phase_ms"] = {p: statistics.median(d[p] for d in phases[k]) for p in phases[k][0]}
+        out[k] = row
+    return out
+
+
+def print_table(rows: dict[str, dict]) -> None:
+    bases = [b for b in ("muon+adamw", "muon[marsm-ns]+adamw") if b in rows]
+    head = f"{'optimizer':<22} {'step ms':>9}" + "".join(f" {'vs ' + b:>22}" for b in bases)
+    phase_names = next((list(r["phase_ms"]) for r in rows.values() if "phase_ms" in r), [])
+    print(head + "   MARSM phases ms: " + " / ".join(phase_names))
+    for kind, row in rows.items():
+        sec = row["step_seconds"]
+        line = f"{kind:<22} {1e3 * sec:>9.1f}"
+        line += "".join(f" {sec / rows[b]['step_seconds']:>21.2f}x" for b in bases)
+        if "phase_ms" in row:
+            line += "   " + " / ".join(f"{v:.1f}" for v in row["phase_ms"].values())
+        print(line)
 
 
 def main() -> None:
@@ -76,27 +155,41 @@ def main() -> None:
     ap.add_argument("--model", default="gpt2-small", choices=["gpt2-small", "demo"])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads; use 1 on a shared machine (2 threads on 2 busy cores thrash)")
+    ap.add_argument("--skip", default="", help="comma-separated rows to leave out")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    ap.add_argument("--key", default=None, help="entry name in the JSON (default: MODEL-LAYERSL)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    skip = {s for s in args.skip.split(",") if s}
+    if unknown := skip - set(ROWS):
+        raise SystemExit(f"unknown rows in --skip: {sorted(unknown)}; rows are {ROWS}")
+    emulated = ns_module.emulates_bfloat16("cpu")
+    if not emulated:  # the row would be a second copy of "marsm"
+        skip.add("marsm-torch-bf16")
+    kinds = [k for k in ROWS if k not in skip]
     matrices, others = model_shapes(args.model, args.layers)
     n_mat = sum(torch.Size(s).numel() for s in matrices)
     n_rest = sum(torch.Size(s).numel() for s in others)
     print(f"{args.model}, {args.layers} layers: {len(matrices)} matrices ({n_mat:,} elements), "
           f"{len(others)} AdamW tensors ({n_rest:,}); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median of {args.repeats} steps")
-    rows = {}
-    for kind in ("marsm", "marsm-fp32-ns", "muon+adamw", "adamw"):
-        rows[kind] = time_steps(build(kind, matrices, others), args.repeats)
-    base = rows["muon+adamw"]
-    print(f"{'optimizer':<15} {'step ms':>9} {'vs Muon':>8}")
-    for kind, sec in rows.items():
-        print(f"{kind:<15} {1e3 * sec:>9.1f} {sec / base:>7.2f}x")
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "step_seconds": rows}, indent=1))
+          f"{torch.get_num_threads()} threads; bf16 NS emulated in float32: {emulated}; "
+          f"median of {args.repeats} round-robin steps after {args.warmup} warm-up")
+    rows = run(kinds, matrices, others, args.warmup, args.repeats)
+    print_table(rows)
+    key = args.key or f"{args.model}-{args.layers}L"
+    results = json.loads(args.json.read_text()) if args.json.exists() else {}
+    results[key] = {"args": {k: str(v) for k, v in vars(args).items()},
+                    "machine": {"cpu": platform.processor() or platform.machine(),
+                                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                "bf16_emulated": emulated, "threads": torch.get_num_threads()},
+                    "rows": rows}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.json} [{key}]")
 
 
 if __name__ == "__main__":

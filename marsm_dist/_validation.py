@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .newton_schulz import NS_FORMS
 from .sharding.plan import OWNER_POLICIES
 
 _DTYPES = {
@@ -89,6 +90,8 @@ def validate_hyperparameters(group: Mapping[str, Any], where: str = "") -> None:
     )
     for flag in ("approx", "flatten", "maximize"):
         _check(isinstance(group[flag], bool), flag, group[flag], where, "must be True or False")
+    form = group.get("ns_form", "auto")
+    _check(form in NS_FORMS, "ns_form", form, where, f"must be one of {', '.join(NS_FORMS)}")
     use = group["use_marsm"]
     _check(use is None or isinstance(use, bool), "use_marsm", use, where, "must be True, False or None")
     resolve_dtype(group["ns_dtype"], "ns_dtype" + where)

@@ -38,12 +38,14 @@ def update_scale(shape: Sequence[int]) -> float:
 def variance_reduced_grads(
     grads: list[Tensor], prev_grads: list[Tensor], *, kappa: float
 ) -> list[Tensor]:
-    """Return new tensors c = g + kappa (g - P) = (1 + kappa) g - kappa P, one per gradient."""
+    """Return new tensors c = g + kappa (g - P), one per gradient.
+
+    One pass: lerp(P, g, w) with w = 1 + kappa >= 0.5 is evaluated as g - (g - P)(1 - w), i.e.
+    g + kappa (g - P), the spec's own expression (two foreach ops took two passes).
+    """
     if not grads:
         return []
-    cs = list(torch._foreach_mul(grads, 1.0 + kappa))
-    torch._foreach_add_(cs, prev_grads, alpha=-kappa)
-    return cs
+    return list(torch._foreach_lerp(prev_grads, grads, 1.0 + kappa))
 
 
 def squared_norms(tensors: list[Tensor]) -> Tensor:
@@ -76,7 +78,10 @@ def update_momentum_(
     """M <- beta M + (1 - beta) * factor * c, in place (``cs`` is consumed as scratch space)."""
     if not exp_avgs:
         return
-    torch._foreach_mul_(cs, factors)
+    # Only clipped c_t need the extra pass: multiplying by 1.0 changes nothing.
+    clipped = [(c, f) for c, f in zip(cs, factors, strict=True) if f != 1.0]
+    if clipped:
+        torch._foreach_mul_([c for c, _ in clipped], [f for _, f in clipped])
     torch._foreach_lerp_(exp_avgs, cs, 1.0 - momentum)
 
 
@@ -89,6 +94,8 @@ def apply_matrix_update_(
     scales: list[float],
 ) -> None:
     """W <- W (1 - lr wd) - lr s O: decay with the unscaled lr, then the scaled orthogonal step."""
+    # A loop, not foreach: O (bf16) and W (float32) differ in dtype, so foreach would take its
+    # per-tensor fallback anyway, and the scale s differs per matrix.
     for p, o, s in zip(params, orthos, scales, strict=True):
         # add_ upcasts a bf16 O element by element: no full-size float32 copy.
         p.mul_(1.0 - lr * weight_decay).add_(o.reshape(p.shape), alpha=-lr * s)

@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 _MAX_CONTEXTS = 64  # sharding contexts kept per optimizer (one per set of stepped groups)
 
 # Keys a param group may carry, with the values a group added by an older version should get.
-_GROUP_DEFAULTS = dict(ns_coefficients=NS_COEFFICIENTS, flatten=False, maximize=False, use_marsm=None)
+_GROUP_DEFAULTS = dict(ns_coefficients=NS_COEFFICIENTS, flatten=False, maximize=False, use_marsm=None,
+                       ns_form="auto")
 
 
 class NonFiniteGradError(RuntimeError):
@@ -83,6 +84,10 @@ class MARSM(Optimizer):
             spec: a batch of trailing 2-D matrices normalized by the whole-tensor norm, scale from
             the first two dims.
         maximize: maximize the objective instead of minimizing it.
+        ns_form: how Newton-Schulz is evaluated: ``"plain"`` (the spec's loop), ``"gram"`` (the
+            same iteration on the small Gram factor: fewer FLOPs on rectangular matrices) or
+            ``"auto"`` (default: Gram only in float32/float64 where it is clearly cheaper; bf16
+            always plain). See :func:`marsm_dist.newton_schulz`.
         on_nonfinite: ``"raise"`` (default) raises :class:`NonFiniteGradError` naming the
             parameter when a gradient holds NaN/Inf; ``"skip"`` skips the whole step instead.
             Either way parameters and state are left untouched (on every rank, when sharded).
@@ -115,6 +120,7 @@ class MARSM(Optimizer):
         ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
         flatten: bool = False,
         maximize: bool = False,
+        ns_form: str = "auto",
         on_nonfinite: str = "raise",
         owner_policy: str = "balanced",
         bucket_bytes: int = 256 * 2**20,
@@ -123,7 +129,7 @@ class MARSM(Optimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, gamma=gamma,
                         ns_steps=ns_steps, ns_dtype=ns_dtype, adamw_betas=tuple(adamw_betas),
                         adamw_eps=adamw_eps, approx=approx, ns_coefficients=tuple(ns_coefficients),
-                        flatten=flatten, maximize=maximize, use_marsm=None)
+                        flatten=flatten, maximize=maximize, use_marsm=None, ns_form=ns_form)
         validate_hyperparameters(defaults)
         validate_options(on_nonfinite=on_nonfinite, owner_policy=owner_policy, bucket_bytes=bucket_bytes)
         self.on_nonfinite, self.owner_policy, self.bucket_bytes = on_nonfinite, owner_policy, bucket_bytes

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .functional import update_scale
-from .newton_schulz import newton_schulz
+from .newton_schulz import NSForm, newton_schulz
 
 __all__ = ["NSConfig", "matrix_view_shape", "orthogonalize", "scale_for"]
 
@@ -24,12 +24,15 @@ class NSConfig:
         coefficients: the quintic's ``(a, b, c)``.
         flatten: for tensors with more than 2 dims, reshape to ``(dim0, rest)`` first (the common
             Muon convention) instead of the spec's batch-of-trailing-matrices semantics.
+        form: how the iteration is evaluated: ``"auto"``, ``"plain"`` or ``"gram"`` (see
+            :func:`~marsm_dist.newton_schulz.newton_schulz`); the math is the same.
     """
 
     steps: int
     dtype: torch.dtype
     coefficients: tuple[float, float, float]
     flatten: bool = False
+    form: NSForm = "auto"
 
 
 def matrix_view_shape(shape: torch.Size | tuple[int, ...], flatten: bool) -> tuple[int, ...]:
@@ -47,31 +50,51 @@ def scale_for(shape: torch.Size | tuple[int, ...], flatten: bool) -> float:
     return update_scale(matrix_view_shape(shape, flatten))
 
 
-def orthogonalize(tensors: list[Tensor], configs: list[NSConfig]) -> list[Tensor]:
+def orthogonalize(
+    tensors: list[Tensor], configs: list[NSConfig], *, stack: bool | None = None
+) -> list[Tensor]:
     """Return NS(t) for each tensor (in its config's compute dtype and the tensor's shape).
 
-    Plain matrices (2-D, or flattened >2-D) with the same shape and config are stacked and run as
-    one batch. A >2-D tensor under the spec's default semantics is a batch over its trailing two
-    dims normalized by its whole-tensor norm, so it runs on its own.
+    On GPUs, plain matrices (2-D, or flattened >2-D) with the same config and the same shape up
+    to a transpose are stacked in their wide orientation and run as one batch: NS(X^T) = NS(X)^T,
+    as the iteration itself works on the wide orientation, so an (n, m) and an (m, n) matrix (a
+    GPT MLP's two weights) share one call. On the CPU each matrix runs alone (faster there). A
+    >2-D tensor under the spec's default semantics is a batch over its trailing two dims
+    normalized by its whole-tensor norm, so it runs on its own. ``stack`` forces either way.
     """
     out: list[Tensor | None] = [None] * len(tensors)
     batches: dict[tuple, list[int]] = defaultdict(list)
     for i, (t, cfg) in enumerate(zip(tensors, configs, strict=True)):
         view = matrix_view_shape(t.shape, cfg.flatten)
         if len(view) == 2:
-            batches[(view, cfg)].append(i)
+            batches[(min(view), max(view), cfg)].append(i)
         else:
-            out[i] = newton_schulz(
-                t, cfg.steps, dtype=cfg.dtype, coefficients=cfg.coefficients, norm_over="tensor"
-            )
-    for (view, cfg), idx in batches.items():
-        # Convert while stacking: one pass per matrix instead of a copy and then a cast.
-        stacked = torch.empty((len(idx), *view), dtype=cfg.dtype, device=tensors[idx[0]].device)
-        for j, i in enumerate(idx):
-            stacked[j].copy_(tensors[i].reshape(view))
-        result = newton_schulz(
-            stacked, cfg.steps, dtype=cfg.dtype, coefficients=cfg.coefficients, norm_over="matrix"
-        )
-        for j, i in enumerate(idx):
-            out[i] = result[j].reshape(tensors[i].shape)
+            out[i] = newton_schulz(t, cfg.steps, dtype=cfg.dtype, form=cfg.form,
+                                   coefficients=cfg.coefficients, norm_over="tensor")
+    for (m, n, cfg), idx in batches.items():
+        mats = [tensors[i].reshape(matrix_view_shape(tensors[i].shape, cfg.flatten)) for i in idx]
+        # One at a time on the CPU: measured faster than a stacked batch at every size (the stack
+        # costs a copy, and a batched CPU GEMM loops over the batch anyway). GPT-2 shapes, 2 layers,
+        # 1 thread: 4.23 s vs 4.56 s (bf16), 3.21 s vs 3.43 s (float32); d=128: 19.9 vs 22.9 ms.
+        # On GPUs the batch saves launches and fills the device.
+        if stack if stack is not None else mats[0].device.type != "cpu":
+            results = _orthogonalize_stack(mats, m, n, cfg)
+        else:
+            results = [newton_schulz(mat, cfg.steps, dtype=cfg.dtype, coefficients=cfg.coefficients,
+                                     form=cfg.form) for mat in mats]
+        for i, o in zip(idx, results, strict=True):
+            out[i] = o.reshape(tensors[i].shape)
     return out  # type: ignore[return-value]
+
+
+def _orthogonalize_stack(mats: list[Tensor], m: int, n: int, cfg: NSConfig) -> list[Tensor]:
+    """NS of matrices that are all (m, n) or (n, m), run as one (len, m, n) batch; the tall ones
+    come back as transposed views."""
+    # Convert while stacking: one pass per matrix instead of a copy and then a cast.
+    stacked = torch.empty((len(mats), m, n), dtype=cfg.dtype, device=mats[0].device)
+    tall = [mat.shape[0] > mat.shape[1] for mat in mats]
+    for j, mat in enumerate(mats):
+        stacked[j].copy_(mat.mT if tall[j] else mat)
+    result = newton_schulz(stacked, cfg.steps, dtype=cfg.dtype, coefficients=cfg.coefficients,
+                           norm_over="matrix", form=cfg.form)
+    return [result[j].mT if is_tall else result[j] for j, is_tall in enumerate(tall)]

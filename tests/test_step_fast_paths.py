@@ -1,0 +1,47 @@
+"""The step's fast paths give what the plain expressions give (marsm_dist/functional.py, _step.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from marsm_dist import MARSM, NonFiniteGradError
+from marsm_dist import functional as F
+
+
+def test_variance_reduced_grads_is_the_spec_expression():
+    gen = torch.Generator().manual_seed(0)
+    g, p = torch.randn(1000, generator=gen), torch.randn(1000, generator=gen)
+    kappa = F.marsm_kappa(0.95, 0.025)
+    (c,) = F.variance_reduced_grads([g], [p], kappa=kappa)
+    want = (g.double() + kappa * (g.double() - p.double())).float()
+    assert torch.allclose(c, want, atol=1e-6, rtol=0)
+    (first,) = F.variance_reduced_grads([g], [torch.zeros(1000)], kappa=kappa)  # P = 0 at step 1
+    assert torch.allclose(first, (1 + kappa) * g, atol=1e-6, rtol=0)
+
+
+def test_update_momentum_skips_only_factors_of_one():
+    gen = torch.Generator().manual_seed(1)
+    cs = [torch.randn(50, generator=gen) for _ in range(3)]
+    ms = [torch.randn(50, generator=gen) for _ in range(3)]
+    factors = [1.0, 0.25, 1.0]
+    want = [m.lerp(c * f, 0.05) for m, c, f in zip(ms, cs, factors, strict=True)]
+    F.update_momentum_(ms, [c.clone() for c in cs], factors, momentum=0.95)
+    for m, w in zip(ms, want, strict=True):
+        assert torch.equal(m, w)
+
+
+@pytest.mark.parametrize("value", [1e25, float("nan"), float("-inf")])
+def test_nonfinite_screen_of_adamw_grads(value):
+    """A 2-norm overflow of a finite gradient is not mistaken for NaN/Inf; real ones still raise."""
+    w, b = torch.nn.Parameter(torch.ones(4, 4)), torch.nn.Parameter(torch.ones(8))
+    opt = MARSM([w, b], ns_dtype=torch.float32)
+    w.grad, b.grad = torch.ones(4, 4), torch.ones(8)
+    b.grad[3] = value
+    if value == 1e25:  # its square overflows float32, but every entry is finite: a normal step
+        opt.step()
+        assert torch.isfinite(b).all() and not torch.equal(b.detach(), torch.ones(8))
+    else:
+        with pytest.raises(NonFiniteGradError, match="gradient"):
+            opt.step()
+        assert torch.equal(b.detach(), torch.ones(8)) and torch.equal(w.detach(), torch.ones(4, 4))
