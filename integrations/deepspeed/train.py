@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-import traceback
 
 import deepspeed
 import torch
@@ -21,6 +19,7 @@ import torch.distributed as dist
 
 import marsm_dist.adapters.deepspeed  # noqa: F401  (makes "type": "MARSM" known to DeepSpeed)
 from marsm_dist.demo.data import Batches, stdlib_corpus
+from marsm_dist.demo.dist_env import run_rank
 from marsm_dist.demo.model import TinyGPT
 
 
@@ -64,18 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    code = 0
-    try:
-        main()
-    except BaseException:
-        code = 1
-        traceback.print_exc()  # os._exit below would otherwise swallow it
-    finally:
-        # torch 2.13 gloo processes can abort at interpreter exit: leave deliberately.
-        if dist.is_initialized():
-            if code == 0:
-                dist.barrier()
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    run_rank(main)  # barrier, destroy, os._exit: see marsm_dist.demo.dist_env

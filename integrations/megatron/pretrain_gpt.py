@@ -16,11 +16,8 @@ Needs CUDA GPUs (NCCL): megatron-core's GPT and DDP code paths call ``torch.cuda
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import sys
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -39,6 +36,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from marsm_dist.adapters.megatron import add_marsm_args, get_megatron_marsm_optimizer, marsm_kwargs_from_args
 from marsm_dist.demo.data import Batches, stdlib_corpus
+from marsm_dist.demo.dist_env import run_rank
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -180,20 +178,4 @@ def load_checkpoint(path: str, ddp: DistributedDataParallel, optimizer, schedule
 
 
 if __name__ == "__main__":
-    code = 0
-    try:
-        main(sys.argv[1:])
-    except BaseException:
-        code = 1
-        traceback.print_exc()  # os._exit below would otherwise swallow it
-    finally:
-        if dist.is_initialized():
-            if code == 0:
-                dist.barrier()
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # dist_checkpointing starts a multiprocessing manager that would outlive os._exit.
-        for child in multiprocessing.active_children():
-            child.terminate()
-        os._exit(code)  # torch 2.13 gloo processes can abort at interpreter exit: leave deliberately
+    run_rank(main)  # barrier, destroy, os._exit: see marsm_dist.demo.dist_env
