@@ -210,8 +210,9 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
             return Slot(tuple(p.shape) if pg is None else (numel,), None, 0, numel, shard.name)
         if not getattr(p, "tensor_model_parallel", False):
             raise NotImplementedError(f"{shard.name}: a matrix that is not tensor-parallel (replicated over "
-                                      f"TP ranks) cannot take the MARS-M update under the distributed "
-                                      f"optimizer yet; route it to AdamW (marsm_kwargs adamw= pattern)")
+                                      f"TP ranks, e.g. a MoE router) cannot take the MARS-M update under "
+                                      f"the distributed optimizer yet; train without "
+                                      f"use_distributed_optimizer")
         layout = _matrix_layout(p, shard.ranges, coords, tp_size)
         return Slot(layout.shape, layout, 0, numel, shard.name)
 
