@@ -23,7 +23,6 @@ without universal checkpoints, and its universal converter only carries Adam's s
 from __future__ import annotations
 
 import inspect
-import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,6 +37,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..optimizer import MARSM
 from ..param_groups import explain_routing
@@ -72,14 +72,12 @@ class DeepSpeedAdapter(ShardingAdapter):
 
 # Flat partition -> (slots, process group). Kept beside the tensors, not on them: DeepSpeed's
 # ZeRO-3 checkpoint pickles the flat tensors, and a process group cannot be pickled.
-_PARTITIONS: dict[int, tuple[weakref.ref, list[Slot], dist.ProcessGroup]] = {}
+# Weakly keyed by identity: entries of engines that are gone disappear with their tensors.
+_PARTITIONS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # flat -> (slots, group)
 
 
 def _partition(p: Tensor) -> tuple[list[Slot], dist.ProcessGroup] | None:
-    entry = _PARTITIONS.get(id(p))
-    if entry is None or entry[0]() is not p:
-        return None
-    return entry[1], entry[2]
+    return _PARTITIONS.get(p)
 
 
 def _shape_of(p: Tensor) -> tuple[int, ...]:
@@ -147,9 +145,7 @@ def _stage3_slots(params, group, names) -> list[Slot]:
 
 
 def _tag(flat: Tensor, slots: list[Slot], group) -> None:
-    for key in [k for k, (ref, _, _) in _PARTITIONS.items() if ref() is None]:
-        del _PARTITIONS[key]  # partitions of engines that are gone
-    _PARTITIONS[id(flat)] = (weakref.ref(flat), slots, group)
+    _PARTITIONS[flat] = (slots, group)
 
 
 def describe_partitions(wrapper: Any, names: dict[Tensor, str]) -> None:

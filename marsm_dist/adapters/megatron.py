@@ -22,7 +22,6 @@ With ``use_distributed_optimizer=True`` MARS-M shards its own state over the dat
 from __future__ import annotations
 
 import argparse
-import weakref
 from typing import Any
 
 try:
@@ -43,6 +42,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..optimizer import MARSM
 from ..param_groups import explain_routing
@@ -77,10 +77,10 @@ class MegatronTPAdapter(ShardingAdapter):
         return MatrixLayout(tuple(full), pieces, split_dim=dim, num_blocks=world * stride)
 
     def slots(self, p: Tensor) -> list[Slot]:
-        entry = _QKV_SPLIT.get(id(p))
-        if entry is None or entry[0]() is not p:
+        split = _QKV_SPLIT.get(p)
+        if split is None:
             return super().slots(p)
-        heads_per_group, head_dim = entry[1]
+        heads_per_group, head_dim = split
         cols = p.shape[1]
         rows = [heads_per_group * head_dim, head_dim, head_dim]  # Q, K, V of one query group
         groups = p.shape[0] // sum(rows)
@@ -101,8 +101,8 @@ def tp_block_count(p: Tensor) -> int:
     return stride
 
 
-# Fused QKV weights to orthogonalize per query group: id -> (weakref, (heads per group, head dim)).
-_QKV_SPLIT: dict[int, tuple[weakref.ref, tuple[int, int]]] = {}
+# Fused QKV weights to orthogonalize per query group -> (heads per group, head dim).
+_QKV_SPLIT: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _mark_qkv_split(model_chunks: list[torch.nn.Module]) -> None:
@@ -116,7 +116,7 @@ def _mark_qkv_split(model_chunks: list[torch.nn.Module]) -> None:
         head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
         for name, p in chunk.named_parameters():
             if name.endswith("linear_qkv.weight"):
-                _QKV_SPLIT[id(p)] = (weakref.ref(p), (cfg.num_attention_heads // groups, head_dim))
+                _QKV_SPLIT[p] = (cfg.num_attention_heads // groups, head_dim)
 
 
 def _routes(model_chunks: list[torch.nn.Module]) -> dict[int, bool]:

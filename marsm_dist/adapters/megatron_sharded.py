@@ -21,7 +21,6 @@ size, with or without the distributed optimizer.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +37,7 @@ from megatron.core.optimizer.grad_scaler import MegatronGradScaler
 from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
 from megatron.core.tensor_parallel import copy_tensor_model_parallel_attributes
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..optimizer import MARSM
 from ..sharding.adapter import ShardingAdapter, Slot, register_adapter
@@ -133,18 +133,17 @@ class MegatronDPShardAdapter(ShardingAdapter):
     prepopulate_state = False  # Megatron calls init_state_fn when it needs state templates
 
     def handles(self, p: Tensor) -> bool:
-        entry = _SHARD_SLOTS.get(id(p))
-        return entry is not None and entry[0]() is p
+        return p in _SHARD_SLOTS
 
     def process_group(self, p: Tensor) -> dist.ProcessGroup | None:
-        return _SHARD_SLOTS[id(p)][2]
+        return _SHARD_SLOTS[p][1]
 
     def slots(self, p: Tensor) -> list[Slot]:
-        return [_SHARD_SLOTS[id(p)][1]]
+        return [_SHARD_SLOTS[p][0]]
 
 
-# main shard id -> (weakref, slot, group): kept beside the tensors, not on them.
-_SHARD_SLOTS: dict[int, tuple[weakref.ref, Slot, dist.ProcessGroup | None]] = {}
+# main shard -> (slot, group), weakly keyed by identity: kept beside the tensors, not on them.
+_SHARD_SLOTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
@@ -192,8 +191,7 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
                 # Megatron's grad-norm and zero-count helpers read these from the tensors they see.
                 copy_tensor_model_parallel_attributes(shard.main, p)
                 shard.main.shared = getattr(p, "shared", False)
-                _SHARD_SLOTS[id(shard.main)] = (weakref.ref(shard.main), self._slot(shard, g, coords, tp_size,
-                                                                                    group), group)
+                _SHARD_SLOTS[shard.main] = (self._slot(shard, g, coords, tp_size, group), group)
                 self._shards.append(shard)
                 mains.append(shard.main)
             groups.append({**g, "params": mains})
