@@ -140,6 +140,13 @@ def nonfinite_flag(tensors: list[Tensor], device: torch.device | None = None) ->
     tensors = [t for t in tensors if t.numel()]  # an empty shard has no max (and is finite)
     if not tensors:
         return torch.zeros(1, dtype=torch.float64, device=device)
+    # CPU fast path: the max-abs norm below is ~10x slower there than a 2-norm (122 ms vs 12 ms
+    # for GPT-2's 50257x768 embedding gradient, 1 thread). A finite 2-norm proves every element
+    # finite; only a non-finite one (NaN/Inf, or float32 overflow of the squares of entries above
+    # ~1e19) needs the exact check. Not on GPUs: both run at memory speed, and it would add a sync.
+    on_cpu = tensors[0].device.type == "cpu"
+    if on_cpu and bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
+        return torch.zeros(1, dtype=torch.float64, device=device)
     # The max-abs norm is NaN/Inf exactly when the tensor holds one; it never overflows.
     worst = torch.stack(torch._foreach_norm(tensors, float("inf"))).double().amax()
     return (worst * 0.0).reshape(1).to(device) if device is not None else (worst * 0.0).reshape(1)
