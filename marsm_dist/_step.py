@@ -85,8 +85,8 @@ def precondition(matrix: list[GroupWork], state: Mapping, ensure_state: EnsureSt
 
 
 def _config(group: dict[str, Any]) -> NSConfig:
-    # "ns_form" is an optional group key (default "auto"). A bad value is refused here, in the
-    # statistics phase, before anything is written.
+    # "ns_form" is validated when a group is added; this catches a group edited afterwards (or
+    # loaded from a state dict) in the statistics phase, before anything is written.
     form = group.get("ns_form", "auto")
     if form not in NS_FORMS:
         raise ValueError(f"Invalid ns_form: {form!r} (expected one of {', '.join(NS_FORMS)})")

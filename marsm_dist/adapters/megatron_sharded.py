@@ -273,6 +273,7 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
         sd = self.optimizer.state_dict()
         sd["state"] = {i: dict(v) for i, v in sd["state"].items()}  # copies: the live state is untouched
         dp_group = parallel_state.get_data_parallel_group()
+        gather = parallel_state.get_data_parallel_world_size() > 1
         for i, s in enumerate(self._shards):
             state = sd["state"].setdefault(i, {})
             if s.param.dtype != torch.float32:
@@ -281,7 +282,7 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
                 if isinstance(value, Tensor) and key != "step":
                     full = torch.zeros(s.param.numel(), dtype=value.dtype, device=value.device)
                     full[s.start:s.stop] = value.view(-1)
-                    if parallel_state.get_data_parallel_world_size() > 1:
+                    if gather:
                         dist.all_reduce(full, group=dp_group)  # ranges are disjoint: a sum is a gather
                     state[key] = full.view_as(s.param)
         return sd
