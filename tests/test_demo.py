@@ -80,16 +80,18 @@ def test_demo_deepspeed_framework_uses_the_json_route(tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())["config"]["framework"] == "deepspeed"
 
 
-def test_megatron_framework_points_to_the_recipe(capsys):
-    assert main(["--framework", "megatron"]) == 2
-    err = capsys.readouterr().err
-    assert "integrations/megatron/" in err and "--framework fsdp2" in err
-
-
 @pytest.mark.parametrize("argv, flag", [
     (["--optimizers", "marsm,sgd"], "--optimizers"),
     (["--batch-size", "5"], "--batch-size"),
     (["--framework", "deepspeed", "--mode", "exact"], "--mode exact"),
+    (["--framework", "megatron", "--mode", "exact"], "--mode exact"),
+    (["--framework", "megatron", "--tensor-parallel", "2"], "muon with --tensor-parallel > 1"),
+    (["--framework", "megatron", "--tensor-parallel", "3", "--optimizers", "marsm"], "--tensor-parallel 3"),
+    (["--framework", "megatron", "--tensor-parallel", "2", "--heads", "3", "--d-model", "48",
+      "--optimizers", "marsm"], "--heads 3"),
+    (["--tensor-parallel", "2"], "--tensor-parallel is for --framework megatron"),
+    (["--distributed-optimizer"], "--distributed-optimizer is for --framework megatron"),
+    (["--framework", "megatron", "--distributed-optimizer"], "muon with --distributed-optimizer"),
 ])
 def test_bad_flags_are_refused_before_any_process_starts(capsys, argv, flag):
     assert main(argv) == 2

@@ -27,16 +27,14 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-from megatron.core.transformer.transformer_config import TransformerConfig
 
 from marsm_dist.adapters.megatron import add_marsm_args, get_megatron_marsm_optimizer, marsm_kwargs_from_args
 from marsm_dist.demo.data import Batches, stdlib_corpus
 from marsm_dist.demo.dist_env import run_rank
+from marsm_dist.demo.megatron_setup import gpt_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,19 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return add_marsm_args(p).parse_args(argv)
 
 
-def build_model(args: argparse.Namespace) -> GPTModel:
-    """A GPT with Megatron's local (no Transformer Engine) layer spec."""
-    config = TransformerConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups, ffn_hidden_size=args.ffn_hidden_size,
-        tensor_model_parallel_size=args.tensor_model_parallel_size, bf16=args.bf16,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32, use_cpu_initialization=True,
-        gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
-        bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
-        persist_layer_norm=False)
-    return GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=256,
-                    max_sequence_length=args.seq_length, position_embedding_type="rope")
+def build_model(args: argparse.Namespace):
+    """A byte-level GPT with Megatron's local (no Transformer Engine) layer spec, the demo's model."""
+    return gpt_model(args.hidden_size, args.num_layers, args.num_attention_heads, args.seq_length,
+                     tensor_parallel=args.tensor_model_parallel_size, bf16=args.bf16,
+                     num_query_groups=args.num_query_groups, ffn_hidden_size=args.ffn_hidden_size)
 
 
 def main(argv: list[str] | None = None) -> None:

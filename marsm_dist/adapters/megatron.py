@@ -49,7 +49,8 @@ from ..param_groups import explain_routing
 from ..sharding.adapter import ShardingAdapter, Slot, register_adapter
 from ..sharding.layout import MatrixLayout, Piece
 
-__all__ = ["MegatronTPAdapter", "add_marsm_args", "get_megatron_marsm_optimizer", "marsm_kwargs_from_args"]
+__all__ = ["MegatronTPAdapter", "add_marsm_args", "get_megatron_marsm_optimizer", "marsm_kwargs_from_args",
+           "marsm_routes"]
 
 
 class MegatronTPAdapter(ShardingAdapter):
@@ -119,8 +120,12 @@ def _mark_qkv_split(model_chunks: list[torch.nn.Module]) -> None:
                 _QKV_SPLIT[p] = (cfg.num_attention_heads // groups, head_dim)
 
 
-def _routes(model_chunks: list[torch.nn.Module]) -> dict[int, bool]:
-    """id(param) -> True for MARS-M. Megatron's marker first, then param_groups' rules."""
+def marsm_routes(model_chunks: list[torch.nn.Module]) -> dict[int, bool]:
+    """``id(param) -> True`` for the parameters MARS-M orthogonalizes, False for its AdamW branch.
+
+    Megatron's ``is_embedding_or_output_parameter`` marker first, then ``param_groups``' rules.
+    Public so that a baseline (e.g. Muon) can be given exactly the same matrices.
+    """
     routes: dict[int, bool] = {}
     for chunk in model_chunks:
         params = dict(chunk.named_parameters())
@@ -168,7 +173,7 @@ def get_megatron_marsm_optimizer(
         raise NotImplementedError("split_qkv is not supported with use_distributed_optimizer yet")
     if split_qkv:
         _mark_qkv_split(model_chunks)
-    routes = _routes(model_chunks)
+    routes = marsm_routes(model_chunks)
     groups = []
     for group in _get_param_groups(model_chunks, config, config_overrides):
         for use in (True, False):

@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None, on_exit: Callable[[bool], None] | None =
         if os.environ.get("RANK", "0") == "0":
             print(f"python -m marsm_dist.demo: error: {err}", file=sys.stderr)
         return 2
+    if args.framework == "megatron":
+        # Megatron's tensor-parallel layers overlap their gradient all-reduce with compute only if
+        # CUDA runs one work queue per device (they warn otherwise); it must be set before CUDA starts.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if launched():
         from .worker import run_worker
 

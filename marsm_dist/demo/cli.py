@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                    help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default: all)")
     p.add_argument("--framework", choices=FRAMEWORKS, default=d.framework,
-                   help="how the model is sharded (default: fsdp2)")
+                   help="how the model is sharded (default: fsdp2; megatron needs CUDA GPUs)")
     p.add_argument("--world-size", type=int, default=2,
                    help="processes to start (default 2; ignored under a launcher, which sets WORLD_SIZE)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per run (default {d.steps})")
@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "bf16 matmuls, else float32; torch.optim.Muon always uses bfloat16)")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=d.zero_stage,
                    help="ZeRO stage with --framework deepspeed")
+    p.add_argument("--tensor-parallel", type=int, default=d.tensor_parallel,
+                   help="tensor-parallel size with --framework megatron (default 1; the remaining "
+                   "factor of the world size is data parallelism)")
+    p.add_argument("--distributed-optimizer", action="store_true",
+                   help="with --framework megatron: shard optimizer state (and, for MARS-M, Newton-Schulz "
+                   "work) over the data-parallel ranks (MARS-M's own sharding; Megatron's for AdamW)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-every", type=int, default=d.log_every,
                    help="progress line every N steps when stderr is not a terminal")
@@ -83,19 +89,22 @@ def base_config(args: argparse.Namespace) -> Config:
 
 def check(args: argparse.Namespace, world_size: int) -> None:
     """Refuse, before starting processes, what cannot run; the message names the flag."""
-    if args.framework == "megatron":
-        raise UsageError(
-            "--framework megatron is not part of this demo: Megatron-core trains its own GPTModel "
-            "(tensor-parallel layers, CUDA only) with its own loop. The Megatron recipe is "
-            "integrations/megatron/ (started by launch/megatron.sh; see integrations/README.md), and "
-            "the optimizer builder is marsm_dist.adapters.megatron.get_megatron_marsm_optimizer. "
-            "Use --framework fsdp2 or deepspeed here.")
     names = optimizer_names(args)
     if world_size < 1:
         raise UsageError(f"--world-size must be >= 1, got {world_size}")
-    if args.batch_size % world_size:
-        raise UsageError(f"--batch-size {args.batch_size} must divide by the world size {world_size}: "
-                         "each rank takes an equal slice of the global batch")
+    tp = args.tensor_parallel
+    if tp != 1 and args.framework != "megatron":
+        raise UsageError("--tensor-parallel is for --framework megatron (FSDP2 and DeepSpeed runs here "
+                         "are data-parallel only)")
+    if tp < 1 or world_size % tp:
+        raise UsageError(f"--tensor-parallel {tp} must divide the world size {world_size}")
+    if args.heads % tp:
+        raise UsageError(f"--heads {args.heads} must divide by --tensor-parallel {tp}: "
+                         "each tensor-parallel rank holds whole attention heads")
+    data_parallel = world_size // tp
+    if args.batch_size % data_parallel:
+        raise UsageError(f"--batch-size {args.batch_size} must divide by the data-parallel size "
+                         f"{data_parallel}: each data-parallel rank takes an equal slice of the global batch")
     if args.d_model % args.heads:
         raise UsageError(f"--d-model {args.d_model} must divide by --heads {args.heads}")
     if args.steps < 1:
@@ -104,3 +113,17 @@ def check(args: argparse.Namespace, world_size: int) -> None:
         raise UsageError("--mode exact needs a look-ahead gradient before each step, which DeepSpeed's "
                          "engine cannot provide (it reduces gradients inside engine.step()); use "
                          "--framework fsdp2 for the exact mode")
+    if args.framework == "megatron" and args.mode == "exact" and "marsm" in names:
+        raise UsageError("--mode exact needs a second backward pass per step (the look-ahead gradient), "
+                         "which Megatron's training loop does not run; use --framework fsdp2 for it")
+    if args.distributed_optimizer and args.framework != "megatron":
+        raise UsageError("--distributed-optimizer is for --framework megatron (FSDP2 and DeepSpeed "
+                         "shard the optimizer state already)")
+    if args.framework == "megatron" and args.distributed_optimizer and "muon" in names:
+        raise UsageError("muon with --distributed-optimizer: Megatron's distributed optimizer takes "
+                         "only its own Adam/SGD; use --optimizers marsm,adamw")
+    if args.framework == "megatron" and tp > 1 and "muon" in names:
+        raise UsageError("muon with --tensor-parallel > 1: torch.optim.Muon would orthogonalize each "
+                         "tensor-parallel block on its own, not the whole matrix (Megatron's own Muon "
+                         "needs the emerging-optimizers package, Python >= 3.12); use "
+                         "--optimizers marsm,adamw or --tensor-parallel 1")

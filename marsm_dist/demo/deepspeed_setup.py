@@ -57,9 +57,15 @@ class DeepSpeedStepper:
         deepspeed.init_distributed()  # adopts the process group that is already up
         torch.manual_seed(cfg.seed)
         model = TinyGPT(cfg.d_model, cfg.layers, cfg.heads, cfg.seq_len)
+        self.n_params = sum(p.numel() for p in model.parameters())  # counted before ZeRO partitions them
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                     config=ds_config(cfg, env.world_size))
         self.param_groups = self.engine.optimizer.param_groups
+        self.env = env
+
+    def local_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's equal share of a global batch (every rank is a data-parallel rank)."""
+        return self.env.slice(batch)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean next-byte cross-entropy of this rank's slice."""

@@ -23,8 +23,14 @@ class FSDP2Stepper:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)  # the root takes the embeddings, the tied head and ln_f
         self.model = model
+        self.n_params = sum(p.numel() for p in model.parameters())  # DTensors report the full size
         self.opt = build_optimizer(cfg, model)
         self.param_groups = self.opt.param_groups
+        self.env = env
+
+    def local_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's equal share of a global batch (every rank is a data-parallel rank)."""
+        return self.env.slice(batch)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean next-byte cross-entropy of this rank's slice."""

@@ -15,13 +15,16 @@ from . import report
 from .cli import base_config, optimizer_names
 from .data import Batches, stdlib_corpus
 from .dist_env import DistEnv, finish, init_from_env
-from .model import TinyGPT
 from .ns_dtype import resolve_ns_dtype
 from .progress import ProgressBar
 from .train import Config, Result, train
 
 
 def _stepper(cfg: Config, env: DistEnv):
+    if cfg.framework == "megatron":
+        from .megatron_setup import MegatronStepper
+
+        return MegatronStepper(cfg, env)
     if cfg.framework == "deepspeed":
         from .deepspeed_setup import DeepSpeedStepper
 
@@ -34,14 +37,14 @@ def _stepper(cfg: Config, env: DistEnv):
 _NS_NOTE = " (torch.optim.Muon always uses bfloat16, which is slow where bf16 matmuls are emulated)"
 
 
-def _describe(base: Config, env: DistEnv, batches: Batches) -> str:
-    # Counted on a plain copy: the sharded model's parameters are shards or flat partitions.
-    plain = TinyGPT(base.d_model, base.layers, base.heads, base.seq_len)
-    n_params = sum(p.numel() for p in plain.parameters())
+def _describe(base: Config, env: DistEnv, batches: Batches, n_params: int) -> str:
     backend = torch.distributed.get_backend()
+    kind = "GPT"
+    if base.framework == "megatron":
+        kind = f"megatron-core GPTModel (RoPE, untied head), tensor-parallel size {base.tensor_parallel},"
     return (f"marsm demo: {base.framework} on {env.world_size} rank(s) ({backend}, {env.device.type}, "
             f"{torch.get_num_threads()} torch thread(s) each)\n"
-            f"model: byte-level GPT d={base.d_model} layers={base.layers} heads={base.heads} "
+            f"model: byte-level {kind} d={base.d_model} layers={base.layers} heads={base.heads} "
             f"({n_params / 1e6:.2f}M params); corpus: {len(batches.train):,} training and "
             f"{len(batches.val):,} validation bytes of Python stdlib source\n"
             f"budget: {base.steps} steps x {base.batch_size}x{base.seq_len} tokens = "
@@ -60,7 +63,7 @@ def train_all(args: argparse.Namespace, env: DistEnv) -> list[Result]:
         cfg = replace(base, optimizer=name)
         stepper = _stepper(cfg, env)
         if env.is_main and i == 0:
-            print(_describe(base, env, batches), flush=True)
+            print(_describe(base, env, batches, stepper.n_params), flush=True)
         bar = None
         if env.is_main:
             bar = ProgressBar(name, cfg.steps, cfg.batch_size * cfg.seq_len, cfg.log_every)
