@@ -21,7 +21,8 @@ from . import functional as F
 from ._sharding_context import ShardingContext
 from ._step_inputs import GroupWork, nonfinite_flag, pending_lookaheads
 from ._timing import PhaseTimer
-from .newton_schulz import NS_FORMS, newton_schulz_flops
+from ._validation import check_ns_form
+from .newton_schulz import newton_schulz_flops
 from .orthogonalize import NSConfig, matrix_view_shape, orthogonalize, scale_for
 
 EnsureState = Callable[[dict[str, Any], Tensor], dict[str, Any]]
@@ -88,8 +89,7 @@ def _config(group: dict[str, Any]) -> NSConfig:
     # "ns_form" is validated when a group is added; this catches a group edited afterwards (or
     # loaded from a state dict) in the statistics phase, before anything is written.
     form = group.get("ns_form", "auto")
-    if form not in NS_FORMS:
-        raise ValueError(f"Invalid ns_form: {form!r} (expected one of {', '.join(NS_FORMS)})")
+    check_ns_form(form)
     return NSConfig(group["ns_steps"], group["ns_dtype"], group["ns_coefficients"], group["flatten"], form)
 
 

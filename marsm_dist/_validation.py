@@ -53,6 +53,11 @@ def _check(ok: bool, name: str, value: Any, where: str, why: str) -> None:
         raise ValueError(f"Invalid {name}{where}: {value!r} ({why})")
 
 
+def check_ns_form(form: Any, where: str = "") -> None:
+    """``ns_form`` must name one of the Newton-Schulz forms."""
+    _check(form in NS_FORMS, "ns_form", form, where, f"must be one of {', '.join(NS_FORMS)}")
+
+
 def _check_number(group: Mapping[str, Any], name: str, where: str, lo: float, hi_open: float | None):
     value = group[name]
     try:
@@ -90,8 +95,7 @@ def validate_hyperparameters(group: Mapping[str, Any], where: str = "") -> None:
     )
     for flag in ("approx", "flatten", "maximize"):
         _check(isinstance(group[flag], bool), flag, group[flag], where, "must be True or False")
-    form = group.get("ns_form", "auto")
-    _check(form in NS_FORMS, "ns_form", form, where, f"must be one of {', '.join(NS_FORMS)}")
+    check_ns_form(group.get("ns_form", "auto"), where)
     use = group["use_marsm"]
     _check(use is None or isinstance(use, bool), "use_marsm", use, where, "must be True, False or None")
     resolve_dtype(group["ns_dtype"], "ns_dtype" + where)

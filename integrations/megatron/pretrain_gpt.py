@@ -32,9 +32,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from marsm_dist.adapters.megatron import add_marsm_args, get_megatron_marsm_optimizer, marsm_kwargs_from_args
-from marsm_dist.demo.data import Batches, stdlib_corpus
+from marsm_dist.demo.data import Batches, share, stdlib_corpus
 from marsm_dist.demo.dist_env import run_rank
-from marsm_dist.demo.megatron_setup import gpt_model
+from marsm_dist.demo.megatron_setup import causal_mask, gpt_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     micro = args.global_batch_size // dp
     train, val = stdlib_corpus()
     batches = Batches(train, val, args.global_batch_size, args.seq_length, args.seed)
-    mask = torch.tril(torch.ones(args.seq_length, args.seq_length, dtype=torch.bool, device=device))
-    mask = mask.logical_not().view(1, 1, args.seq_length, args.seq_length)
+    mask = causal_mask(args.seq_length, device)
     position_ids = torch.arange(args.seq_length, device=device).unsqueeze(0).expand(micro, -1)
     rank0 = dist.get_rank() == 0
     if rank0:
@@ -120,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
 
     start, step_ms = time.perf_counter(), 0.0
     for it in range(first, args.train_iters):
-        x, y = batches.batch(it)
-        x, y = x[dp_rank * micro:(dp_rank + 1) * micro].to(device), y[dp_rank * micro:(dp_rank + 1) * micro]
+        x, y = share(batches.batch(it), dp_rank, dp)
+        x = x.to(device)
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         loss = ddp(x, position_ids, mask, labels=y.to(device)).float().mean()

@@ -33,6 +33,16 @@ def stdlib_corpus(max_bytes: int = 4_000_000, val_every: int = 20) -> tuple[torc
                  for part in (train, val))
 
 
+def share(batch: tuple[torch.Tensor, torch.Tensor], part: int, parts: int
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Share ``part`` of ``parts`` equal, consecutive row blocks of a global batch (one
+    data-parallel rank's)."""
+    x, y = batch
+    n = x.shape[0] // parts
+    rows = slice(part * n, (part + 1) * n)
+    return x[rows], y[rows]
+
+
 class Batches:
     """Deterministic batches: ``batch(t)`` is the same for every optimizer and every call."""
 

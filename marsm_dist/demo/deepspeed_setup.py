@@ -61,11 +61,7 @@ class DeepSpeedStepper:
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                     config=ds_config(cfg, env.world_size))
         self.param_groups = self.engine.optimizer.param_groups
-        self.env = env
-
-    def local_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's equal share of a global batch (every rank is a data-parallel rank)."""
-        return self.env.slice(batch)
+        self.data_parallel = (env.rank, env.world_size)  # every rank is a data-parallel rank
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean next-byte cross-entropy of this rank's slice."""

@@ -19,6 +19,8 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from .data import share
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -34,12 +36,12 @@ class DistEnv:
         """Rank 0 prints and writes files; the others stay quiet."""
         return self.rank == 0
 
-    def slice(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's equal share of a global batch, on this rank's device."""
-        x, y = batch
-        n = x.shape[0] // self.world_size
-        rows = slice(self.rank * n, (self.rank + 1) * n)
-        return x[rows].to(self.device), y[rows].to(self.device)
+    def slice(self, batch: tuple[torch.Tensor, torch.Tensor], part: int | None = None,
+              parts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Share ``part`` of ``parts`` (default: this rank's of the world size) of a global batch,
+        on this rank's device."""
+        x, y = share(batch, self.rank if part is None else part, self.world_size if parts is None else parts)
+        return x.to(self.device), y.to(self.device)
 
     def mean(self, value: torch.Tensor) -> float:
         """The mean of a scalar over all ranks (gloo has no AVG all-reduce: sum, then divide)."""

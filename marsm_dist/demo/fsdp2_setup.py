@@ -26,11 +26,7 @@ class FSDP2Stepper:
         self.n_params = sum(p.numel() for p in model.parameters())  # DTensors report the full size
         self.opt = build_optimizer(cfg, model)
         self.param_groups = self.opt.param_groups
-        self.env = env
-
-    def local_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's equal share of a global batch (every rank is a data-parallel rank)."""
-        return self.env.slice(batch)
+        self.data_parallel = (env.rank, env.world_size)  # every rank is a data-parallel rank
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean next-byte cross-entropy of this rank's slice."""

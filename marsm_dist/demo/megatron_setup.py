@@ -47,6 +47,12 @@ def gpt_model(hidden_size: int, num_layers: int, num_attention_heads: int, seq_l
                     max_sequence_length=seq_length, position_embedding_type="rope")
 
 
+def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
+    """Megatron's attention mask for causal attention: True where a position may not attend."""
+    return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril().logical_not().view(
+        1, 1, seq_len, seq_len)
+
+
 def _no_decay(name: str, p: torch.Tensor) -> bool:
     """Megatron's standard weight-decay skip: biases and 1-D parameters."""
     return p.ndim == 1 or name.endswith(".bias")
@@ -112,9 +118,9 @@ class MegatronStepper:
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor_parallel)
         self._finalize = finalize_model_grads
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.device = env.device
+        # The ranks of one tensor-parallel group take the same share of each batch.
+        self.data_parallel = (parallel_state.get_data_parallel_rank(),
+                              parallel_state.get_data_parallel_world_size())
         torch.manual_seed(cfg.seed)
         model_parallel_cuda_manual_seed(cfg.seed)
         model = gpt_model(cfg.d_model, cfg.layers, cfg.heads, cfg.seq_len,
@@ -140,15 +146,7 @@ class MegatronStepper:
         tp_split = [getattr(p, "tensor_model_parallel", False) for p in model.parameters()]
         self.n_params = sum(p.numel() * (cfg.tensor_parallel if split else 1)
                             for p, split in zip(model.parameters(), tp_split, strict=True))
-        causal = torch.ones(cfg.seq_len, cfg.seq_len, dtype=torch.bool, device=env.device).tril()
-        self._mask = causal.logical_not().view(1, 1, cfg.seq_len, cfg.seq_len)
-
-    def local_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """This data-parallel rank's slice (the ranks of one tensor-parallel group share it)."""
-        x, y = batch
-        n = x.shape[0] // self.dp_size
-        rows = slice(self.dp_rank * n, (self.dp_rank + 1) * n)
-        return x[rows].to(self.device), y[rows].to(self.device)
+        self._mask = causal_mask(cfg.seq_len, env.device)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean next-byte cross-entropy of this rank's slice (Megatron's GPT returns it per token)."""

@@ -92,9 +92,9 @@ def lr_factor(step: int, cfg: Config) -> float:
 
 
 def train(cfg: Config, batches: Batches, env: DistEnv, stepper, on_step: Callable | None = None) -> Result:
-    """``cfg.steps`` steps of ``stepper`` (fsdp2_setup, deepspeed_setup, megatron_setup) on this
-    rank's slice of each global batch. ``on_step(step, result, opt_seconds)`` is called after every
-    step (rank 0's bar)."""
+    """``cfg.steps`` steps of ``stepper`` (fsdp2_setup, deepspeed_setup, megatron_setup) on its
+    ``data_parallel = (rank, size)`` share of each global batch. ``on_step(step, result,
+    opt_seconds)`` is called after every step (rank 0's bar)."""
     peaks = [g["lr"] for g in stepper.param_groups]
     result = Result(cfg.optimizer, cfg.peak_lr)
     opt_seconds, start = 0.0, time.perf_counter()
@@ -102,8 +102,8 @@ def train(cfg: Config, batches: Batches, env: DistEnv, stepper, on_step: Callabl
         for g, peak in zip(stepper.param_groups, peaks, strict=True):
             g["lr"] = peak * lr_factor(step, cfg)
         if cfg.exact:  # look-ahead: the next batch's gradient at the current weights
-            stepper.store_lookahead(*stepper.local_batch(batches.batch(step + 1)))
-        loss = stepper.loss(*stepper.local_batch(batches.batch(step)))
+            stepper.store_lookahead(*env.slice(batches.batch(step + 1), *stepper.data_parallel))
+        loss = stepper.loss(*env.slice(batches.batch(step), *stepper.data_parallel))
         stepper.backward(loss)
         env.synchronize()
         t0 = time.perf_counter()
@@ -123,7 +123,7 @@ def train(cfg: Config, batches: Batches, env: DistEnv, stepper, on_step: Callabl
     result.tokens_per_s = cfg.steps * cfg.batch_size * cfg.seq_len / result.seconds
     result.opt_step_ms = 1e3 * opt_seconds / cfg.steps
     with torch.no_grad():
-        vals = [env.mean(stepper.loss(*stepper.local_batch(b)).detach())
+        vals = [env.mean(stepper.loss(*env.slice(b, *stepper.data_parallel)).detach())
                 for b in batches.val_batches(cfg.eval_batches)]
     result.val_loss = sum(vals) / len(vals)
     return result
