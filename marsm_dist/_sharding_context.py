@@ -41,16 +41,22 @@ class ShardingContext:
                 pg = adapter.process_group(p)
                 if pg is None:
                     continue
+                device = adapter.local(p).device
                 if first is None:
-                    first, self.group, self.device = name_of(group, i), pg, adapter.local(p).device
+                    first, self.group, self.device = name_of(group, i), pg, device
+                    check_group_serves(pg, device, first)
                 elif pg is not self.group:
                     raise ValueError(f"MARSM needs every sharded parameter on one process group; "
                                      f"{name_of(group, i)} and {first} are sharded over different ones")
+                elif device != self.device:
+                    raise ValueError(f"MARSM needs every sharded parameter on one device; "
+                                     f"{name_of(group, i)} is on {device} and {first} on {self.device}")
                 for k, slot in enumerate(self.slot_lists[id(p)]):
                     if slot.layout is not None and uses_marsm(group, slot):
                         self.engine_index[(id(p), k)] = len(layouts)
                         layouts.append(slot.layout)
-        self.engine = (ShardingEngine(layouts, self.group, owner_policy, bucket_numel, timer)
+        self.engine = (ShardingEngine(layouts, self.group, owner_policy, bucket_numel, timer,
+                                      self.device)
                        if layouts else None)
 
     @staticmethod
@@ -73,3 +79,21 @@ class ShardingContext:
         out = vec.to(self.device)
         dist.all_reduce(out, group=self.group)
         return out.to(vec.device)
+
+
+def check_group_serves(group: dist.ProcessGroup, device: torch.device, name: str) -> None:
+    """Refuse, up front, shards on a device that their process group has no backend for.
+
+    The usual case is optimizer offload: DeepSpeed's ``offload_optimizer`` or FSDP2's
+    ``CPUOffloadPolicy`` keep the shards (and so MARS-M's state and step) on the CPU while the
+    group is NCCL, which serves CUDA tensors only; the first collective would fail mid-step.
+    """
+    served = getattr(group, "_device_types", None)  # private in torch 2.6-2.14: skip if absent
+    if served is None or device.type in {d.type for d in served}:
+        return
+    backend = dist.get_backend(group)
+    raise ValueError(
+        f"MARSM: {name} is sharded on {device}, but its process group ({backend}) has no backend for "
+        f"{device.type} tensors. CPU offload of the optimizer (DeepSpeed offload_optimizer, FSDP2 "
+        f"CPUOffloadPolicy) needs a group that serves both devices: init the process group with "
+        f"backend='cpu:gloo,cuda:nccl', or turn the offload off.")

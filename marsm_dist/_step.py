@@ -1,17 +1,25 @@
 """The phases of one MARSM step over the work lists, on local shards.
 
-1. :func:`precondition`: c_t = g + kappa (g - P) for every matrix (writes nothing).
-2. :func:`step_statistics`: squared norms of c_t (summed over shards), which sharded matrices got
-   a gradient anywhere, and a NaN/Inf screen, in one all-reduce.
-3. :func:`update_momenta`, :func:`adamw_step`: elementwise updates of the state.
-4. :func:`orthogonalize_all`: NS, through the sharding engine for sharded matrices.
-5. :func:`apply_updates`: decay + scaled orthogonal step, then P for the next step.
+1. :func:`step_statistics`: the squared norm of c_t = g + kappa (g - P) of every matrix (summed
+   over shards), which sharded matrices got a gradient anywhere, and a NaN/Inf screen: one
+   all-reduce and one device-to-host read, the step's only one.
+2. :func:`adamw_step`, :func:`update_momenta`: elementwise updates of the state.
+3. :func:`orthogonalize_and_apply`: Newton-Schulz bucket by bucket (through the sharding engine
+   for sharded matrices); each bucket's result is applied (decay + scaled orthogonal step) as
+   soon as it exists, so no result outlives its bucket.
+4. :func:`finish_matrices`: step counters, and the exact mode's P swap.
+
+Memory: c_t is never held for the whole model. Phase 1 computes it chunk by chunk (at most
+``chunk_numel`` elements at a time) for its norm and drops it; phase 2 computes it again the
+same way, which costs one extra elementwise pass and keeps the step's extra memory set by the
+bucket size rather than by the model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +32,7 @@ from ._timing import PhaseTimer
 from ._validation import check_ns_form
 from .newton_schulz import newton_schulz_flops
 from .orthogonalize import NSConfig, matrix_view_shape, orthogonalize, scale_for
+from .sharding.plan import plan_buckets
 
 EnsureState = Callable[[dict[str, Any], Tensor], dict[str, Any]]
 
@@ -51,19 +60,11 @@ class StepStats:
 
 
 @dataclass
-class Preconditioned:
-    """Per matrix work: the sign-adjusted local gradients and c_t."""
-
-    grads: list[list[Tensor]] = field(default_factory=list)
-    cs: list[list[Tensor]] = field(default_factory=list)
-
-
-@dataclass
 class Statistics:
-    """The reduced step statistics, one entry per matrix in work order."""
+    """The reduced step statistics, one entry per matrix in work order (host values)."""
 
-    sq_norms: Tensor
-    local_sq_norms: Tensor
+    sq_norms: list[float]
+    local_sq_norms: Callable[[], list[float]]  # this rank's own part, read only to explain an error
     active: list[bool]
     finite: bool
     factors: list[float]
@@ -71,18 +72,34 @@ class Statistics:
     local_ns_flops: int
 
 
-def precondition(matrix: list[GroupWork], state: Mapping, ensure_state: EnsureState) -> Preconditioned:
-    pre = Preconditioned()
+def chunks(numels: list[int], limit: int) -> Iterator[list[int]]:
+    """Positions of consecutive tensors, at most ``limit`` elements a chunk (a larger one alone)."""
+    for bucket in plan_buckets(numels, [0] * len(numels), 1, limit):
+        yield list(bucket)
+
+
+def _grads(work: GroupWork, js: list[int]) -> list[Tensor]:
+    """Local gradients of entries ``js``, negated for ``maximize`` (a copy of this chunk only)."""
+    gs = [work.grads[j] for j in js]
+    return list(torch._foreach_neg(gs)) if work.group["maximize"] else gs
+
+
+def _kappa(group: dict[str, Any]) -> float:
+    return F.marsm_kappa(float(group["momentum"]), float(group["gamma"]))
+
+
+def _vr_squared_norms(matrix: list[GroupWork], state: Mapping, chunk_numel: int,
+                      precise: bool) -> list[Tensor]:
+    """||c_t||^2 of every local entry (0-dim float64 tensors on the data's device), computing
+    c_t one chunk at a time and dropping it."""
+    out: list[Tensor] = []
     for work in matrix:
-        g = work.group
-        for p in work.containers():
-            ensure_state(g, p)
-        gs = list(torch._foreach_neg(work.grads)) if g["maximize"] else work.grads
-        kappa = F.marsm_kappa(float(g["momentum"]), float(g["gamma"]))
-        prev = work.local_state(state, "last_grad")
-        pre.grads.append(gs)
-        pre.cs.append(F.variance_reduced_grads(gs, prev, kappa=kappa))
-    return pre
+        prev, kappa = work.local_state(state, "last_grad"), _kappa(work.group)
+        for js in chunks([g.numel() for g in work.grads], chunk_numel):
+            cs = F.variance_reduced_grads(_grads(work, js), [prev[j] for j in js], kappa=kappa)
+            out += F.squared_norms(cs, precise=precise).unbind()
+            del cs
+    return out
 
 
 def _config(group: dict[str, Any]) -> NSConfig:
@@ -98,43 +115,91 @@ def _work_configs(matrix: list[GroupWork]) -> list[NSConfig]:
     return [_config(w.group) for w in matrix]
 
 
+def _stack(values: list[Tensor], device: torch.device) -> Tensor:
+    return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=device)
+
+
 def step_statistics(ctx: ShardingContext, matrix: list[GroupWork], adamw: list[GroupWork],
-                    pre: Preconditioned, state: Mapping) -> Statistics:
+                    state: Mapping, chunk_numel: int, *, precise: bool = False) -> Statistics:
+    """Reduce the statistics over the shard group and read them on the host, once.
+
+    ``precise`` accumulates the norms in float64; the step retries with it only when the fast
+    statistics came out non-finite (so a float32 overflow is not mistaken for a NaN gradient).
+    """
     entries = [(p, k) for w in matrix for p, (_, k) in zip(w.params, w.indices, strict=True)]
     has = [h for w in matrix for h in w.has_grad]
-    sq = F.squared_norms([c for cs in pre.cs for c in cs])
+    norms = _vr_squared_norms(matrix, state, chunk_numel, precise)
+    first = next((w.grads[0] for w in matrix + adamw), None)
+    device = first.device if first is not None else (ctx.device or torch.device("cpu"))
     sharded = [n for n, (p, k) in enumerate(entries) if ctx.is_sharded_matrix(p, k)]
     local = [n for n, (p, k) in enumerate(entries) if not ctx.is_sharded_matrix(p, k)]
-    flag = nonfinite_flag([g for w in adamw for g in w.grads] + pending_lookaheads(matrix, state))
-    if local:  # a NaN/Inf among unsharded matrices must stop every rank too
-        flag = flag + sq[local].sum() * 0.0
-    counts = torch.tensor([float(has[k]) for k in sharded], dtype=torch.float64, device=sq.device)
-    local_sq = sq.clone()
-    vec = ctx.all_reduce(torch.cat([sq[sharded], counts, flag.to(sq.device)]))
+    local_sq = _stack([norms[k] for k in local], device)
+    flag = nonfinite_flag([g for w in adamw for g in w.grads] + pending_lookaheads(matrix, state), device)
+    flag = flag + local_sq.sum() * 0.0  # a NaN/Inf among unsharded matrices must stop every rank too
+    # Which sharded matrices have a gradient on this rank: filled on the device (a list turned into
+    # a tensor would be a host-to-device copy, which waits for the device).
+    counts = torch.ones(len(sharded), dtype=torch.float64, device=device)
+    for i, k in enumerate(sharded):
+        if not has[k]:
+            counts[i] = 0.0
+    vec = ctx.all_reduce(torch.cat([_stack([norms[k] for k in sharded], device), counts, flag]))
+    values = torch.cat([vec.to(device), local_sq]).tolist()  # the step's one device-to-host read
     n = len(sharded)
-    sq[sharded] = vec[:n]
-    active = [True] * len(entries)
-    for k, count in zip(sharded, vec[n:2 * n].tolist(), strict=True):
-        active[k] = count > 0
-    finite = bool(torch.isfinite(sq).all()) and bool(torch.isfinite(vec[-1]))
+    sq, active = [0.0] * len(entries), [True] * len(entries)
+    for i, k in enumerate(sharded):
+        sq[k], active[k] = values[i], values[n + i] > 0
+    for i, k in enumerate(local):
+        sq[k] = values[2 * n + 1 + i]
+    finite = all(math.isfinite(x) for x in sq) and math.isfinite(values[2 * n])
     factors = F.clip_factors(sq) if finite else []
     clipped = sum(1 for k, f in enumerate(factors) if active[k] and f < 1.0)
     configs = [(cfg, s.shape) for w, cfg in zip(matrix, _work_configs(matrix), strict=True) for s in w.slots]
     local_flops = sum(newton_schulz_flops(matrix_view_shape(configs[k][1], configs[k][0].flatten),
                                           configs[k][0].steps) for k in local if active[k])
-    return Statistics(sq, local_sq, active, finite, factors, clipped, local_flops)
+    return Statistics(sq, lambda: _stack(norms, device).tolist(), active, finite, factors, clipped,
+                      local_flops)
 
 
-def adamw_step(work: GroupWork, state: Mapping, ensure_state: EnsureState) -> None:
+def step_counts(counters: list[Tensor]) -> list[float]:
+    """The values of step counters (CPU tensors) in one call, not one ``.item()`` each."""
+    return torch.stack(counters).tolist() if counters else []
+
+
+def _pieces(columns: list[list[Tensor]], limit: int) -> tuple[list[list[Tensor]], list[int]]:
+    """Cut aligned rows of tensors (one row: a parameter, its grad, its state) into flat pieces of
+    at most ``limit`` elements, for elementwise math whose temporaries must stay bounded (an
+    embedding can be far larger than a bucket). Returns the piece columns and each piece's row."""
+    out: list[list[Tensor]] = [[] for _ in columns]
+    rows: list[int] = []
+    for j, row in enumerate(zip(*columns, strict=True)):
+        if row[0].numel() > limit and all(t.is_contiguous() for t in row):
+            parts = [t.view(-1).split(limit) for t in row]
+        else:
+            parts = [[t] for t in row]
+        for column, ps in zip(out, parts, strict=True):
+            column.extend(ps)
+        rows += [j] * len(parts[0])
+    return out, rows
+
+
+def adamw_step(work: GroupWork, state: Mapping, chunk_numel: int) -> None:
     g = work.group
-    for p in work.containers():  # one count per container, however many slots it holds
-        ensure_state(g, p)["step"] += 1
-    grads = list(torch._foreach_neg(work.grads)) if g["maximize"] else work.grads
-    F.adamw_update_(
-        work.local_params, grads, work.local_state(state, "exp_avg"), work.local_state(state, "exp_avg_sq"),
-        [int(state[p]["step"].item()) for p in work.params], lr=float(g["lr"]), betas=g["adamw_betas"],
-        eps=float(g["adamw_eps"]), weight_decay=float(g["weight_decay"]),
-    )
+    containers = work.containers()  # one count per container, however many slots it holds
+    counters = [state[p]["step"] for p in containers]
+    torch._foreach_add_(counters, 1.0)
+    step_of = {id(p): int(k) for p, k in zip(containers, step_counts(counters), strict=True)}
+    moments = [work.local_state(state, "exp_avg"), work.local_state(state, "exp_avg_sq")]
+    (params, grads, exp_avgs, exp_avg_sqs), rows = _pieces([work.local_params, work.grads, *moments],
+                                                           chunk_numel)
+    for js in chunks([t.numel() for t in params], chunk_numel):  # bounds sqrt(v)'s temporaries
+        gs = [grads[j] for j in js]
+        F.adamw_update_(
+            [params[j] for j in js], list(torch._foreach_neg(gs)) if g["maximize"] else gs,
+            [exp_avgs[j] for j in js], [exp_avg_sqs[j] for j in js],
+            [step_of[id(work.params[rows[j]])] for j in js],
+            lr=float(g["lr"]), betas=g["adamw_betas"], eps=float(g["adamw_eps"]),
+            weight_decay=float(g["weight_decay"]),
+        )
 
 
 def _active_slices(matrix: list[GroupWork], stats: Statistics):
@@ -146,69 +211,78 @@ def _active_slices(matrix: list[GroupWork], stats: Statistics):
         k += n
 
 
-def update_momenta(matrix: list[GroupWork], pre: Preconditioned, stats: Statistics,
-                   state: Mapping) -> list[Tensor | None]:
-    """M <- beta M + (1 - beta) clip(c) for active matrices; returns local M (None: inactive)."""
-    momenta: list[Tensor | None] = [None] * len(stats.active)
-    for work, cs, (k, sel) in zip(matrix, pre.cs, _active_slices(matrix, stats), strict=True):
-        all_exp_avgs = work.local_state(state, "exp_avg")
-        exp_avgs = [all_exp_avgs[j] for j in sel]
-        F.update_momentum_(exp_avgs, [cs[j] for j in sel], [stats.factors[k + j] for j in sel],
-                           momentum=float(work.group["momentum"]))
-        for j, m in zip(sel, exp_avgs, strict=True):
-            momenta[k + j] = m
-    return momenta
+def update_momenta(matrix: list[GroupWork], stats: Statistics, state: Mapping, chunk_numel: int) -> None:
+    """M <- beta M + (1 - beta) clip(c) for active matrices (c_t recomputed chunk by chunk); in
+    approximate mode P <- g right after, as c_t was its last use this step."""
+    for work, (k, sel) in zip(matrix, _active_slices(matrix, stats), strict=True):
+        g = work.group
+        prev, exp_avgs = work.local_state(state, "last_grad"), work.local_state(state, "exp_avg")
+        kappa = _kappa(g)
+        for part in chunks([work.grads[j].numel() for j in sel], chunk_numel):
+            js = [sel[i] for i in part]
+            gs = _grads(work, js)
+            cs = F.variance_reduced_grads(gs, [prev[j] for j in js], kappa=kappa)
+            F.update_momentum_([exp_avgs[j] for j in js], cs, [stats.factors[k + j] for j in js],
+                               momentum=float(g["momentum"]))
+            if g["approx"]:
+                # A copy, never an alias of .grad: zero_grad(set_to_none=False) zeroes .grad in place.
+                torch._foreach_copy_([prev[j] for j in js], gs)
+            del cs, gs
 
 
-def orthogonalize_all(ctx: ShardingContext, matrix: list[GroupWork], momenta: list[Tensor | None],
-                      timer: PhaseTimer) -> list[Tensor | None]:
-    """NS of every active matrix, as a tensor shaped like this rank's local shard."""
+def orthogonalize_and_apply(ctx: ShardingContext, matrix: list[GroupWork], stats: Statistics,
+                            state: Mapping, timer: PhaseTimer, bucket_numel: int) -> None:
+    """NS of every active matrix, bucket by bucket; W <- W (1 - lr wd) - lr s O as each arrives."""
     entries = [(w, j) for w in matrix for j in range(len(w.params))]
     config_of = {id(w): cfg for w, cfg in zip(matrix, _work_configs(matrix), strict=True)}
-    out: list[Tensor | None] = [None] * len(entries)
-    local = [k for k, (w, j) in enumerate(entries) if momenta[k] is not None
+    momenta = {id(w): w.local_state(state, "exp_avg") for w in matrix}
+
+    def apply(k: int, o: Tensor) -> None:
+        w, j = entries[k]
+        g = w.group
+        F.apply_matrix_update_([w.local_params[j]], [o], lr=float(g["lr"]),
+                               weight_decay=float(g["weight_decay"]),
+                               scales=[scale_for(w.slots[j].shape, g["flatten"])])
+
+    local = [k for k, (w, j) in enumerate(entries) if stats.active[k]
              and not ctx.is_sharded_matrix(w.params[j], w.indices[j][1])]
-    with timer.phase("newton_schulz"):
-        # A slot cut out of a flat container is a 1-D view: give NS its logical shape.
-        done = orthogonalize([momenta[k].view(entries[k][0].slots[entries[k][1]].shape) for k in local],
-                             [config_of[id(entries[k][0])] for k in local])
-    for k, o in zip(local, done, strict=True):
-        out[k] = o
-    if ctx.engine is not None:
-        n = len(ctx.engine.layouts)
-        inputs: list[Tensor | None] = [None] * n
-        configs: list[NSConfig | None] = [None] * n
-        where = {}
-        for k, (w, j) in enumerate(entries):
-            e = ctx.engine_index.get((id(w.params[j]), w.indices[j][1]))
-            if e is not None and momenta[k] is not None:
-                inputs[e], configs[e], where[e] = momenta[k], config_of[id(w)], k
-        for e, o in enumerate(ctx.engine.orthogonalize(inputs, configs)):
-            if o is not None:
-                w, j = entries[where[e]]
-                out[where[e]] = o.view(w.local_params[j].shape)
-    return out
+    for bucket in chunks([momenta[id(entries[k][0])][entries[k][1]].numel() for k in local], bucket_numel):
+        ks = [local[i] for i in bucket]
+        with timer.phase("newton_schulz"):
+            # A slot cut out of a flat container is a 1-D view: give NS its logical shape.
+            done = orthogonalize([momenta[id(entries[k][0])][entries[k][1]].view(entries[k][0].slots[
+                entries[k][1]].shape) for k in ks], [config_of[id(entries[k][0])] for k in ks])
+        with timer.phase("apply"):
+            for k, o in zip(ks, done, strict=True):
+                apply(k, o)
+        del done
+    if ctx.engine is None:
+        return
+    n = len(ctx.engine.layouts)
+    inputs: list[Tensor | None] = [None] * n
+    configs: list[NSConfig | None] = [None] * n
+    where = {}
+    for k, (w, j) in enumerate(entries):
+        e = ctx.engine_index.get((id(w.params[j]), w.indices[j][1]))
+        if e is not None and stats.active[k]:
+            inputs[e], configs[e], where[e] = momenta[id(w)][j], config_of[id(w)], k
+
+    def on_result(e: int, o: Tensor) -> None:
+        with timer.phase("apply"):
+            apply(where[e], o)
+
+    ctx.engine.orthogonalize(inputs, configs, on_result)
 
 
-def apply_updates(matrix: list[GroupWork], pre: Preconditioned, stats: Statistics,
-                  orthos: list[Tensor | None], state: Mapping) -> None:
-    """W <- W (1 - lr wd) - lr s O on local shards, then set P for the next step."""
-    for work, gs, (k, sel) in zip(matrix, pre.grads, _active_slices(matrix, stats), strict=True):
-        g = work.group
-        F.apply_matrix_update_(
-            [work.local_params[j] for j in sel], [orthos[k + j] for j in sel], lr=float(g["lr"]),
-            weight_decay=float(g["weight_decay"]),
-            scales=[scale_for(work.slots[j].shape, g["flatten"]) for j in sel],
-        )
-        if g["approx"]:
-            # A copy, never an alias of .grad: zero_grad(set_to_none=False) zeroes .grad in place.
-            prev = work.local_state(state, "last_grad")
-            torch._foreach_copy_([prev[j] for j in sel], [gs[j] for j in sel])
+def finish_matrices(matrix: list[GroupWork], stats: Statistics, state: Mapping) -> None:
+    """Count the step, and in exact mode make the stored look-ahead the next step's P."""
+    for work, (_, sel) in zip(matrix, _active_slices(matrix, stats), strict=True):
         # Per container, not per slot: a flat ZeRO partition holds many slots but counts one
         # step, and swapping its buffers once per slot would undo an even number of swaps.
-        for p in {id(work.params[j]): work.params[j] for j in sel}.values():
-            s = state[p]
-            s["step"] += 1
-            if not g["approx"]:
+        containers = list({id(work.params[j]): work.params[j] for j in sel}.values())
+        torch._foreach_add_([state[p]["step"] for p in containers], 1.0)
+        if not work.group["approx"]:
+            for p in containers:
+                s = state[p]
                 s["last_grad"], s["lookahead_grad"] = s["lookahead_grad"], s["last_grad"]
                 s["lookahead_ready"] = False

@@ -7,6 +7,7 @@ step (bad gradient, missing look-ahead) leaves both untouched. All math runs on 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,10 +133,11 @@ def pending_lookaheads(matrix: list[GroupWork], state: Mapping) -> list[Tensor]:
     return [t for w in matrix if not w.group["approx"] for t in w.local_state(state, "lookahead_grad")]
 
 
-def nonfinite_flag(tensors: list[Tensor], device: torch.device | None = None) -> Tensor:
-    """A float64 vector of one element: 0 if every tensor is finite, NaN otherwise.
+def nonfinite_flag(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """A float64 vector of one element on ``device``: 0 if every tensor is finite, NaN otherwise.
 
-    Summed with other per-step statistics (one all-reduce when sharded), the NaN survives.
+    Summed with other per-step statistics (one all-reduce when sharded), the NaN survives. It
+    stays on the device: the step reads it on the host together with everything else, once.
     """
     tensors = [t for t in tensors if t.numel()]  # an empty shard has no max (and is finite)
     if not tensors:
@@ -143,18 +145,19 @@ def nonfinite_flag(tensors: list[Tensor], device: torch.device | None = None) ->
     # CPU fast path: the max-abs norm below is ~10x slower there than a 2-norm (122 ms vs 12 ms
     # for GPT-2's 50257x768 embedding gradient, 1 thread). A finite 2-norm proves every element
     # finite; only a non-finite one (NaN/Inf, or float32 overflow of the squares of entries above
-    # ~1e19) needs the exact check. Not on GPUs: both run at memory speed, and it would add a sync.
+    # ~1e19) needs the exact check. Not on GPUs: both run at memory speed, and reading the 2-norm
+    # on the host would be a device sync.
     on_cpu = tensors[0].device.type == "cpu"
     if on_cpu and bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
         return torch.zeros(1, dtype=torch.float64, device=device)
     # The max-abs norm is NaN/Inf exactly when the tensor holds one; it never overflows.
     worst = torch.stack(torch._foreach_norm(tensors, float("inf"))).double().amax()
-    return (worst * 0.0).reshape(1).to(device) if device is not None else (worst * 0.0).reshape(1)
+    return (worst * 0.0).reshape(1).to(device)
 
 
 def describe_nonfinite(
     param_groups: list[Group], matrix: list[GroupWork], adamw: list[GroupWork], state: Mapping,
-    sq_norms: Tensor, local_sq_norms: Tensor,
+    sq_norms: list[float], local_sq_norms: list[float],
 ) -> str:
     """Name what made this step's statistics non-finite: a local NaN/Inf gradient or look-ahead,
     a c_t that overflowed float32, or a shard that another rank holds."""
@@ -173,8 +176,8 @@ def describe_nonfinite(
         if t.numel() and not bool(torch.isfinite(t).all()):
             return f"{kind} of {name} (shape {tuple(t.shape)})"
     names = [n for w in matrix for n in named(w)]
-    for k in (~torch.isfinite(sq_norms)).nonzero().flatten().tolist():
-        if bool(torch.isfinite(local_sq_norms[k])):
+    for k in [k for k, x in enumerate(sq_norms) if not math.isfinite(x)]:
+        if math.isfinite(local_sq_norms[k]):
             return f"gradient shard of {names[k]} held by another rank"
         return f"c_t of {names[k]} (overflow)"
     return "gradient of a parameter shard held by another rank"

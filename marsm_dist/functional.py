@@ -48,27 +48,28 @@ def variance_reduced_grads(
     return list(torch._foreach_lerp(prev_grads, grads, 1.0 + kappa))
 
 
-def squared_norms(tensors: list[Tensor]) -> Tensor:
+def squared_norms(tensors: list[Tensor], *, precise: bool = False) -> Tensor:
     """The squared Frobenius norm of each tensor as one float64 vector (sum these over shards).
 
-    Squared in float64: a float32 norm above ~1.8e19 would overflow once squared, and the clip
-    would then silently zero the update. A norm that overflows float32 itself (finite entries
-    above ~1e19) is recomputed in float64, which is slow but only ever runs in that case.
+    The fast form takes float32 norms and squares them in float64 (a float32 square would
+    overflow above ~1.8e19 and the clip would then silently zero the update). A norm whose float32
+    reduction itself overflows (finite entries whose squares sum past float32's range) comes out
+    as Inf; it is never checked here, because that check would be a device-to-host read on every
+    step. The caller reads all statistics once and redoes the rare non-finite case with
+    ``precise=True``: every norm accumulated in float64, slow but exact.
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
+    if precise:
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors]
+        return torch.stack(norms).square()
     fp32 = [t if t.dtype == torch.float32 else t.float() for t in tensors]
-    norms = torch.stack(torch._foreach_norm(fp32)).double()
-    overflow = ~torch.isfinite(norms)
-    if bool(overflow.any()):
-        for i in overflow.nonzero().flatten().tolist():
-            norms[i] = torch.linalg.vector_norm(fp32[i], dtype=torch.float64)
-    return norms.square()
+    return torch.stack(torch._foreach_norm(fp32)).double().square()
 
 
-def clip_factors(sq_norms: Tensor) -> list[float]:
+def clip_factors(sq_norms: Sequence[float]) -> list[float]:
     """Per-tensor clip factor: 1 / ||c||_F where ||c||_F > 1, else 1 (threshold fixed at 1)."""
-    norms = sq_norms.sqrt().tolist()
+    norms = [math.sqrt(x) for x in sq_norms]
     return [1.0 / n if n > 1.0 else 1.0 for n in norms]
 
 

@@ -14,9 +14,8 @@ from ._sharding_context import ShardingContext
 from ._step import (
     StepStats,
     adamw_step,
-    apply_updates,
-    orthogonalize_all,
-    precondition,
+    finish_matrices,
+    orthogonalize_and_apply,
     step_statistics,
     update_momenta,
 )
@@ -94,8 +93,11 @@ class MARSM(Optimizer):
         owner_policy: sharded matrices only: which rank orthogonalizes each matrix.
             ``"balanced"`` (default) spreads Newton-Schulz FLOPs greedily, largest matrix
             first; ``"round_robin"`` gives matrix i to rank i mod W (the paper's scheme).
-        bucket_bytes: sharded matrices only: at most this many bytes (counted as float32) of
-            full matrices owned by one rank per exchange round; bounds the extra memory.
+        bucket_bytes: the unit of the step's extra memory (default 256 MiB, counted as float32
+            elements): at most this much of full matrices owned by one rank per exchange round
+            (sharded) or per Newton-Schulz batch (unsharded), and of each chunk of elementwise
+            temporaries. The step's peak extra memory is about this plus the Newton-Schulz
+            temporaries of one bucket, whatever the model size.
         timing: synchronize the device around each phase so :attr:`last_step_stats` times are
             exact on GPUs (costs a little speed; on the CPU they are exact anyway).
 
@@ -187,8 +189,12 @@ class MARSM(Optimizer):
     def _ensure_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         """The parameter's state, with any missing key created (zeros); existing keys untouched."""
         state = self.state[p]
-        if "step" not in state:
+        step = state.get("step")
+        if step is None:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        elif not isinstance(step, Tensor) or step.device.type != "cpu":
+            # Counters live on the host (each step reads them); a checkpoint may bring them elsewhere.
+            state["step"] = torch.as_tensor(step, dtype=torch.float32).cpu()
         routes = {self.uses_marsm(group, s) for s in self._slots_of(p)}
         keys = ["exp_avg"]
         if True in routes:
@@ -255,7 +261,7 @@ class MARSM(Optimizer):
             ctx = self._contexts[key] = ShardingContext(
                 self.param_groups, self.uses_marsm,
                 lambda g, i: param_name(self.param_groups, g, i),
-                owner_policy=self.owner_policy, bucket_numel=max(1, self.bucket_bytes // 4),
+                owner_policy=self.owner_policy, bucket_numel=self._bucket_numel,
                 timer=self._timer)
         self._context = ctx
         return ctx
@@ -271,17 +277,22 @@ class MARSM(Optimizer):
         timer = self._timer
         timer.reset()
         sent0, received0 = _exchange_bytes(ctx)
+        chunk = self._bucket_numel
         with timer.phase("elementwise"):
             matrix, adamw = collect(self.param_groups, self.uses_marsm, ctx.adapter, ctx.slots,
                                     ctx.is_sharded_matrix)
             check_lookahead_ready(self.param_groups, matrix, self.state)
-            # Phase 1 writes nothing: c_t of every matrix and the step statistics.
-            pre = precondition(matrix, self.state, self._ensure_state)
+            for work in matrix + adamw:
+                for p in work.containers():
+                    self._ensure_state(work.group, p)
+        # Writes nothing: the statistics, with the step's one device-to-host read.
         with timer.phase("communication"):
-            stats = step_statistics(ctx, matrix, adamw, pre, self.state)
+            stats = step_statistics(ctx, matrix, adamw, self.state, chunk)
+            if not stats.finite:  # rare: tell a float32 overflow of a norm from a NaN/Inf
+                stats = step_statistics(ctx, matrix, adamw, self.state, chunk, precise=True)
         if not stats.finite:
             bad = describe_nonfinite(self.param_groups, matrix, adamw, self.state, stats.sq_norms,
-                                     stats.local_sq_norms)
+                                     stats.local_sq_norms())
             if self.on_nonfinite == "raise":
                 raise NonFiniteGradError(
                     f"MARSM: the {bad} contains NaN or Inf; parameters and optimizer state were "
@@ -291,13 +302,17 @@ class MARSM(Optimizer):
             return loss
         with timer.phase("elementwise"):
             for work in adamw:
-                adamw_step(work, self.state, self._ensure_state)
-            momenta = update_momenta(matrix, pre, stats, self.state)
-        orthos = orthogonalize_all(ctx, matrix, momenta, timer)
-        with timer.phase("apply"):
-            apply_updates(matrix, pre, stats, orthos, self.state)
+                adamw_step(work, self.state, chunk)
+            update_momenta(matrix, stats, self.state, chunk)
+        orthogonalize_and_apply(ctx, matrix, stats, self.state, timer, chunk)
+        finish_matrices(matrix, stats, self.state)
         self._record_stats(ctx, stats, sent0, received0)
         return loss
+
+    @property
+    def _bucket_numel(self) -> int:
+        """``bucket_bytes`` in elements (counted as float32): the step's unit of extra memory."""
+        return max(1, self.bucket_bytes // 4)
 
     def _skip_step(self, matrix: list[GroupWork], bad: str) -> None:
         self.skipped_steps += 1

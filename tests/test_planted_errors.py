@@ -34,15 +34,14 @@ MUTANTS = {
     ),
     "P aliases .grad in approx mode": (
         "marsm_dist/_step.py",
-        "            torch._foreach_copy_([prev[j] for j in sel], [gs[j] for j in sel])\n",
-        "            for j in sel:\n"
-        '                state[work.params[j]]["last_grad"] = gs[j]\n',
+        "                torch._foreach_copy_([prev[j] for j in js], gs)\n",
+        "                for j, g_ in zip(js, gs, strict=True):\n"
+        '                    state[work.params[j]]["last_grad"] = g_\n',
     ),
     "exact mode uses the new look-ahead at once": (
         "marsm_dist/_step.py",
-        'prev = work.local_state(state, "last_grad")\n        pre.grads',
-        'prev = work.local_state(state, "last_grad" if g["approx"] else "lookahead_grad")\n'
-        "        pre.grads",
+        'prev, exp_avgs = work.local_state(state, "last_grad"),',
+        'prev, exp_avgs = work.local_state(state, "last_grad" if g["approx"] else "lookahead_grad"),',
     ),
     "kappa without beta": (
         "marsm_dist/functional.py",
@@ -69,6 +68,19 @@ MUTANTS = {
         "        dist.all_reduce(out, group=self.group)\n",
         "",
         ["tests/test_fsdp2.py"],
+    ),
+    "every bucket's results held to the end of the step": (
+        "marsm_dist/sharding/engine.py",
+        "                del shards\n",
+        "                self.__dict__.setdefault('_held', []).append(shards)\n",
+        ["tests/test_device_paths.py"],
+    ),
+    "a host read per matrix": (
+        "marsm_dist/_step.py",
+        "    clipped = sum(1 for k, f in enumerate(factors) if active[k] and f < 1.0)\n",
+        "    clipped = sum(1 for k, f in enumerate(factors) if active[k] and f < 1.0)\n"
+        "    clipped += sum(int(bool(x > 1.0)) * 0 for x in norms)\n",
+        ["tests/test_device_paths.py"],
     ),
     "FSDP2 state as plain local tensors": (
         "marsm_dist/adapters/fsdp2.py",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -26,11 +27,13 @@ class ShardingEngine:
         policy: ``"round_robin"`` or ``"balanced"`` (see :mod:`marsm_dist.sharding.plan`).
         bucket_numel: at most this many elements of full matrices owned by one rank per round.
         timer: where communication and Newton-Schulz time is recorded.
+        device: where this rank's shards live; the collectives' tensors are made there (the
+            CPU when not given).
     """
 
     def __init__(self, layouts: list[MatrixLayout], group: dist.ProcessGroup | None,
                  policy: str = "balanced", bucket_numel: int = 1 << 26,
-                 timer: PhaseTimer | None = None) -> None:
+                 timer: PhaseTimer | None = None, device: torch.device | None = None) -> None:
         world = dist.get_world_size(group) if group is not None else 1
         rank = dist.get_rank(group) if group is not None else 0
         for layout in layouts:
@@ -41,7 +44,8 @@ class ShardingEngine:
         self.plan = make_plan([lay.shape for lay in layouts], world, policy, bucket_numel)
         self.exchange = Exchange(group, rank, world)
         self.timer = timer or PhaseTimer()
-        if world > 1:
+        self.device = device or torch.device("cpu")
+        if world > 1 and self.device.type != "meta":  # meta tensors (dry runs) hold no values to compare
             self._verify_same_on_every_rank()
 
     def _verify_same_on_every_rank(self) -> None:
@@ -49,23 +53,25 @@ class ShardingEngine:
         exchanges would pair up wrongly (or hang)."""
         text = repr((self.plan.digest(), [(lay.shape, lay.pieces) for lay in self.layouts]))
         digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
-        t = torch.tensor([digest, -digest], dtype=torch.int64)
-        if dist.get_backend(self.group) == "nccl":
-            t = t.cuda()
+        # On the shards' device: a process group serves only its own devices (NCCL: no CPU).
+        t = torch.tensor([digest, -digest], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        if t[0].item() != digest or t[1].item() != -digest:
+        if t.tolist() != [digest, -digest]:
             raise RuntimeError(
                 "MARSM: ranks disagree on the matrices to orthogonalize (shapes, order or sharding "
                 "differ between ranks); every rank must build the optimizer from the same model"
             )
 
     def orthogonalize(
-        self, local: list[Tensor | None], configs: list[NSConfig | None]
+        self, local: list[Tensor | None], configs: list[NSConfig | None],
+        on_result: Callable[[int, Tensor], None] | None = None,
     ) -> list[Tensor | None]:
-        """NS of every active matrix, returned as this rank's local shard (flat, NS dtype).
+        """NS of every active matrix, as this rank's local shard (flat, NS dtype).
 
         ``local[i]`` is this rank's shard of matrix i's momentum, or ``None`` when matrix i sits
-        out this step; that choice must be the same on every rank.
+        out this step; that choice must be the same on every rank. With ``on_result``, each
+        shard is handed to ``on_result(i, shard)`` as soon as its bucket is back and then
+        dropped (the returned list is all ``None``), so no result outlives its bucket.
         """
         out: list[Tensor | None] = [None] * len(local)
         owners = self.plan.owners
@@ -80,12 +86,19 @@ class ShardingEngine:
                 mine = [k for k, i in enumerate(idx) if owners[i] == self.rank]
                 with self.timer.phase("newton_schulz"):
                     done = orthogonalize([fulls[k] for k in mine], [configs[idx[k]] for k in mine])
+                del fulls  # the gathered momenta: NS made its own copies
                 results: list[Tensor | None] = [None] * len(idx)
                 for k, o in zip(mine, done, strict=True):
                     results[k] = o
+                del done
                 with self.timer.phase("communication"):
                     shards = self.exchange.scatter(
                         [(self.layouts[i], owners[i]) for i in idx], results, dtype, device)
+                del results
                 for k, i in enumerate(idx):
-                    out[i] = shards[k]
+                    if on_result is None:
+                        out[i] = shards[k]
+                    else:
+                        on_result(i, shards[k])
+                del shards
         return out
