@@ -3,6 +3,10 @@
 Fork is ~4x faster than a torchrun per test. Every worker ends with barrier, destroy and
 ``os._exit`` (torch 2.13 gloo processes can abort at interpreter exit otherwise); a rank that
 fails makes the parent stop the others at once, and a hang fails after ``timeout`` seconds.
+
+``run_with_fake_group`` plays one rank of a larger world in a single forked process, over torch's
+fake backend registered for the meta device only: like NCCL on a GPU, that group refuses CPU
+tensors ("No backend type associated with device type cpu"); meta tensors pass and move no data.
 """
 
 from __future__ import annotations
@@ -27,15 +31,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, rank: int, world_size: int, port: int, out: Path, args: tuple) -> None:
+def _worker(fn, rank: int, world_size: int, port: int | None, out: Path, args: tuple) -> None:
     code = 0
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=60))
+        if port is None:  # a fake meta-only group: this process alone plays `rank`
+            from torch.testing._internal.distributed.fake_pg import FakeStore
+
+            dist.init_process_group("meta:fake", store=FakeStore(), rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                    world_size=world_size, timeout=timedelta(seconds=60))
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, out / f"{rank}.pt")
-        dist.barrier()
+        if port is not None:
+            dist.barrier()
     except BaseException:
         torch.save({"ok": False, "error": traceback.format_exc()}, out / f"{rank}.pt")
         code = 1
@@ -55,12 +65,20 @@ def _worker(fn, rank: int, world_size: int, port: int, out: Path, args: tuple) -
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 180.0) -> list:
     """``fn(rank, world_size, *args)`` on every rank; returns the ranks' results in rank order."""
+    return _run(fn, world_size, range(world_size), _free_port(), args, timeout)
+
+
+def run_with_fake_group(fn, world_size: int, *args, rank: int = 0, timeout: float = 180.0):
+    """``fn(rank, world_size, *args)`` in one process whose default group is a fake meta-only one."""
+    return _run(fn, world_size, [rank], None, args, timeout)[0]
+
+
+def _run(fn, world_size: int, ranks, port: int | None, args: tuple, timeout: float) -> list:
     ctx = mp.get_context("fork")
+    ranks = list(ranks)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, out, args))
-                 for r in range(world_size)]
+        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, out, args)) for r in ranks]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
@@ -76,13 +94,14 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 180.0) -> list:
         for p in procs:
             p.join()
         records = {r: torch.load(out / f"{r}.pt", weights_only=False)
-                   for r in range(world_size) if (out / f"{r}.pt").exists()}
+                   for r in ranks if (out / f"{r}.pt").exists()}
         errors = [f"rank {r} of {world_size} failed:\n{rec['error']}" for r, rec in records.items()
                   if not rec["ok"]]
         if errors:
             raise AssertionError("\n".join(errors))
-        missing = [r for r in range(world_size) if r not in records]
+        missing = [r for r in ranks if r not in records]
         if missing:
+            codes = [procs[ranks.index(r)].exitcode for r in missing]
             raise AssertionError(f"ranks {missing} of {world_size} produced no result (exit codes "
-                                 f"{[procs[r].exitcode for r in missing]}; timeout {timeout}s?)")
-        return [records[r]["result"] for r in range(world_size)]
+                                 f"{codes}; timeout {timeout}s?)")
+        return [records[r]["result"] for r in ranks]

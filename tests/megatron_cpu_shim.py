@@ -3,6 +3,8 @@
 Usage:  with cuda_shim.CpuCudaShim(): ...     or   shim = cuda_shim.install(); ...; shim.uninstall()
 fake_cuda_type=True additionally makes Tensor.type() (no args) report 'torch.cuda.*Tensor' for CPU
 tensors (needed by Float16OptimizerWithFloat16Params / clip_grads type asserts).
+device="meta" sends the redirected calls to the meta device instead: it stands in for the GPU in
+tests whose process group, like NCCL, serves that device only (torch's "meta:fake" backend).
 """
 import contextlib
 
@@ -10,22 +12,26 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 
-def _cpu(d):
+def _cpu(d, target="cpu"):
     if isinstance(d, int) or (isinstance(d, (str, torch.device)) and str(d).startswith("cuda")):
-        return torch.device("cpu")
+        return torch.device(target)
     return d
 
 
 class _CpuDeviceMode(TorchFunctionMode):
-    """Rewrites device='cuda'/int/cuda:N to cpu; Tensor.cuda() -> no-op; .to('cuda') -> cpu."""
+    """Rewrites device='cuda'/int/cuda:N to the target (cpu); Tensor.cuda() and .to('cuda') go there too."""
+    def __init__(self, target="cpu"):
+        super().__init__()
+        self.target = target
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
-            return args[0]
+            return args[0] if self.target == "cpu" else args[0].to(self.target)
         if "device" in kwargs:
-            kwargs["device"] = _cpu(kwargs["device"])
+            kwargs["device"] = _cpu(kwargs["device"], self.target)
         if func is torch.Tensor.to and len(args) > 1 and isinstance(args[1], (str, torch.device, int)):
-            args = (args[0], _cpu(args[1])) + tuple(args[2:])
+            args = (args[0], _cpu(args[1], self.target)) + tuple(args[2:])
         return func(*args, **kwargs)
 
 
@@ -37,8 +43,8 @@ class _FakeStream:
 
 
 class CpuCudaShim(contextlib.AbstractContextManager):
-    def __init__(self, fake_cuda_type=False):
-        self.fake_cuda_type, self._saved, self._mode = fake_cuda_type, [], None
+    def __init__(self, fake_cuda_type=False, device="cpu"):
+        self.fake_cuda_type, self.device, self._saved, self._mode = fake_cuda_type, device, [], None
 
     def _set(self, obj, name, val):
         self._saved.append((obj, name, getattr(obj, name)))
@@ -47,7 +53,7 @@ class CpuCudaShim(contextlib.AbstractContextManager):
     def install(self):
         import megatron.core.tensor_parallel.random as mrand
         c = torch.cuda
-        self._set(c, "current_device", lambda: "cpu")
+        self._set(c, "current_device", lambda: self.device)
         self._set(c, "synchronize", lambda *a, **k: None)
         self._set(c, "get_rng_state", lambda *a, **k: torch.get_rng_state())
         self._set(c, "set_rng_state", lambda s, *a, **k: torch.set_rng_state(s))
@@ -65,7 +71,7 @@ class CpuCudaShim(contextlib.AbstractContextManager):
                 plain = not a and not k and t.device.type == "cpu" and "cuda" not in r
                 return r.replace("torch.", "torch.cuda.", 1) if plain else r
             self._set(torch.Tensor, "type", _type)
-        self._mode = _CpuDeviceMode()
+        self._mode = _CpuDeviceMode(self.device)
         self._mode.__enter__()
         return self
 

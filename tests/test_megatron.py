@@ -28,7 +28,7 @@ def setup(tp: int, fake_cuda_type: bool = False):
     return ps
 
 
-def build_gpt(tp: int):
+def build_gpt(tp: int, swiglu: bool = False):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -43,7 +43,10 @@ def build_gpt(tp: int):
                             gradient_accumulation_fusion=False,
                             tensor_model_parallel_size=tp, hidden_dropout=0.0, attention_dropout=0.0,
                             bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
-                            persist_layer_norm=False, add_bias_linear=False)
+                            persist_layer_norm=False, add_bias_linear=False,
+                            # SwiGLU: fc1 holds W and V; its checkpoint entry is a ShardedTensorFactory
+                            gated_linear_unit=swiglu, bias_activation_fusion=False,
+                            activation_func=torch.nn.functional.silu if swiglu else torch.nn.functional.gelu)
     return GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
                     max_sequence_length=SEQ)
 

@@ -14,9 +14,10 @@ that hold them to its owner, which runs Newton-Schulz on the whole matrix and sc
 update back. Optimizer state (momentum, last gradient, Adam moments, fp32 master weights) exists
 only for the main shards: 1/DP of what a replicated optimizer keeps.
 
-Checkpoints (``sharded_state_dict``) gather each parameter's state over DP into the parameter's
-shape, so they have the same format as the non-distributed MARS-M optimizer's and load at any DP
-size, with or without the distributed optimizer.
+Checkpoints (``sharded_state_dict``): each rank writes its own ranges of every parameter's state as
+pieces of the same global tensors the non-distributed MARS-M optimizer writes, so they load at any
+TP/DP size, with or without the distributed optimizer, and no rank ever holds more than its shard
+(:mod:`marsm_dist.adapters.megatron_sharded_checkpoint`).
 """
 
 from __future__ import annotations
@@ -28,10 +29,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.dist_checkpointing.optimizer import (
-    get_param_id_to_sharded_param_map,
-    optim_state_to_sharding_state,
-)
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer.grad_scaler import MegatronGradScaler
 from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
@@ -43,6 +40,7 @@ from ..optimizer import MARSM
 from ..sharding.adapter import ShardingAdapter, Slot, register_adapter
 from ..sharding.layout import MatrixLayout, Piece
 from .megatron import match_param_groups, tp_block_count
+from .megatron_sharded_checkpoint import load_flat_state, sharded_flat_state
 
 __all__ = ["ShardedMARSMOptimizer", "dp_shard_ranges"]
 
@@ -98,13 +96,26 @@ def dp_shard_ranges(model_chunks: list[torch.nn.Module], dp_size: int) -> dict[T
     return out
 
 
-def _group_coordinates(group: dist.ProcessGroup) -> list[tuple[int, int]]:
-    """(tp rank, dp rank) of every rank of ``group``, in group-rank order."""
+def _group_coordinates(group: dist.ProcessGroup, device: torch.device) -> list[tuple[int, int]]:
+    """(tp rank, dp rank) of every rank of ``group``, in group-rank order.
+
+    ``device`` is where the optimizer's tensors live: the device ``group``'s backend serves (NCCL
+    serves CUDA tensors only, so a CPU tensor would fail there).
+    """
     mine = torch.tensor([parallel_state.get_tensor_model_parallel_rank(),
-                         parallel_state.get_data_parallel_rank()], dtype=torch.int64)
+                         parallel_state.get_data_parallel_rank()], dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
-    return [(int(t[0]), int(t[1])) for t in everyone]
+    return [(tp, dp) for tp, dp in torch.stack(everyone).tolist()]  # one host read, not 2 per rank
+
+
+def _params_device(param_groups: list[dict[str, Any]], model_chunks: list[torch.nn.Module]) -> torch.device:
+    """The device of the parameters (so of the main shards) this optimizer steps."""
+    for p in (p for g in param_groups for p in g["params"]):
+        return p.device
+    for p in (p for chunk in model_chunks for p in chunk.parameters()):
+        return p.device  # a rank with nothing to step still joins the coordinates' all-gather
+    raise ValueError("use_distributed_optimizer: the model chunks have no parameters")
 
 
 def _matrix_layout(p: Tensor, ranges: list[tuple[int, int]], coords: list[tuple[int, int]],
@@ -175,7 +186,8 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         group = parallel_state.get_tensor_and_data_parallel_group()
         group = group if dist.get_world_size(group) > 1 else None
-        coords = _group_coordinates(group) if group is not None else [(0, 0)]
+        coords = (_group_coordinates(group, _params_device(param_groups, model_chunks))
+                  if group is not None else [(0, 0)])
         ranges = dp_shard_ranges(model_chunks, dp_size)
         names = {p: n for chunk in model_chunks for n, p in chunk.named_parameters()}
 
@@ -213,6 +225,11 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
                                       f"use_distributed_optimizer")
         layout = _matrix_layout(p, shard.ranges, coords, tp_size)
         return Slot(layout.shape, layout, 0, numel, shard.name)
+
+    @property
+    def shards(self) -> list[_Shard]:
+        """This rank's part of every parameter, in the order of MARSM's parameters."""
+        return self._shards
 
     # -- MixedPrecisionOptimizer hooks -------------------------------------------------------------
 
@@ -256,7 +273,7 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load either :meth:`state_dict` or a loaded :meth:`sharded_state_dict` (param-shaped state)."""
+        """Load either :meth:`state_dict` or a loaded :meth:`sharded_state_dict`."""
         if "main_params" in state_dict:
             saved = state_dict["optimizer"]
             saved["param_groups"] = match_param_groups(self.optimizer.param_groups, saved["param_groups"])
@@ -264,53 +281,20 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
             for s, saved in zip(self._shards, state_dict["main_params"], strict=True):
                 s.main.copy_(saved)
         else:
-            self._load_param_shaped(state_dict)
+            load_flat_state(self, state_dict)
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
 
-    def _param_shaped_state(self) -> dict[str, Any]:
-        """MARSM's state dict with every shard's tensors gathered over DP into the param's shape."""
-        sd = self.optimizer.state_dict()
-        sd["state"] = {i: dict(v) for i, v in sd["state"].items()}  # copies: the live state is untouched
-        dp_group = parallel_state.get_data_parallel_group()
-        gather = parallel_state.get_data_parallel_world_size() > 1
-        for i, s in enumerate(self._shards):
-            state = sd["state"].setdefault(i, {})
-            if s.param.dtype != torch.float32:
-                state["main_param"] = s.main.detach()
-            for key, value in list(state.items()):
-                if isinstance(value, Tensor) and key != "step":
-                    full = torch.zeros(s.param.numel(), dtype=value.dtype, device=value.device)
-                    full[s.start:s.stop] = value.view(-1)
-                    if gather:
-                        dist.all_reduce(full, group=dp_group)  # ranges are disjoint: a sum is a gather
-                    state[key] = full.view_as(s.param)
-        return sd
-
-    def _load_param_shaped(self, sd: dict[str, Any]) -> None:
-        step = sd["state"].pop("common_step", None)
-        state = {}
-        for i, s in enumerate(self._shards):
-            entry = {k: v.reshape(-1)[s.start:s.stop].clone() for k, v in sd["state"].get(i, {}).items()}
-            main = entry.pop("main_param", None)
-            s.main.copy_(main if main is not None else s.model_range(s.param.detach()))
-            if step is not None:
-                entry["step"] = step.clone() if isinstance(step, Tensor) else torch.tensor(float(step))
-            state[i] = entry
-        groups = match_param_groups(self.optimizer.param_groups, sd["param_groups"])
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-
     def sharded_state_dict(self, model_sharded_state_dict: Any, is_loading: bool = False,
                            metadata: dict | None = None, **kwargs: Any) -> dict[str, Any]:
-        """Megatron dist-checkpointing form: state in each parameter's (TP-local) shape."""
+        """Megatron dist-checkpointing form: this rank's ranges of the parameters' global state tensors.
+
+        Views of the live state, no copies: see :mod:`.megatron_sharded_checkpoint`. ``metadata``
+        (Megatron's ``distrib_optim_sharding_type``) is ignored: there is one format.
+        """
         if is_loading:
             self.init_state_fn(self.optimizer, self.config)
-        sd = self._param_shaped_state()
-        step = self._extract_common_per_param_step(sd)
-        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, [s.param for s in self._shards])
-        optim_state_to_sharding_state(sd, id_map, exclude_keys="step")
-        if step is not None:
-            sd["state"]["common_step"] = step
+        sd = sharded_flat_state(self, model_sharded_state_dict, is_loading)
         if self.grad_scaler is not None:
             sd["grad_scaler"] = self.grad_scaler.state_dict()
         return sd
