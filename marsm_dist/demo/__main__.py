@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 
 from .cli import UsageError, check, parse_args
-from .dist_env import launched
+from .dist_env import TooFewGPUsError, check_gpus, launched
 
 
 def main(argv: list[str] | None = None, on_exit: Callable[[bool], None] | None = None) -> int:
@@ -20,8 +20,14 @@ def main(argv: list[str] | None = None, on_exit: Callable[[bool], None] | None =
     world_size = int(os.environ["WORLD_SIZE"]) if launched() else args.world_size
     try:
         check(args, world_size)
+        check_gpus(world_size)
     except UsageError as err:
         if os.environ.get("RANK", "0") == "0":
+            print(f"python -m marsm_dist.demo: error: {err}", file=sys.stderr)
+        return 2
+    except TooFewGPUsError as err:
+        # Under a launcher every rank of the machine sees the same numbers: one of them says it.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"python -m marsm_dist.demo: error: {err}", file=sys.stderr)
         return 2
     if args.framework == "megatron":
