@@ -2,6 +2,7 @@
 
     python benchmarks/optimizer_step.py [--model gpt2-small --layers 2] [--repeats 5] [--threads 1]
                                         [--skip muon+adamw,marsm-torch-bf16] [--json out.json]
+                                        [--device cpu|cuda]
 
 Every optimizer steps its own copy of the same parameters with the same fixed gradients. After
 ``--warmup`` steps each, the optimizers take turns step by step (round robin), so a load change on
@@ -22,6 +23,10 @@ Rows:
 
 The JSON (default benchmarks/results/optimizer_step.json) keeps one entry per model and layer
 count, so the GPT-2 and demo runs sit side by side.
+
+``--device cuda`` runs the same rows on the GPU (the CPU-only row marsm-torch-bf16 is left out):
+the device is synchronized before and after each timed step, and MARSM runs without its phase
+timing (which would add synchronizations inside the step), so no phase split is shown there.
 """
 
 from __future__ import annotations
@@ -29,16 +34,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
-from marsm_dist import MARSM
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.results_file import save_results  # noqa: E402
+from marsm_dist import MARSM  # noqa: E402
 
 ns_module = importlib.import_module("marsm_dist.newton_schulz")  # the package re-exports the function
 muon_module = importlib.import_module("torch.optim._muon")
@@ -78,19 +86,22 @@ def _marsm_ns_for_muon(grad: torch.Tensor, ns_coefficients, ns_steps: int, eps: 
     return ns_module.newton_schulz(grad, ns_steps, coefficients=tuple(ns_coefficients), eps=eps, form="plain")
 
 
-def build(kind: str, matrices, others) -> tuple[list[torch.optim.Optimizer], Callable[[], object]]:
-    """The optimizers of one row and the context its steps run in."""
+def build(kind: str, matrices, others, device: str | torch.device = "cpu",
+          ) -> tuple[list[torch.optim.Optimizer], Callable[[], object]]:
+    """The optimizers of one row and the context its steps run in (values drawn on the CPU, so
+    every device gets the same numbers)."""
     gen = torch.Generator().manual_seed(0)
-    mats = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in matrices]
-    rest = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in others]
+    mats = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device)) for s in matrices]
+    rest = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device)) for s in others]
     for p in mats + rest:
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
+    on_cpu = torch.device(device).type == "cpu"
     context: Callable[[], object] = contextlib.nullcontext
     if kind.startswith("marsm"):
         dtype = torch.float32 if "fp32" in kind else torch.bfloat16
         form = "plain" if kind.endswith("plain") else "auto"
         groups = [{"params": mats, "use_marsm": True, "ns_form": form}, {"params": rest, "use_marsm": False}]
-        opts = [MARSM(groups, lr=1e-3, ns_dtype=dtype, timing=True)]
+        opts = [MARSM(groups, lr=1e-3, ns_dtype=dtype, timing=on_cpu)]
         if kind == "marsm-torch-bf16":
             context = lambda: _patched(ns_module, "EMULATE_CPU_BF16", False)  # noqa: E731
     elif kind.startswith("muon"):
@@ -105,25 +116,34 @@ def build(kind: str, matrices, others) -> tuple[list[torch.optim.Optimizer], Cal
     return opts, context
 
 
-def step_once(opts: list[torch.optim.Optimizer], context: Callable[[], object]) -> float:
+def _sync(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_once(opts: list[torch.optim.Optimizer], context: Callable[[], object],
+              device: str | torch.device = "cpu") -> float:
     with context():
+        _sync(device)
         t0 = time.perf_counter()
         for o in opts:
             o.step()
+        _sync(device)
         return time.perf_counter() - t0
 
 
-def run(kinds: list[str], matrices, others, warmup: int, repeats: int) -> dict[str, dict]:
-    """Median step seconds per row (round robin over rows), plus MARSM's phase split."""
-    built = {k: build(k, matrices, others) for k in kinds}
+def run(kinds: list[str], matrices, others, warmup: int, repeats: int,
+        device: str | torch.device = "cpu") -> dict[str, dict]:
+    """Median step seconds per row (round robin over rows), plus MARSM's phase split (CPU)."""
+    built = {k: build(k, matrices, others, device) for k in kinds}
     for opts, context in built.values():
         for _ in range(warmup):
-            step_once(opts, context)
+            step_once(opts, context, device)
     times: dict[str, list[float]] = {k: [] for k in kinds}
     phases: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     for _ in range(repeats):
         for k, (opts, context) in built.items():
-            times[k].append(step_once(opts, context))
+            times[k].append(step_once(opts, context, device))
             stats = getattr(opts[0], "last_step_stats", None)
             if stats is not None:
                 phases[k].append(stats.milliseconds)
@@ -160,7 +180,9 @@ def main() -> None:
                     help="torch threads; use 1 on a shared machine (2 threads on 2 busy cores thrash)")
     ap.add_argument("--skip", default="", help="comma-separated rows to leave out")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
-    ap.add_argument("--key", default=None, help="entry name in the JSON (default: MODEL-LAYERSL)")
+    ap.add_argument("--key", default=None,
+                    help="entry name in the JSON (default: MODEL-LAYERSL, with -cuda appended on the GPU)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -168,7 +190,7 @@ def main() -> None:
     if unknown := skip - set(ROWS):
         raise SystemExit(f"unknown rows in --skip: {sorted(unknown)}; rows are {ROWS}")
     emulated = ns_module.emulates_bfloat16("cpu")
-    if not emulated:  # the row would be a second copy of "marsm"
+    if not emulated or args.device != "cpu":  # the row would be a second copy of "marsm"
         skip.add("marsm-torch-bf16")
     kinds = [k for k in ROWS if k not in skip]
     matrices, others = model_shapes(args.model, args.layers)
@@ -177,19 +199,14 @@ def main() -> None:
     print(f"{args.model}, {args.layers} layers: {len(matrices)} matrices ({n_mat:,} elements), "
           f"{len(others)} AdamW tensors ({n_rest:,}); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; bf16 NS emulated in float32: {emulated}; "
-          f"median of {args.repeats} round-robin steps after {args.warmup} warm-up")
-    rows = run(kinds, matrices, others, args.warmup, args.repeats)
+          f"median of {args.repeats} round-robin steps after {args.warmup} warm-up"
+          + ("" if args.device == "cpu" else f"; on {torch.cuda.get_device_name()}"))
+    rows = run(kinds, matrices, others, args.warmup, args.repeats, args.device)
     print_table(rows)
-    key = args.key or f"{args.model}-{args.layers}L"
-    results = json.loads(args.json.read_text()) if args.json.exists() else {}
-    results[key] = {"args": {k: str(v) for k, v in vars(args).items()},
-                    "machine": {"cpu": platform.processor() or platform.machine(),
-                                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                                "bf16_emulated": emulated, "threads": torch.get_num_threads()},
-                    "rows": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1))
-    print(f"wrote {args.json} [{key}]")
+    key = args.key or f"{args.model}-{args.layers}L" + ("" if args.device == "cpu" else f"-{args.device}")
+    save_results(args.json, key, args, {"cpu": platform.processor() or platform.machine(),
+                                        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                        "bf16_emulated": emulated, "threads": torch.get_num_threads()}, rows)
 
 
 if __name__ == "__main__":
