@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._timing import PhaseTimer
-from .sharding.adapter import ShardingAdapter, Slot, adapter_for
+from .sharding.adapter import ShardingAdapter, Slot, adapter_for, check_group_serves
 from .sharding.engine import ShardingEngine
 
 Group = dict[str, Any]
@@ -80,20 +80,3 @@ class ShardingContext:
         dist.all_reduce(out, group=self.group)
         return out.to(vec.device)
 
-
-def check_group_serves(group: dist.ProcessGroup, device: torch.device, name: str) -> None:
-    """Refuse, up front, shards on a device that their process group has no backend for.
-
-    The usual case is optimizer offload: DeepSpeed's ``offload_optimizer`` or FSDP2's
-    ``CPUOffloadPolicy`` keep the shards (and so MARS-M's state and step) on the CPU while the
-    group is NCCL, which serves CUDA tensors only; the first collective would fail mid-step.
-    """
-    served = getattr(group, "_device_types", None)  # private in torch 2.6-2.14: skip if absent
-    if served is None or device.type in {d.type for d in served}:
-        return
-    backend = dist.get_backend(group)
-    raise ValueError(
-        f"MARSM: {name} is sharded on {device}, but its process group ({backend}) has no backend for "
-        f"{device.type} tensors. CPU offload of the optimizer (DeepSpeed offload_optimizer, FSDP2 "
-        f"CPUOffloadPolicy) needs a group that serves both devices: init the process group with "
-        f"backend='cpu:gloo,cuda:nccl', or turn the offload off.")

@@ -17,13 +17,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.overrides import TorchFunctionMode
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from marsm_dist import MARSM
-from marsm_dist._sharding_context import check_group_serves
 from marsm_dist.diagnostics import HostReads, PeakMemory
 from marsm_dist.orthogonalize import NSConfig, orthogonalize
+from marsm_dist.sharding import check_group_serves
 
 D = 64  # model width of the GPT-shaped test models
 
@@ -150,6 +151,17 @@ def test_fsdp2_on_a_device_only_group(meta_world, rank):
     opt = MARSM([{"params": params, "use_marsm": True}, {"params": [norm], "use_marsm": False}])
     assert steady_reads(opt) == [1, 1, 1]
     assert opt.last_step_stats.bytes_sent > 0 or rank == 3
+
+
+def test_fsdp2_cpu_offload_is_refused_at_construction(meta_world):
+    """FSDP2's CPUOffloadPolicy: DTensors whose local shard is on the CPU while their mesh (and its
+    group) serves only the device. MARS-M's collectives would fail mid-step: refused up front."""
+    mesh = meta_world(0, 2)
+    local = torch.zeros(4, 3)
+    spec = DTensorSpec(mesh, (Shard(0),), TensorMeta(torch.Size((8, 3)), (3, 1), local.dtype))
+    offloaded = torch.nn.Parameter(DTensor(local, spec, requires_grad=False))
+    with pytest.raises(ValueError, match="is sharded on cpu.*CPUOffloadPolicy.*cpu:gloo,cuda:nccl"):
+        MARSM([offloaded])
 
 
 def test_cpu_shards_on_a_device_only_group_are_refused(meta_world):

@@ -41,7 +41,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..optimizer import MARSM
 from ..param_groups import explain_routing
-from ..sharding.adapter import ShardingAdapter, Slot, register_adapter
+from ..sharding.adapter import ShardingAdapter, Slot, check_group_serves, register_adapter
 from ..sharding.layout import MatrixLayout, Piece
 
 __all__ = ["DeepSpeedAdapter", "build_marsm", "describe_partitions"]
@@ -145,6 +145,8 @@ def _stage3_slots(params, group, names) -> list[Slot]:
 
 
 def _tag(flat: Tensor, slots: list[Slot], group) -> None:
+    # Refused here, when the engine is built: with offload_optimizer the partitions live on the CPU.
+    check_group_serves(group, flat.device, f"a ZeRO partition of {flat.numel()} elements")
     _PARTITIONS[flat] = (slots, group)
 
 

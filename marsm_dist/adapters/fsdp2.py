@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
-from ..sharding.adapter import ShardingAdapter, register_adapter
+from ..sharding.adapter import ShardingAdapter, check_group_serves, register_adapter
 from ..sharding.layout import MatrixLayout, row_chunks
 
 __all__ = ["FSDP2Adapter"]
@@ -35,6 +35,9 @@ class FSDP2Adapter(ShardingAdapter):
                 f"MARSM supports DTensor parameters sharded Shard(0) on a 1-D mesh (FSDP2's "
                 f"default); got placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
             )
+        # At construction (state is created then): CPUOffloadPolicy keeps the shards on the CPU.
+        check_group_serves(p.device_mesh.get_group(), p.to_local().device,
+                           f"a DTensor parameter of shape {tuple(p.shape)}")
 
     def local(self, t: Tensor) -> Tensor:
         return t.to_local() if isinstance(t, DTensor) else t

@@ -4,7 +4,7 @@ It knows ``torch.distributed`` but no training framework: adapters describe thei
 :class:`MatrixLayout` pieces and register a :class:`ShardingAdapter` that the optimizer asks.
 """
 
-from .adapter import ShardingAdapter, Slot, adapter_for, register_adapter, slot_view
+from .adapter import ShardingAdapter, Slot, adapter_for, check_group_serves, register_adapter, slot_view
 from .engine import ShardingEngine
 from .layout import MatrixLayout, Piece, assemble, cut, row_chunks, whole
 from .plan import OWNER_POLICIES, ExchangePlan, make_plan
@@ -19,6 +19,7 @@ __all__ = [
     "Slot",
     "adapter_for",
     "assemble",
+    "check_group_serves",
     "cut",
     "make_plan",
     "register_adapter",

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .layout import MatrixLayout, whole
 
-__all__ = ["ShardingAdapter", "Slot", "adapter_for", "register_adapter", "slot_view"]
+__all__ = ["ShardingAdapter", "Slot", "adapter_for", "check_group_serves", "register_adapter", "slot_view"]
 
 
 @dataclass(frozen=True)
@@ -103,3 +103,21 @@ def adapter_for(p: Tensor) -> ShardingAdapter:
         if adapter.handles(p):
             return adapter
     return _PLAIN
+
+
+def check_group_serves(group: dist.ProcessGroup, device: torch.device, name: str) -> None:
+    """Refuse, up front, shards on a device that their process group has no backend for.
+
+    The usual case is optimizer offload: DeepSpeed's ``offload_optimizer`` or FSDP2's
+    ``CPUOffloadPolicy`` keep the shards (and so MARS-M's state and step) on the CPU while the
+    group is NCCL, which serves CUDA tensors only; the first collective would fail mid-step.
+    """
+    served = getattr(group, "_device_types", None)  # private in torch 2.6-2.14: skip if absent
+    if served is None or device.type in {d.type for d in served}:
+        return
+    backend = dist.get_backend(group)
+    raise ValueError(
+        f"MARSM: {name} is sharded on {device}, but its process group ({backend}) has no backend for "
+        f"{device.type} tensors. CPU offload of the optimizer (DeepSpeed offload_optimizer, FSDP2 "
+        f"CPUOffloadPolicy) needs a group that serves both devices: init the process group with "
+        f"backend='cpu:gloo,cuda:nccl', or turn the offload off.")
