@@ -45,3 +45,17 @@ def test_nonfinite_screen_of_adamw_grads(value):
         with pytest.raises(NonFiniteGradError, match="gradient"):
             opt.step()
         assert torch.equal(b.detach(), torch.ones(8)) and torch.equal(w.detach(), torch.ones(4, 4))
+
+
+def test_float32_norm_overflow_of_a_finite_matrix_gradient_is_a_normal_step():
+    """||c||^2 of a 1e20-scaled gradient overflows float32: the one host read shows Inf, the
+    statistics are redone in float64, and the clipped step equals that of a unit-scale gradient."""
+    results = []
+    for scale in (1.0, 1e20):
+        w = torch.nn.Parameter(torch.ones(4, 6))
+        opt = MARSM([w], ns_dtype=torch.float32)
+        w.grad = scale * torch.linspace(-1, 1, 24).reshape(4, 6)
+        opt.step()
+        results.append(w.detach().clone())
+        assert opt.last_step_stats.clipped == 1
+    assert torch.allclose(results[0], results[1], atol=1e-6, rtol=0)
