@@ -120,7 +120,8 @@ def _stack(values: list[Tensor], device: torch.device) -> Tensor:
 
 
 def step_statistics(ctx: ShardingContext, matrix: list[GroupWork], adamw: list[GroupWork],
-                    state: Mapping, chunk_numel: int, *, precise: bool = False) -> Statistics:
+                    state: Mapping, chunk_numel: int, timer: PhaseTimer, *, precise: bool = False
+                    ) -> Statistics:
     """Reduce the statistics over the shard group and read them on the host, once.
 
     ``precise`` accumulates the norms in float64; the step retries with it only when the fast
@@ -128,22 +129,24 @@ def step_statistics(ctx: ShardingContext, matrix: list[GroupWork], adamw: list[G
     """
     entries = [(p, k) for w in matrix for p, (_, k) in zip(w.params, w.indices, strict=True)]
     has = [h for w in matrix for h in w.has_grad]
-    norms = _vr_squared_norms(matrix, state, chunk_numel, precise)
     first = next((w.grads[0] for w in matrix + adamw), None)
     device = first.device if first is not None else (ctx.device or torch.device("cpu"))
     sharded = [n for n, (p, k) in enumerate(entries) if ctx.is_sharded_matrix(p, k)]
     local = [n for n, (p, k) in enumerate(entries) if not ctx.is_sharded_matrix(p, k)]
-    local_sq = _stack([norms[k] for k in local], device)
-    flag = nonfinite_flag([g for w in adamw for g in w.grads] + pending_lookaheads(matrix, state), device)
-    flag = flag + local_sq.sum() * 0.0  # a NaN/Inf among unsharded matrices must stop every rank too
-    # Which sharded matrices have a gradient on this rank: filled on the device (a list turned into
-    # a tensor would be a host-to-device copy, which waits for the device).
-    counts = torch.ones(len(sharded), dtype=torch.float64, device=device)
-    for i, k in enumerate(sharded):
-        if not has[k]:
-            counts[i] = 0.0
-    vec = ctx.all_reduce(torch.cat([_stack([norms[k] for k in sharded], device), counts, flag]))
-    values = torch.cat([vec.to(device), local_sq]).tolist()  # the step's one device-to-host read
+    with timer.phase("elementwise"):
+        norms = _vr_squared_norms(matrix, state, chunk_numel, precise)
+        local_sq = _stack([norms[k] for k in local], device)
+        flag = nonfinite_flag([g for w in adamw for g in w.grads] + pending_lookaheads(matrix, state), device)
+        flag = flag + local_sq.sum() * 0.0  # a NaN/Inf among unsharded matrices must stop every rank too
+        # Which sharded matrices have a gradient on this rank: filled on the device (a list turned
+        # into a tensor would be a host-to-device copy, which waits for the device).
+        counts = torch.ones(len(sharded), dtype=torch.float64, device=device)
+        for i, k in enumerate(sharded):
+            if not has[k]:
+                counts[i] = 0.0
+    with timer.phase("communication"):
+        vec = ctx.all_reduce(torch.cat([_stack([norms[k] for k in sharded], device), counts, flag]))
+        values = torch.cat([vec.to(device), local_sq]).tolist()  # the step's one device-to-host read
     n = len(sharded)
     sq, active = [0.0] * len(entries), [True] * len(entries)
     for i, k in enumerate(sharded):

@@ -286,10 +286,9 @@ class MARSM(Optimizer):
                 for p in work.containers():
                     self._ensure_state(work.group, p)
         # Writes nothing: the statistics, with the step's one device-to-host read.
-        with timer.phase("communication"):
-            stats = step_statistics(ctx, matrix, adamw, self.state, chunk)
-            if not stats.finite:  # rare: tell a float32 overflow of a norm from a NaN/Inf
-                stats = step_statistics(ctx, matrix, adamw, self.state, chunk, precise=True)
+        stats = step_statistics(ctx, matrix, adamw, self.state, chunk, timer)
+        if not stats.finite:  # rare: tell a float32 overflow of a norm from a NaN/Inf
+            stats = step_statistics(ctx, matrix, adamw, self.state, chunk, timer, precise=True)
         if not stats.finite:
             bad = describe_nonfinite(self.param_groups, matrix, adamw, self.state, stats.sq_norms,
                                      stats.local_sq_norms())
