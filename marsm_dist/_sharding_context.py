@@ -79,4 +79,3 @@ class ShardingContext:
         out = vec.to(self.device)
         dist.all_reduce(out, group=self.group)
         return out.to(vec.device)
-

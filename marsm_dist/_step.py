@@ -34,8 +34,6 @@ from .newton_schulz import newton_schulz_flops
 from .orthogonalize import NSConfig, matrix_view_shape, orthogonalize, scale_for
 from .sharding.plan import plan_buckets
 
-EnsureState = Callable[[dict[str, Any], Tensor], dict[str, Any]]
-
 
 @dataclass
 class StepStats:
@@ -88,15 +86,23 @@ def _kappa(group: dict[str, Any]) -> float:
     return F.marsm_kappa(float(group["momentum"]), float(group["gamma"]))
 
 
+def _variance_reduced(work: GroupWork, prev: list[Tensor],
+                      js: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+    """The (sign-adjusted) gradients of entries ``js`` and their c_t = g + kappa (g - P), new
+    tensors of this chunk only. Both phases that need c_t call this, so they compute it alike."""
+    gs = _grads(work, js)
+    return gs, F.variance_reduced_grads(gs, [prev[j] for j in js], kappa=_kappa(work.group))
+
+
 def _vr_squared_norms(matrix: list[GroupWork], state: Mapping, chunk_numel: int,
                       precise: bool) -> list[Tensor]:
     """||c_t||^2 of every local entry (0-dim float64 tensors on the data's device), computing
     c_t one chunk at a time and dropping it."""
     out: list[Tensor] = []
     for work in matrix:
-        prev, kappa = work.local_state(state, "last_grad"), _kappa(work.group)
+        prev = work.local_state(state, "last_grad")
         for js in chunks([g.numel() for g in work.grads], chunk_numel):
-            cs = F.variance_reduced_grads(_grads(work, js), [prev[j] for j in js], kappa=kappa)
+            _, cs = _variance_reduced(work, prev, js)
             out += F.squared_norms(cs, precise=precise).unbind()
             del cs
     return out
@@ -220,11 +226,9 @@ def update_momenta(matrix: list[GroupWork], stats: Statistics, state: Mapping, c
     for work, (k, sel) in zip(matrix, _active_slices(matrix, stats), strict=True):
         g = work.group
         prev, exp_avgs = work.local_state(state, "last_grad"), work.local_state(state, "exp_avg")
-        kappa = _kappa(g)
         for part in chunks([work.grads[j].numel() for j in sel], chunk_numel):
             js = [sel[i] for i in part]
-            gs = _grads(work, js)
-            cs = F.variance_reduced_grads(gs, [prev[j] for j in js], kappa=kappa)
+            gs, cs = _variance_reduced(work, prev, js)
             F.update_momentum_([exp_avgs[j] for j in js], cs, [stats.factors[k + j] for j in js],
                                momentum=float(g["momentum"]))
             if g["approx"]:
@@ -240,6 +244,10 @@ def orthogonalize_and_apply(ctx: ShardingContext, matrix: list[GroupWork], stats
     config_of = {id(w): cfg for w, cfg in zip(matrix, _work_configs(matrix), strict=True)}
     momenta = {id(w): w.local_state(state, "exp_avg") for w in matrix}
 
+    def momentum(k: int) -> Tensor:
+        w, j = entries[k]
+        return momenta[id(w)][j]
+
     def apply(k: int, o: Tensor) -> None:
         w, j = entries[k]
         g = w.group
@@ -249,12 +257,12 @@ def orthogonalize_and_apply(ctx: ShardingContext, matrix: list[GroupWork], stats
 
     local = [k for k, (w, j) in enumerate(entries) if stats.active[k]
              and not ctx.is_sharded_matrix(w.params[j], w.indices[j][1])]
-    for bucket in chunks([momenta[id(entries[k][0])][entries[k][1]].numel() for k in local], bucket_numel):
+    for bucket in chunks([momentum(k).numel() for k in local], bucket_numel):
         ks = [local[i] for i in bucket]
         with timer.phase("newton_schulz"):
             # A slot cut out of a flat container is a 1-D view: give NS its logical shape.
-            done = orthogonalize([momenta[id(entries[k][0])][entries[k][1]].view(entries[k][0].slots[
-                entries[k][1]].shape) for k in ks], [config_of[id(entries[k][0])] for k in ks])
+            done = orthogonalize([momentum(k).view(entries[k][0].slots[entries[k][1]].shape) for k in ks],
+                                 [config_of[id(entries[k][0])] for k in ks])
         with timer.phase("apply"):
             for k, o in zip(ks, done, strict=True):
                 apply(k, o)
@@ -268,7 +276,7 @@ def orthogonalize_and_apply(ctx: ShardingContext, matrix: list[GroupWork], stats
     for k, (w, j) in enumerate(entries):
         e = ctx.engine_index.get((id(w.params[j]), w.indices[j][1]))
         if e is not None and stats.active[k]:
-            inputs[e], configs[e], where[e] = momenta[id(w)][j], config_of[id(w)], k
+            inputs[e], configs[e], where[e] = momentum(k), config_of[id(w)], k
 
     def on_result(e: int, o: Tensor) -> None:
         with timer.phase("apply"):
