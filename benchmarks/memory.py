@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_file import save_results  # noqa: E402
+from benchmarks.shapes import MODELS, Shape, model_shapes  # noqa: E402
 from marsm_dist import MARSM  # noqa: E402
 from marsm_dist.diagnostics import HostReads, PeakMemory  # noqa: E402
 from marsm_dist.newton_schulz import NS_COEFFICIENTS, emulates_bfloat16  # noqa: E402
@@ -56,32 +57,7 @@ from marsm_dist.orthogonalize import NSConfig, orthogonalize  # noqa: E402
 from marsm_dist.sharding import make_plan  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "memory.json"
-LAYERS = {"gpt2-small": 12, "llama3-8b": 32}
 GiB = 2**30
-
-Shape = tuple[int, ...]
-
-
-def model_shapes(name: str, layers: int | None = None) -> tuple[list[Shape], list[Shape]]:
-    """(matrix shapes, AdamW-branch shapes) of a GPT-style model; ``layers`` cuts the depth."""
-    layers = LAYERS[name] if layers is None else layers
-    matrices: list[Shape] = []
-    if name == "gpt2-small":
-        d, vocab, ctx = 768, 50257, 1024
-        others: list[Shape] = [(vocab, d), (ctx, d), (d,), (d,)]  # wte, wpe, final LayerNorm
-        for _ in range(layers):
-            matrices += [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]
-            others += [(3 * d,), (d,), (4 * d,), (d,)] + [(d,)] * 4  # biases, two LayerNorms
-    elif name == "llama3-8b":
-        d, vocab, kv, ffn = 4096, 128256, 8 * 128, 14336
-        others = [(vocab, d), (vocab, d), (d,)]  # embedding, output head, final RMSNorm
-        for _ in range(layers):
-            matrices += [(d, d), (kv, d), (kv, d), (d, d), (ffn, d), (ffn, d), (d, ffn)]
-            others += [(d,), (d,)]
-    else:
-        raise ValueError(f"unknown model {name!r} (expected one of {sorted(LAYERS)})")
-    return matrices, others
-
 
 @contextlib.contextmanager
 def fake_world(world: int, rank: int) -> Iterator[DeviceMesh | None]:
@@ -192,7 +168,7 @@ def ns_bound(matrices: list[Shape], world: int, args) -> dict:
 
 def measure(name: str, args, world: int) -> dict:
     matrices, others = model_shapes(name, args.layers)
-    row = {"model": name, "layers": LAYERS[name] if args.layers is None else args.layers, "world": world,
+    row = {"model": name, "layers": MODELS[name][-1] if args.layers is None else args.layers, "world": world,
            "params": sum(math.prod(s) for s in matrices + others), "bucket_bytes": args.bucket_mib * 2**20,
            "ns_dtype": _dtype_name(args.ns_dtype), "device": args.device if world == 1 else "meta"}
     ranks = []

@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.results_file import save_results  # noqa: E402
+from benchmarks.shapes import model_shapes  # noqa: E402
 from marsm_dist import MARSM  # noqa: E402
 
 ns_module = importlib.import_module("marsm_dist.newton_schulz")  # the package re-exports the function
@@ -54,21 +55,6 @@ muon_module = importlib.import_module("torch.optim._muon")
 ROWS = ("marsm", "marsm-fp32-ns", "marsm-fp32-ns-plain", "marsm-torch-bf16", "muon+adamw",
         "muon[marsm-ns]+adamw", "adamw")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "optimizer_step.json"
-
-
-def model_shapes(name: str, layers: int) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
-    """(matrix shapes, AdamW shapes) of a GPT-style model."""
-    if name == "gpt2-small":
-        d, vocab, ctx = 768, 50257, 1024
-    elif name == "demo":
-        d, vocab, ctx = 128, 256, 64
-    else:
-        raise ValueError(f"unknown model {name!r}")
-    matrices, others = [], [(vocab, d), (ctx, d), (d,), (d,)]
-    for _ in range(layers):
-        matrices += [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]
-        others += [(3 * d,), (d,), (4 * d,), (d,)] + [(d,)] * 4
-    return matrices, others
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks.shapes import model_shapes
 from marsm_dist.newton_schulz import NS_COEFFICIENTS, newton_schulz_flops
 from marsm_dist.orthogonalize import NSConfig, orthogonalize
 
@@ -69,15 +70,11 @@ def matmul(ctx: Ctx) -> dict:
             "tflops_all": tflops, "summary": f"{rate:.3g} TFLOP/s ({n}^3 bf16, median of 10)"}
 
 
-def model_matrices(name: str, dry: bool, llama_layers: int) -> list[tuple[int, int]]:
-    """The hidden-matrix shapes (out, in) MARS-M orthogonalizes; dry mode shrinks every width."""
-    if name == "gpt2-small":
-        d, layers = (64, 1) if dry else (768, 12)
-        return [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * layers
-    if name == "llama3-8b":  # separate q, k, v (GQA: 8 KV heads of 128), SwiGLU MLP
-        d, kv, ffn = (128, 32, 448) if dry else (4096, 1024, 14336)
-        return [(d, d), (kv, d), (kv, d), (d, d), (ffn, d), (ffn, d), (d, ffn)] * (1 if dry else llama_layers)
-    raise ValueError(name)
+def model_matrices(name: str, dry: bool, llama_layers: int) -> list[tuple[int, ...]]:
+    """The hidden-matrix shapes (out, in) MARS-M orthogonalizes; dry mode takes tiny models."""
+    if dry:
+        return model_shapes({"gpt2-small": "demo", "llama3-8b": "llama3-tiny"}[name], 1)[0]
+    return model_shapes(name, llama_layers if name == "llama3-8b" else None)[0]
 
 
 def find_torch_muon_ns() -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:

@@ -151,7 +151,7 @@ def correctness(ctx: Ctx) -> dict:
 
 def gpt2_optimizer(device: torch.device, layers: int, model: str = "gpt2-small") -> MARSM:
     """MARSM over GPT-shaped parameters (benchmarks/optimizer_step.py's shapes) with fixed grads."""
-    from benchmarks.optimizer_step import model_shapes
+    from benchmarks.shapes import model_shapes
 
     matrices, others = model_shapes(model, layers)
     gen = torch.Generator().manual_seed(0)
@@ -227,11 +227,12 @@ def _sync_warnings(opt: torch.optim.Optimizer) -> tuple[list[str], list[str]]:
 def step_time(ctx: Ctx) -> dict:
     """Section g: median optimizer step ms on GPT-2-small shapes (12 layers; dry: the demo model)."""
     from benchmarks import optimizer_step as bench
+    from benchmarks.shapes import model_shapes
 
     model, layers = ("demo", 1) if ctx.dry else ("gpt2-small", 12)
     kinds = ["marsm", "marsm-fp32-ns", "muon+adamw", "muon[marsm-ns]+adamw", "adamw"]
     warmup, repeats = (1, 3) if ctx.dry else (3, 20)
-    matrices, others = bench.model_shapes(model, layers)
+    matrices, others = model_shapes(model, layers)
     log(f"  step_time: {model} x{layers}, rows {kinds}, median of {repeats}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch Muon warns about its lr adjustment once per build
