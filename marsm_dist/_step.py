@@ -4,9 +4,9 @@
    over shards), which sharded matrices got a gradient anywhere, and a NaN/Inf screen: one
    all-reduce and one device-to-host read, the step's only one.
 2. :func:`adamw_step`, :func:`update_momenta`: elementwise updates of the state.
-3. :func:`orthogonalize_and_apply`: Newton-Schulz bucket by bucket (through the sharding engine
-   for sharded matrices); each bucket's result is applied (decay + scaled orthogonal step) as
-   soon as it exists, so no result outlives its bucket.
+3. :func:`orthogonalize_and_apply`: Newton-Schulz bucket by bucket through the distributor
+   (which knows where each matrix's NS runs); each bucket's result is applied (decay + scaled
+   orthogonal step) as soon as it exists, so no result outlives its bucket.
 4. :func:`finish_matrices`: step counters, and the exact mode's P swap.
 
 Memory: c_t is never held for the whole model. Phase 1 computes it chunk by chunk (at most
@@ -26,12 +26,11 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from ._sharding_context import ShardingContext
+from ._param_map import ParamMap
 from ._step_inputs import GroupWork, nonfinite_flag, pending_lookaheads
 from ._timing import PhaseTimer
 from ._validation import check_ns_form
-from .newton_schulz import newton_schulz_flops
-from .orthogonalize import NSConfig, matrix_view_shape, orthogonalize, scale_for
+from .orthogonalize import NSConfig, scale_for
 from .sharding.plan import plan_buckets
 
 
@@ -67,7 +66,7 @@ class Statistics:
     finite: bool
     factors: list[float]
     clipped: int
-    local_ns_flops: int
+    ns_flops: int  # Newton-Schulz FLOPs this rank runs this step
 
 
 def chunks(numels: list[int], limit: int) -> Iterator[list[int]]:
@@ -125,48 +124,57 @@ def _stack(values: list[Tensor], device: torch.device) -> Tensor:
     return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=device)
 
 
-def step_statistics(ctx: ShardingContext, matrix: list[GroupWork], adamw: list[GroupWork],
+def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork],
                     state: Mapping, chunk_numel: int, timer: PhaseTimer, *, precise: bool = False
                     ) -> Statistics:
-    """Reduce the statistics over the shard group and read them on the host, once.
+    """Reduce the statistics over the job group and read them on the host, once.
 
     ``precise`` accumulates the norms in float64; the step retries with it only when the fast
     statistics came out non-finite (so a float32 overflow is not mistaken for a NaN gradient).
     """
-    entries = [(p, k) for w in matrix for p, (_, k) in zip(w.params, w.indices, strict=True)]
+    distributor = pm.distributor
+    index = [pm.matrix_index[(id(p), k)]
+             for w in matrix for p, (_, k) in zip(w.params, w.indices, strict=True)]
     has = [h for w in matrix for h in w.has_grad]
     first = next((w.grads[0] for w in matrix + adamw), None)
-    device = first.device if first is not None else (ctx.device or torch.device("cpu"))
-    sharded = [n for n, (p, k) in enumerate(entries) if ctx.is_sharded_matrix(p, k)]
-    local = [n for n, (p, k) in enumerate(entries) if not ctx.is_sharded_matrix(p, k)]
+    device = first.device if first is not None else (pm.device or torch.device("cpu"))
+    shared = [n for n, i in enumerate(index) if distributor.is_shared(i)]
+    local = [n for n, i in enumerate(index) if not distributor.is_shared(i)]
     with timer.phase("elementwise"):
         norms = _vr_squared_norms(matrix, state, chunk_numel, precise)
         local_sq = _stack([norms[k] for k in local], device)
         flag = nonfinite_flag([g for w in adamw for g in w.grads] + pending_lookaheads(matrix, state), device)
-        flag = flag + local_sq.sum() * 0.0  # a NaN/Inf among unsharded matrices must stop every rank too
-        # Which sharded matrices have a gradient on this rank: filled on the device (a list turned
-        # into a tensor would be a host-to-device copy, which waits for the device).
-        counts = torch.ones(len(sharded), dtype=torch.float64, device=device)
-        for i, k in enumerate(sharded):
+        flag = flag + local_sq.sum() * 0.0  # a NaN/Inf among own matrices must stop every rank too
+        # A shared matrix's norm is the sum over one copy's parts; other copies add theirs times
+        # zero (which keeps a NaN of theirs visible). Which shared matrices have a gradient on this
+        # rank: filled on the device (a list turned into a tensor would be a host-to-device copy,
+        # which waits for the device).
+        counts = torch.ones(len(shared), dtype=torch.float64, device=device)
+        shared_sq = [norms[k] if distributor.counts_here(index[k]) else norms[k] * 0.0 for k in shared]
+        for i, k in enumerate(shared):
             if not has[k]:
                 counts[i] = 0.0
     with timer.phase("communication"):
-        vec = ctx.all_reduce(torch.cat([_stack([norms[k] for k in sharded], device), counts, flag]))
+        vec = distributor.sum_over_ranks(torch.cat([_stack(shared_sq, device), counts, flag]))
         values = torch.cat([vec.to(device), local_sq]).tolist()  # the step's one device-to-host read
-    n = len(sharded)
-    sq, active = [0.0] * len(entries), [True] * len(entries)
-    for i, k in enumerate(sharded):
+    n = len(shared)
+    sq, active = [0.0] * len(index), [True] * len(index)
+    for i, k in enumerate(shared):
         sq[k], active[k] = values[i], values[n + i] > 0
     for i, k in enumerate(local):
         sq[k] = values[2 * n + 1 + i]
     finite = all(math.isfinite(x) for x in sq) and math.isfinite(values[2 * n])
     factors = F.clip_factors(sq) if finite else []
     clipped = sum(1 for k, f in enumerate(factors) if active[k] and f < 1.0)
-    configs = [(cfg, s.shape) for w, cfg in zip(matrix, _work_configs(matrix), strict=True) for s in w.slots]
-    local_flops = sum(newton_schulz_flops(matrix_view_shape(configs[k][1], configs[k][0].flatten),
-                                          configs[k][0].steps) for k in local if active[k])
+    configs: list[NSConfig | None] = [None] * len(distributor.matrices)
+    on: list[bool] = [False] * len(distributor.matrices)
+    k = 0
+    for work, cfg in zip(matrix, _work_configs(matrix), strict=True):
+        for _ in work.params:
+            configs[index[k]], on[index[k]] = cfg, active[k]
+            k += 1
     return Statistics(sq, lambda: _stack(norms, device).tolist(), active, finite, factors, clipped,
-                      local_flops)
+                      distributor.ns_flops(on, configs))
 
 
 def step_counts(counters: list[Tensor]) -> list[float]:
@@ -237,52 +245,31 @@ def update_momenta(matrix: list[GroupWork], stats: Statistics, state: Mapping, c
             del cs, gs
 
 
-def orthogonalize_and_apply(ctx: ShardingContext, matrix: list[GroupWork], stats: Statistics,
-                            state: Mapping, timer: PhaseTimer, bucket_numel: int) -> None:
-    """NS of every active matrix, bucket by bucket; W <- W (1 - lr wd) - lr s O as each arrives."""
-    entries = [(w, j) for w in matrix for j in range(len(w.params))]
-    config_of = {id(w): cfg for w, cfg in zip(matrix, _work_configs(matrix), strict=True)}
-    momenta = {id(w): w.local_state(state, "exp_avg") for w in matrix}
-
-    def momentum(k: int) -> Tensor:
-        w, j = entries[k]
-        return momenta[id(w)][j]
-
-    def apply(k: int, o: Tensor) -> None:
-        w, j = entries[k]
-        g = w.group
-        F.apply_matrix_update_([w.local_params[j]], [o], lr=float(g["lr"]),
-                               weight_decay=float(g["weight_decay"]),
-                               scales=[scale_for(w.slots[j].shape, g["flatten"])])
-
-    local = [k for k, (w, j) in enumerate(entries) if stats.active[k]
-             and not ctx.is_sharded_matrix(w.params[j], w.indices[j][1])]
-    for bucket in chunks([momentum(k).numel() for k in local], bucket_numel):
-        ks = [local[i] for i in bucket]
-        with timer.phase("newton_schulz"):
-            # A slot cut out of a flat container is a 1-D view: give NS its logical shape.
-            done = orthogonalize([momentum(k).view(entries[k][0].slots[entries[k][1]].shape) for k in ks],
-                                 [config_of[id(entries[k][0])] for k in ks])
-        with timer.phase("apply"):
-            for k, o in zip(ks, done, strict=True):
-                apply(k, o)
-        del done
-    if ctx.engine is None:
-        return
-    n = len(ctx.engine.layouts)
-    inputs: list[Tensor | None] = [None] * n
+def orthogonalize_and_apply(pm: ParamMap, matrix: list[GroupWork], stats: Statistics,
+                            state: Mapping, timer: PhaseTimer) -> None:
+    """NS of every active matrix through the distributor; W <- W (1 - lr wd) - lr s O as each
+    bucket's results arrive."""
+    distributor = pm.distributor
+    n = len(distributor.matrices)
+    momenta: list[Tensor | None] = [None] * n
     configs: list[NSConfig | None] = [None] * n
-    where = {}
-    for k, (w, j) in enumerate(entries):
-        e = ctx.engine_index.get((id(w.params[j]), w.indices[j][1]))
-        if e is not None and stats.active[k]:
-            inputs[e], configs[e], where[e] = momentum(k), config_of[id(w)], k
-
-    def on_result(e: int, o: Tensor) -> None:
+    where: dict[int, tuple[GroupWork, int]] = {}
+    k = 0
+    for work, cfg in zip(matrix, _work_configs(matrix), strict=True):
+        exp_avgs = work.local_state(state, "exp_avg")
+        for j, (p, (_, slot)) in enumerate(zip(work.params, work.indices, strict=True)):
+            if stats.active[k]:
+                i = pm.matrix_index[(id(p), slot)]
+                momenta[i], configs[i], where[i] = exp_avgs[j], cfg, (work, j)
+            k += 1
+    for i, o in distributor.results(momenta, configs):
+        w, j = where[i]
+        g = w.group
         with timer.phase("apply"):
-            apply(where[e], o)
-
-    ctx.engine.orthogonalize(inputs, configs, on_result)
+            F.apply_matrix_update_([w.local_params[j]], [o], lr=float(g["lr"]),
+                                   weight_decay=float(g["weight_decay"]),
+                                   scales=[scale_for(w.slots[j].shape, g["flatten"])])
+        del o
 
 
 def finish_matrices(matrix: list[GroupWork], stats: Statistics, state: Mapping) -> None:

@@ -82,9 +82,14 @@ def check_grad(param_groups: list[Group], group: Group, i: int, grad: Tensor) ->
         raise RuntimeError(f"MARSM does not support complex gradients ({param_name(param_groups, group, i)})")
 
 
+def routes_to_marsm(group: Group, slot: Slot) -> bool:
+    """True if ``slot`` takes the matrix update in ``group`` (its ``use_marsm``, else >= 2 dims)."""
+    use = group["use_marsm"]
+    return len(slot.shape) >= 2 if use is None else bool(use)
+
+
 def collect(
     param_groups: list[Group],
-    uses_marsm: Callable[[Group, Slot], bool],
     adapter_of: Callable[[Tensor], ShardingAdapter],
     slots_of: Callable[[Tensor], list[Slot]],
     always: Callable[[Tensor, int], bool],
@@ -99,7 +104,7 @@ def collect(
             if p.grad is not None:
                 check_grad(param_groups, group, i, p.grad)
             for k, slot in enumerate(slots_of(p)):
-                is_matrix = uses_marsm(group, slot)
+                is_matrix = routes_to_marsm(group, slot)
                 if is_matrix and len(slot.shape) < 2:
                     raise RuntimeError(
                         f"{param_name(param_groups, group, i)} has shape {slot.shape} but sits in a "

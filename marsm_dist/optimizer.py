@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from ._sharding_context import ShardingContext
+from ._param_map import ParamMap
 from ._step import (
     StepStats,
     adamw_step,
@@ -26,6 +26,7 @@ from ._step_inputs import (
     collect,
     describe_nonfinite,
     param_name,
+    routes_to_marsm,
 )
 from ._timing import PhaseTimer
 from ._validation import check_param, resolve_dtype, validate_hyperparameters, validate_options
@@ -100,10 +101,17 @@ class MARSM(Optimizer):
             temporaries of one bucket, whatever the model size.
         timing: synchronize the device around each phase so :attr:`last_step_stats` times are
             exact on GPUs (costs a little speed; on the CPU they are exact anyway).
+        process_group: the group over which plain (non-DTensor) parameters are replicated, as
+            in torch DDP (``torch.distributed.group.WORLD`` for a plain DDP job). Each matrix
+            then gets one owner rank in the group, which runs its Newton-Schulz and sends the
+            result to the others; every replica ends bitwise identical. ``None`` (default): each
+            process orthogonalizes its own tensors. DeepSpeed ZeRO-0 and Megatron without the
+            distributed optimizer set it for you.
 
-    Sharded parameters (FSDP2 DTensors, and the frameworks whose adapters are imported) need no
-    change: every rank does the elementwise work on its own shard, each matrix is gathered to
-    one owner rank for Newton-Schulz and the result is scattered back (see ``marsm_dist.sharding``).
+    Sharded parameters (FSDP2 DTensors on any mesh: 1-D, HSDP, FSDP x TP; and the frameworks
+    whose adapters are imported) need no change: every rank does the elementwise work on its own
+    shard, each matrix is gathered to one owner rank in the whole job for Newton-Schulz and the
+    result comes back to every rank that holds a piece of it (see ``marsm_dist.sharding``).
     """
 
     def __init__(
@@ -127,6 +135,7 @@ class MARSM(Optimizer):
         owner_policy: str = "balanced",
         bucket_bytes: int = 256 * 2**20,
         timing: bool = False,
+        process_group: Any = None,
     ) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, gamma=gamma,
                         ns_steps=ns_steps, ns_dtype=ns_dtype, adamw_betas=tuple(adamw_betas),
@@ -135,11 +144,12 @@ class MARSM(Optimizer):
         validate_hyperparameters(defaults)
         validate_options(on_nonfinite=on_nonfinite, owner_policy=owner_policy, bucket_bytes=bucket_bytes)
         self.on_nonfinite, self.owner_policy, self.bucket_bytes = on_nonfinite, owner_policy, bucket_bytes
+        self._process_group = process_group
         self.skipped_steps = 0
         self.last_step_stats: StepStats | None = None
         self._timer = PhaseTimer(_device_sync() if timing else None)
-        self._context: ShardingContext | None = None  # the one the last step used
-        self._contexts: dict[tuple, ShardingContext] = {}
+        self._context: ParamMap | None = None  # the one the last step used
+        self._contexts: dict[tuple, ParamMap] = {}
         super().__init__(params, defaults)
         # Sharded frameworks that keep their parameters (FSDP2) get every state key now, so
         # checkpoint helpers see rank-symmetric keys and never run a dummy step.
@@ -153,7 +163,7 @@ class MARSM(Optimizer):
                 group.setdefault(key, value)
         for key, value in dict(on_nonfinite="raise", owner_policy="balanced", bucket_bytes=256 * 2**20,
                                skipped_steps=0, last_step_stats=None, _context=None,
-                               _contexts={}).items():
+                               _contexts={}, _process_group=None).items():
             self.__dict__.setdefault(key, value)
         self.__dict__.setdefault("_timer", PhaseTimer())
 
@@ -173,12 +183,22 @@ class MARSM(Optimizer):
             self.param_groups.pop()  # a refused group must not stay half-added
             raise
 
+    @property
+    def process_group(self) -> Any:
+        """The group plain parameters are replicated over (see the class docstring), or None."""
+        return self._process_group
+
+    @process_group.setter
+    def process_group(self, group: Any) -> None:
+        # Frameworks set it after construction (DeepSpeed ZeRO-0): plans made so far are stale.
+        self._process_group = group
+        self._contexts, self._context = {}, None
+
     # ----------------------------------------------------------------------------- routing, state
     @staticmethod
     def uses_marsm(group: dict[str, Any], slot: Slot) -> bool:
         """True if ``slot`` takes the matrix update in ``group`` (the key, else >= 2 dims)."""
-        use = group["use_marsm"]
-        return len(slot.shape) >= 2 if use is None else use
+        return routes_to_marsm(group, slot)
 
     def _slots_of(self, p: Tensor) -> list[Slot]:
         ctx = self.__dict__.get("_context")
@@ -249,20 +269,18 @@ class MARSM(Optimizer):
                 self.state[p]["lookahead_ready"] = True
 
     # ------------------------------------------------------------------------------------- step
-    def _sharding(self) -> ShardingContext:
-        """The context for the current param groups. DeepSpeed's ZeRO wrappers step one group at
-        a time (param_groups is swapped per call), so contexts are kept per set of groups: a
+    def _sharding(self) -> ParamMap:
+        """The parameter map for the current param groups. DeepSpeed's ZeRO wrappers step one
+        group at a time (param_groups is swapped per call), so maps are kept per set of groups: a
         rebuild would re-plan and re-verify the plan with a collective on every call."""
-        key = ShardingContext.key_of(self.param_groups)
+        key = ParamMap.key_of(self.param_groups)
         ctx = self._contexts.get(key)
         if ctx is None:
             if len(self._contexts) >= _MAX_CONTEXTS:  # groups were rebuilt; forget old layouts
                 self._contexts.clear()
-            ctx = self._contexts[key] = ShardingContext(
-                self.param_groups, self.uses_marsm,
-                lambda g, i: param_name(self.param_groups, g, i),
-                owner_policy=self.owner_policy, bucket_numel=self._bucket_numel,
-                timer=self._timer)
+            ctx = self._contexts[key] = ParamMap(
+                self.param_groups, process_group=self.process_group, owner_policy=self.owner_policy,
+                bucket_numel=self._bucket_numel, timer=self._timer)
         self._context = ctx
         return ctx
 
@@ -276,11 +294,10 @@ class MARSM(Optimizer):
         ctx = self._sharding()
         timer = self._timer
         timer.reset()
-        sent0, received0 = _exchange_bytes(ctx)
+        sent0, received0 = ctx.distributor.exchanged_bytes()
         chunk = self._bucket_numel
         with timer.phase("elementwise"):
-            matrix, adamw = collect(self.param_groups, self.uses_marsm, ctx.adapter, ctx.slots,
-                                    ctx.is_sharded_matrix)
+            matrix, adamw = collect(self.param_groups, ctx.adapter, ctx.slots, ctx.is_shared_matrix)
             check_lookahead_ready(self.param_groups, matrix, self.state)
             for work in matrix + adamw:
                 for p in work.containers():
@@ -303,7 +320,7 @@ class MARSM(Optimizer):
             for work in adamw:
                 adamw_step(work, self.state, chunk)
             update_momenta(matrix, stats, self.state, chunk)
-        orthogonalize_and_apply(ctx, matrix, stats, self.state, timer, chunk)
+        orthogonalize_and_apply(ctx, matrix, stats, self.state, timer)
         finish_matrices(matrix, stats, self.state)
         self._record_stats(ctx, stats, sent0, received0)
         return loss
@@ -321,25 +338,15 @@ class MARSM(Optimizer):
                 if "lookahead_ready" in self.state[p]:
                     self.state[p]["lookahead_ready"] = False
 
-    def _record_stats(self, ctx: ShardingContext, stats: Any, sent0: int, received0: int) -> None:
-        sent, received = _exchange_bytes(ctx)
-        plan = ctx.engine.plan if ctx.engine is not None else None
-        rank = ctx.engine.rank if ctx.engine is not None else 0
+    def _record_stats(self, ctx: ParamMap, stats: Any, sent0: int, received0: int) -> None:
+        sent, received = ctx.distributor.exchanged_bytes()
         self.last_step_stats = StepStats(
             milliseconds=self._timer.milliseconds(), bytes_sent=sent - sent0,
             bytes_received=received - received0, clipped=stats.clipped,
-            ns_flops_this_rank=(plan.ns_flops[rank] if plan else 0) + stats.local_ns_flops,
-            ns_flops_max_over_mean=plan.flops_balance if plan else 1.0,
-            owned_matrices=sum(o == rank for o in plan.owners) if plan else 0,
+            ns_flops_this_rank=stats.ns_flops, ns_flops_max_over_mean=ctx.distributor.flops_balance,
+            owned_matrices=ctx.distributor.owned_matrices,
         )
         logger.debug("MARSM step: %s", self.last_step_stats)
-
-
-def _exchange_bytes(ctx: ShardingContext) -> tuple[int, int]:
-    if ctx.engine is None:
-        return 0, 0
-    c = ctx.engine.exchange.counters
-    return c.bytes_sent, c.bytes_received
 
 
 def _device_sync() -> Callable[[], None] | None:

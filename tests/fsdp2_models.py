@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from marsm_dist import MARSM, param_groups
 from marsm_dist.demo.model import TinyGPT
@@ -44,6 +46,8 @@ def build(name: str) -> nn.Module:
         return Awkward()
     if name == "awkward-clipped":
         return Awkward(loss_scale=200.0)
+    if name == "awkward-sometimes-clipped":  # c_t norms near 1: clipped on some steps, not others
+        return Awkward(loss_scale=8.0)
     if name == "gpt":
         model = TinyGPT(d=32, layers=2, heads=2, seq_len=16)
         # The key part of a QKV bias has an exactly zero gradient (softmax ignores a shift shared
@@ -71,6 +75,21 @@ def shard(model: nn.Module, world_size: int) -> nn.Module:
         fully_shard(m, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def shard_fsdp_x_tp(model: nn.Module) -> tuple[nn.Module, int, int]:
+    """An ``Awkward`` model on a 2x2 (dp, tp) mesh, as torch's TP styles and ``fully_shard`` make it:
+    (30, 16) column-parallel (blocks of 15 rows, then 8/7 rows per dp rank: ``_StridedShard``);
+    (7, 30) row-parallel (column blocks of 15, rows 4/3); (3, 7) column-parallel (uneven blocks of
+    2 and 1 rows; the second splits 1/0 over dp, so a rank holds nothing of it). The rest (AdamW
+    branch) is only ``fully_shard``-ed over dp. Returns the model, its dp rank and dp size."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    parallelize_module(model, mesh["tp"], {"a": ColwiseParallel(output_layouts=Replicate()),
+                                           "b": RowwiseParallel(input_layouts=Replicate()),
+                                           "c": ColwiseParallel(output_layouts=Replicate())})
+    for m in (model.a, model.b, model.c, model):
+        fully_shard(m, mesh=mesh["dp"])
+    return model, mesh.get_local_rank("dp"), 2
 
 
 def train(name, model, opt, steps, *, approx, rank=0, world_size=1, start=0, shadow=None):

@@ -220,7 +220,7 @@ def test_sharded_step_memory_is_set_by_the_bucket(meta_world, rank):
         peaks[layers] = step_peak(opt)
         # Each round gathers (bf16) the matrices this rank owns in one bucket, orthogonalizes them
         # and scatters them back: the bound is the bucket plus the worst round's NS temporaries.
-        plan = opt._context.engine.plan
+        plan = opt._context.distributor.engine.plan
         owned = [[gpt_matrices(layers)[i] for i in b if plan.owners[i] == rank] for b in plan.buckets]
         bounds[layers] = BUCKET + max(ns_bucket_peak(shapes) for shapes in owned if shapes)
         assert peaks[layers] <= 1.2 * bounds[layers], (layers, peaks, bounds)

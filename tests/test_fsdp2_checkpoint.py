@@ -67,3 +67,24 @@ def test_save_at_four_ranks_resume_at_two_and_three(tmp_path, approx):
         got = run_distributed(load_run, world_size, str(tmp_path / "ckpt"), approx)[0]
         for n in want:
             assert (got[n] - want[n]).abs().max() < 1e-5, (world_size, n)
+
+
+def save_fsdp_x_tp_run(rank, world_size, path):
+    model, dp_rank, dp_size = fm.shard_fsdp_x_tp(fm.build("awkward"))
+    opt = fm.make_opt(model, **KW)
+    fm.train("awkward", model, opt, 5, approx=True, rank=dp_rank, world_size=dp_size)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=path)
+    return {n: str(p.placements) for n, p in model.named_parameters()}
+
+
+def test_save_fsdp_x_tp_resume_on_a_1d_mesh(tmp_path):
+    """Saved on a 2x2 FSDP x TP mesh (2-D state DTensors, _StridedShard and uneven blocks), loaded
+    into 1-D FSDP2 at 2 and 4 ranks: the run continues the single-process trajectory."""
+    placements = run_distributed(save_fsdp_x_tp_run, 4, str(tmp_path / "ckpt"))[0]
+    assert "_StridedShard" in placements["a.weight"] and "Shard(dim=1)" in placements["b.weight"]
+    want = fm.reference("awkward", 10, approx=True, **KW)
+    for world_size in (2, 4):
+        got = run_distributed(load_run, world_size, str(tmp_path / "ckpt"), True)[0]
+        for n in want:
+            assert (got[n] - want[n]).abs().max() < 1e-5, (world_size, n)

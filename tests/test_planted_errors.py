@@ -64,10 +64,16 @@ MUTANTS = {
         'coefficients=cfg.coefficients, norm_over="matrix"',
     ),
     "shard-local clip norm (no all-reduce)": (
-        "marsm_dist/_sharding_context.py",
+        "marsm_dist/sharding/distributor.py",
         "        dist.all_reduce(out, group=self.group)\n",
         "",
         ["tests/test_fsdp2.py"],
+    ),
+    "every replica adds its norm (replicated matrices clipped by sqrt(copies) x their norm)": (
+        "marsm_dist/_step.py",
+        "shared_sq = [norms[k] if distributor.counts_here(index[k]) else norms[k] * 0.0 for k in shared]",
+        "shared_sq = [norms[k] for k in shared]",
+        ["tests/test_topologies.py"],
     ),
     "every bucket's results held to the end of the step": (
         "marsm_dist/sharding/engine.py",

@@ -37,8 +37,9 @@ def test_assemble_and_cut_round_trip_for_every_layout_kind():
     ]
     for layout in layouts:
         parts = cut(layout, full)
-        assert [p.numel() for p in parts] == [layout.local_numel(r) for r in range(layout.world_size)]
-        rebuilt = assemble(layout, dict(enumerate(parts)), torch.float32)
+        assert [parts[r].numel() for r in range(layout.world_size)] == [
+            layout.local_numel(r) for r in range(layout.world_size)]
+        rebuilt = assemble(layout, parts, torch.float32)
         assert torch.equal(rebuilt, full)
     # The TP block is the column half, flattened row-major inside the block.
     tp = layouts[3]

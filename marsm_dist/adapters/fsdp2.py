@@ -1,27 +1,116 @@
-"""FSDP2 (``torch.distributed.fsdp.fully_shard``): DTensor parameters sharded ``Shard(0)``.
+"""FSDP2 and DTensor parameters on any device mesh: 1-D ``fully_shard``, HSDP, FSDP x TP.
 
 Registered when ``marsm_dist`` is imported, so ``MARSM(sharded_model.parameters())`` just works.
-Each rank holds a run of whole rows (``torch.chunk`` semantics: uneven, possibly empty). State
-tensors are DTensors with the parameter's mesh and placements, which is what
+A DTensor's placements say which indices of each dim a mesh coordinate holds: ``Shard(d)`` cuts
+dim ``d`` as ``torch.chunk`` does (uneven, possibly empty), ``_StridedShard`` is the FSDP-after-TP
+form, ``Replicate()`` makes copies. This adapter turns them into a piece layout over the whole
+mesh (see :func:`marsm_dist.sharding.layout.from_runs`), so each matrix's Newton-Schulz runs once
+in the whole job, whatever the mesh.
+
+State tensors are DTensors with the parameter's mesh and placements, which is what
 ``torch.distributed.checkpoint`` needs to save and reshard them (a plain local tensor would be
 saved as if replicated, and every rank would get one rank's shard back).
 """
 
 from __future__ import annotations
 
+import math
+from functools import lru_cache
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from ..sharding.adapter import ShardingAdapter, check_group_serves, register_adapter
-from ..sharding.layout import MatrixLayout, row_chunks
+from ..sharding.layout import MatrixLayout, Runs, from_runs
 
-__all__ = ["FSDP2Adapter"]
+__all__ = ["FSDP2Adapter", "dtensor_layout"]
+
+
+def _runs_of_tensor(idx: Tensor) -> Runs:
+    """Runs of consecutive ascending indices in a 1-D integer tensor (one host read)."""
+    if idx.numel() == 0:
+        return ()
+    breaks = (torch.nonzero(idx[1:] - idx[:-1] != 1).flatten() + 1).tolist()
+    values = idx.tolist()
+    bounds = [0, *breaks, len(values)]
+    return tuple((values[a], values[b - 1] + 1) for a, b in zip(bounds, bounds[1:], strict=False))
+
+
+@lru_cache(maxsize=4096)
+def _dim_runs(n: int, dim: int, chain: tuple) -> Runs:
+    """The indices of a dim of size ``n`` that survive ``chain``: (placement, mesh dim size,
+    coordinate) for each mesh dim that shards ``dim``, applied left to right as DTensor does."""
+    idx = torch.arange(n)
+    for placement, size, coord in chain:
+        # The placement splits its own dim: give it the index vector along that dim.
+        parts, _ = placement._split_tensor(idx.view([1] * dim + [-1]), size, with_padding=False,
+                                           contiguous=True)
+        parts = [t.reshape(-1) for t in parts]
+        idx = parts[coord] if coord < len(parts) else idx[:0]
+    return _runs_of_tensor(idx)
+
+
+def _shards(placement) -> bool:
+    # _StridedShard (private in torch 2.6-2.14; FSDP2 makes it after TP) is not a Shard subclass.
+    return isinstance(placement, (Shard, _StridedShard))
+
+
+def _check_placements(p: DTensor) -> None:
+    for placement in p.placements:
+        if not (placement.is_replicate() or _shards(placement)):
+            raise NotImplementedError(
+                f"MARSM cannot step a DTensor parameter of shape {tuple(p.shape)} with placements "
+                f"{tuple(p.placements)}: {placement} is not supported (Shard, _StridedShard and "
+                f"Replicate are)")
+    if sum(pl.is_replicate() for pl in p.placements) > 1:
+        raise NotImplementedError(
+            f"MARSM supports at most one Replicate() mesh dim per DTensor parameter; a parameter of "
+            f"shape {tuple(p.shape)} has placements {tuple(p.placements)}")
+
+
+def job_group(mesh: DeviceMesh) -> dist.ProcessGroup:
+    """One process group over all of ``mesh``'s ranks (the default group when the mesh spans
+    the world, which is how FSDP2 and torchtitan jobs are set up)."""
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    if mesh.size() == dist.get_world_size():
+        return dist.group.WORLD
+    if not mesh.mesh_dim_names:
+        raise NotImplementedError(f"MARSM needs a {mesh.ndim}-D mesh that spans the world, or one with "
+                                  f"mesh_dim_names (so it can be flattened); got {mesh}")
+    return mesh._flatten().get_group()
+
+
+def dtensor_layout(shape: tuple[int, ...], mesh: DeviceMesh, placements: tuple, group_ranks: list[int]
+                   ) -> MatrixLayout:
+    """The piece layout of a DTensor of ``shape`` over the ranks ``group_ranks`` (global ranks, in
+    the job group's order), with one copy per coordinate of its Replicate() mesh dim."""
+    coords: dict[int, tuple[int, ...]] = {}
+    for index, g in enumerate(mesh.mesh.reshape(-1).tolist()):
+        coord = []
+        for size in reversed(tuple(mesh.shape)):
+            index, c = divmod(index, size)
+            coord.append(c)
+        coords[g] = tuple(reversed(coord))
+    replicate_dims = [m for m, pl in enumerate(placements) if pl.is_replicate()]
+    runs, replicas = [], []
+    for g in group_ranks:
+        coord = coords[g]
+        runs.append(tuple(
+            _dim_runs(n, d, tuple((pl, mesh.size(m), coord[m]) for m, pl in enumerate(placements)
+                                  if _shards(pl) and pl.dim == d))
+            for d, n in enumerate(shape)))
+        replicas.append(sum(coord[m] * math.prod(mesh.size(k) for k in replicate_dims[i + 1:])
+                            for i, m in enumerate(replicate_dims)))
+    return from_runs(tuple(shape), runs, replicas if replicate_dims else None)
 
 
 class FSDP2Adapter(ShardingAdapter):
-    """DTensor parameters on a 1-D device mesh with ``Shard(0)`` placement."""
+    """DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism, HSDP) on any mesh."""
 
     name = "fsdp2"
     prepopulate_state = True
@@ -30,13 +119,9 @@ class FSDP2Adapter(ShardingAdapter):
         return isinstance(p, DTensor)
 
     def _check(self, p: DTensor) -> None:
-        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-            raise NotImplementedError(
-                f"MARSM supports DTensor parameters sharded Shard(0) on a 1-D mesh (FSDP2's "
-                f"default); got placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
-            )
+        _check_placements(p)
         # At construction (state is created then): CPUOffloadPolicy keeps the shards on the CPU.
-        check_group_serves(p.device_mesh.get_group(), p.to_local().device,
+        check_group_serves(p.device_mesh.get_group(0), p.to_local().device,
                            f"a DTensor parameter of shape {tuple(p.shape)}")
 
     def local(self, t: Tensor) -> Tensor:
@@ -50,11 +135,16 @@ class FSDP2Adapter(ShardingAdapter):
 
     def process_group(self, p: Tensor) -> dist.ProcessGroup:
         self._check(p)
-        return p.device_mesh.get_group()
+        return job_group(p.device_mesh)
+
+    def replica_group(self, p: Tensor) -> dist.ProcessGroup | None:
+        dims = [m for m, pl in enumerate(p.placements) if isinstance(pl, Replicate)]
+        return p.device_mesh.get_group(dims[0]) if dims else None
 
     def layout(self, p: Tensor) -> MatrixLayout:
         self._check(p)
-        return row_chunks(tuple(p.shape), p.device_mesh.size())
+        ranks = dist.get_process_group_ranks(job_group(p.device_mesh))
+        return dtensor_layout(tuple(p.shape), p.device_mesh, tuple(p.placements), ranks)
 
 
 register_adapter(FSDP2Adapter())

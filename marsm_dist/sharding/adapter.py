@@ -75,6 +75,11 @@ class ShardingAdapter:
         """The group ``p``'s shards are spread over, or None when this process holds all of it."""
         return None
 
+    def replica_group(self, p: Tensor) -> dist.ProcessGroup | None:
+        """For a layout with replicas: the group of ranks that hold the same pieces as this rank
+        (one per copy), over which results reach the other copies. None: no replicas."""
+        return None
+
     def layout(self, p: Tensor) -> MatrixLayout:
         """The pieces every rank of :meth:`process_group` holds of ``p``."""
         return whole(tuple(p.shape))

@@ -1,9 +1,9 @@
-"""Orthogonalize sharded matrices: gather each to its owner, run NS there, scatter back."""
+"""Orthogonalize shared matrices: gather each to its owner, run NS there, send results back."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._timing import PhaseTimer
 from ..orthogonalize import NSConfig, orthogonalize
-from .exchange import Exchange
+from .exchange import Exchange, ReplicaGroup
 from .layout import MatrixLayout
 from .plan import make_plan
 
@@ -19,7 +19,7 @@ __all__ = ["ShardingEngine"]
 
 
 class ShardingEngine:
-    """Owner plan + exchange for a fixed list of matrices sharded over one process group.
+    """Owner plan + exchange for a fixed list of matrices held over one process group.
 
     Args:
         layouts: every matrix's piece layout (the same list, in the same order, on every rank).
@@ -29,11 +29,14 @@ class ShardingEngine:
         timer: where communication and Newton-Schulz time is recorded.
         device: where this rank's shards live; the collectives' tensors are made there (the
             CPU when not given).
+        replica_groups: for layouts with replicas, this rank's replica group per replica pattern
+            (``layout.replicas``), over which results reach the other copies.
     """
 
     def __init__(self, layouts: list[MatrixLayout], group: dist.ProcessGroup | None,
                  policy: str = "balanced", bucket_numel: int = 1 << 26,
-                 timer: PhaseTimer | None = None, device: torch.device | None = None) -> None:
+                 timer: PhaseTimer | None = None, device: torch.device | None = None,
+                 replica_groups: dict[tuple[int, ...], ReplicaGroup] | None = None) -> None:
         world = dist.get_world_size(group) if group is not None else 1
         rank = dist.get_rank(group) if group is not None else 0
         for layout in layouts:
@@ -41,6 +44,7 @@ class ShardingEngine:
                 raise ValueError(f"a layout for {layout.shape} covers {layout.world_size} ranks, "
                                  f"but the process group has {world}")
         self.layouts, self.group, self.rank, self.world_size = layouts, group, rank, world
+        self.replica_groups = replica_groups or {}
         self.plan = make_plan([lay.shape for lay in layouts], world, policy, bucket_numel)
         self.exchange = Exchange(group, rank, world)
         self.timer = timer or PhaseTimer()
@@ -51,7 +55,7 @@ class ShardingEngine:
     def _verify_same_on_every_rank(self) -> None:
         """One all-reduce at start-up: every rank must hold the same plan and layouts, or the
         exchanges would pair up wrongly (or hang)."""
-        text = repr((self.plan.digest(), [(lay.shape, lay.pieces) for lay in self.layouts]))
+        text = repr((self.plan.digest(), [(lay.shape, lay.pieces, lay.replicas) for lay in self.layouts]))
         digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
         # On the shards' device: a process group serves only its own devices (NCCL: no CPU).
         t = torch.tensor([digest, -digest], dtype=torch.int64, device=self.device)
@@ -62,18 +66,15 @@ class ShardingEngine:
                 "differ between ranks); every rank must build the optimizer from the same model"
             )
 
-    def orthogonalize(
-        self, local: list[Tensor | None], configs: list[NSConfig | None],
-        on_result: Callable[[int, Tensor], None] | None = None,
-    ) -> list[Tensor | None]:
-        """NS of every active matrix, as this rank's local shard (flat, NS dtype).
+    def results(self, local: list[Tensor | None], configs: list[NSConfig | None]
+                ) -> Iterator[tuple[int, Tensor]]:
+        """NS of every active matrix, as ``(i, this rank's flat local shard in the NS dtype)``,
+        bucket by bucket: a bucket's results are yielded as soon as they are back, so a caller
+        that applies and drops each one holds no more than one bucket.
 
         ``local[i]`` is this rank's shard of matrix i's momentum, or ``None`` when matrix i sits
-        out this step; that choice must be the same on every rank. With ``on_result``, each
-        shard is handed to ``on_result(i, shard)`` as soon as its bucket is back and then
-        dropped (the returned list is all ``None``), so no result outlives its bucket.
+        out this step; that choice must be the same on every rank.
         """
-        out: list[Tensor | None] = [None] * len(local)
         owners = self.plan.owners
         for bucket in self.plan.buckets:
             active = [i for i in bucket if local[i] is not None]
@@ -87,18 +88,24 @@ class ShardingEngine:
                 with self.timer.phase("newton_schulz"):
                     done = orthogonalize([fulls[k] for k in mine], [configs[idx[k]] for k in mine])
                 del fulls  # the gathered momenta: NS made its own copies
-                results: list[Tensor | None] = [None] * len(idx)
+                outputs: list[Tensor | None] = [None] * len(idx)
                 for k, o in zip(mine, done, strict=True):
-                    results[k] = o
+                    outputs[k] = o
                 del done
+                items = [(self.layouts[i], owners[i]) for i in idx]
                 with self.timer.phase("communication"):
-                    shards = self.exchange.scatter(
-                        [(self.layouts[i], owners[i]) for i in idx], results, dtype, device)
-                del results
+                    shards = self.exchange.scatter(items, outputs, dtype, device)
+                    del outputs
+                    spread = [(lay, o, self.replica_groups.get(lay.replicas)) for lay, o in items]
+                    self.exchange.spread(spread, shards, dtype, device)
                 for k, i in enumerate(idx):
-                    if on_result is None:
-                        out[i] = shards[k]
-                    else:
-                        on_result(i, shards[k])
+                    yield i, shards[k]
                 del shards
+
+    def orthogonalize(self, local: list[Tensor | None],
+                      configs: list[NSConfig | None]) -> list[Tensor | None]:
+        """:meth:`results` as a list (``None`` for matrices that sat out)."""
+        out: list[Tensor | None] = [None] * len(local)
+        for i, shard in self.results(local, configs):
+            out[i] = shard
         return out

@@ -1,0 +1,118 @@
+"""What the optimizer knows about its parameters for one set of param groups: each parameter's
+adapter and slots, which slots are matrices, and the distributor that orthogonalizes them.
+
+Built on the first step (and again if the param groups change), so frameworks that swap
+parameters after the optimizer is constructed (ZeRO) are seen as they are when training starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ._step_inputs import param_name, routes_to_marsm
+from ._timing import PhaseTimer
+from .sharding.adapter import ShardingAdapter, Slot, adapter_for, check_group_serves
+from .sharding.distributor import Distributor, MatrixSpec
+from .sharding.layout import replicated
+
+Group = dict[str, Any]
+
+
+def _same_ranks(a: dist.ProcessGroup, b: dist.ProcessGroup) -> bool:
+    return a is b or dist.get_process_group_ranks(a) == dist.get_process_group_ranks(b)
+
+
+class ParamMap:
+    """Adapters, slots and the distributor for the current param groups.
+
+    ``process_group``: the group plain (unsharded) parameters are replicated over (DDP); their
+    matrices then get one owner in that group instead of running Newton-Schulz on every rank.
+    """
+
+    def __init__(self, param_groups: list[Group], *, process_group: dist.ProcessGroup | None,
+                 owner_policy: str, bucket_numel: int, timer: PhaseTimer) -> None:
+        self.key = self.key_of(param_groups)
+        self.adapters: dict[int, ShardingAdapter] = {}
+        self.slot_lists: dict[int, list[Slot]] = {}
+        self.matrix_index: dict[tuple[int, int], int] = {}
+        replicate = process_group is not None and dist.get_world_size(process_group) > 1
+        held = []  # (name, group, device) of every parameter held over a group
+        for group in param_groups:
+            for i, p in enumerate(group["params"]):
+                adapter = self.adapters[id(p)] = adapter_for(p)
+                self.slot_lists[id(p)] = adapter.slots(p)
+                pg = adapter.process_group(p) or (process_group if replicate else None)
+                if pg is not None:
+                    held.append((param_name(param_groups, group, i), pg, adapter.local(p).device))
+        self.group, self.device = self._job_group(held)
+        specs: list[MatrixSpec] = []
+        for group in param_groups:
+            for i, p in enumerate(group["params"]):
+                adapter, name = self.adapters[id(p)], param_name(param_groups, group, i)
+                pg = adapter.process_group(p)
+                for k, slot in enumerate(self.slot_lists[id(p)]):
+                    if not routes_to_marsm(group, slot):
+                        continue
+                    self.matrix_index[(id(p), k)] = len(specs)
+                    if slot.layout is not None:
+                        self._check_matrix_group(pg, name)
+                        specs.append(MatrixSpec(slot.shape, slot.layout, adapter.replica_group(p), name))
+                    elif replicate and pg is None:
+                        specs.append(MatrixSpec(slot.shape, replicated(slot.shape, dist.get_world_size(
+                            process_group)), process_group, name))
+                    else:
+                        specs.append(MatrixSpec(slot.shape, None, None, name))
+        self.distributor = Distributor(specs, self.group, self.device, policy=owner_policy,
+                                       bucket_numel=bucket_numel, timer=timer)
+
+    @staticmethod
+    def _job_group(held: list[tuple[str, dist.ProcessGroup, torch.device]]
+                   ) -> tuple[dist.ProcessGroup | None, torch.device | None]:
+        """The widest group any parameter is held over: statistics are summed over it. Every other
+        group must lie inside it (e.g. FSDP2's data-parallel sub-mesh beside a 2-D mesh)."""
+        if not held:
+            return None, None
+        name, job, device = max(held, key=lambda h: dist.get_world_size(h[1]))
+        check_group_serves(job, device, name)
+        ranks = set(dist.get_process_group_ranks(job))
+        for other, pg, dev in held:
+            if dev != device:
+                raise ValueError(f"MARSM needs every sharded parameter on one device; {other} is on {dev} "
+                                 f"and {name} on {device}")
+            if not set(dist.get_process_group_ranks(pg)) <= ranks:
+                raise ValueError(
+                    f"MARSM needs every sharded or replicated parameter inside one group of ranks; {other} "
+                    f"is held over ranks {dist.get_process_group_ranks(pg)}, outside {sorted(ranks)} of "
+                    f"{name} (e.g. expert-parallel or pipeline meshes are not supported)")
+        return job, device
+
+    def _check_matrix_group(self, pg: dist.ProcessGroup | None, name: str) -> None:
+        """A matrix's pieces must be described over the job group itself (its owner is one rank of
+        the whole job)."""
+        if pg is None or self.group is None or _same_ranks(pg, self.group):
+            return
+        raise NotImplementedError(
+            f"MARSM: the matrix {name} is held over ranks {dist.get_process_group_ranks(pg)}, but other "
+            f"parameters span ranks {dist.get_process_group_ranks(self.group)}; orthogonalizing it once "
+            f"in the job needs all matrices on one mesh (e.g. apply the same parallelize/fully_shard "
+            f"mesh to every module whose weights take the MARS-M update)")
+
+    @staticmethod
+    def key_of(param_groups: list[Group]) -> tuple:
+        return tuple((id(p), g["use_marsm"]) for g in param_groups for p in g["params"])
+
+    def adapter(self, p: Tensor) -> ShardingAdapter:
+        return self.adapters[id(p)]
+
+    def slots(self, p: Tensor) -> list[Slot]:
+        return self.slot_lists[id(p)]
+
+    def is_shared_matrix(self, p: Tensor, k: int = 0) -> bool:
+        """True if slot ``k`` of ``p`` is a matrix held over the job group (every rank joins its
+        collectives, with or without a gradient)."""
+        i = self.matrix_index.get((id(p), k))
+        return i is not None and self.distributor.is_shared(i)

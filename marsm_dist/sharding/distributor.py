@@ -1,0 +1,172 @@
+"""The distributor: for every matrix of a step, where its Newton-Schulz runs and how the
+result comes back. The optimizer hands it momenta and takes back each rank's share of the
+orthogonalized result; it never asks which topology it runs on.
+
+| a matrix is                                   | its NS runs on                    | the result comes back  |
+|-----------------------------------------------|-----------------------------------|------------------------|
+| this process's own tensor (no layout)         | this process                      | nothing to send        |
+| held over a group (a ``MatrixLayout``)        | one owner rank of the whole group | scattered to its copy, |
+| (1-D/2-D sharded, replicated, or both)        | (gathered from the owner's copy)  | broadcast to the other |
+|                                               |                                   | copies                 |
+
+Replicated data parallel is a layout whose every rank is a copy of its own; HSDP, a layout whose
+copies are the replica groups; FSDP x TP and Megatron TP x DP, pieces of 2-D blocks (with DP copies
+for Megatron without the distributed optimizer). See :mod:`marsm_dist.sharding.layout`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .._timing import PhaseTimer
+from ..newton_schulz import newton_schulz_flops
+from ..orthogonalize import NSConfig, matrix_view_shape, orthogonalize
+from .engine import ShardingEngine
+from .exchange import ReplicaGroup
+from .layout import MatrixLayout
+from .plan import plan_buckets
+
+__all__ = ["Distributor", "MatrixSpec"]
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    """One matrix the distributor serves.
+
+    Attributes:
+        shape: the full logical shape.
+        layout: the pieces every rank of the job group holds; None for this process's own tensor.
+        replica_group: for a layout with replicas, this rank's replica group (the ranks holding
+            the same pieces as this rank, one per copy).
+        name: for messages.
+    """
+
+    shape: tuple[int, ...]
+    layout: MatrixLayout | None = None
+    replica_group: Any = None
+    name: str = ""
+
+
+def _replica_group(layout: MatrixLayout, pg: dist.ProcessGroup | None, job_ranks: list[int], me: int,
+                   name: str) -> ReplicaGroup:
+    if pg is None:
+        raise ValueError(f"MARSM: {name} has {layout.num_replicas} copies but no replica group")
+    members = dist.get_process_group_ranks(pg)
+    source: dict[int, int] = {}
+    for k, g in enumerate(members):
+        if g not in job_ranks:
+            raise ValueError(f"MARSM: the replica group of {name} holds rank {g}, outside the job group")
+        r = job_ranks.index(g)
+        if layout.pieces[r] != layout.pieces[me] or layout.replica_of(r) in source:
+            raise ValueError(f"MARSM: the replica group of {name} does not match its layout: its members "
+                             f"must hold the same pieces, one member per copy")
+        source[layout.replica_of(r)] = k
+    if sorted(source) != sorted(set(layout.replicas or (0,))):
+        raise ValueError(f"MARSM: the replica group of {name} has members of copies {sorted(source)}; "
+                         f"its layout has copies {sorted(set(layout.replicas or (0,)))}")
+    return ReplicaGroup(pg, source)
+
+
+class Distributor:
+    """Runs Newton-Schulz for a fixed list of matrices, each once in the whole job.
+
+    Args:
+        matrices: every matrix, in the same order on every rank for those with a layout.
+        group: the job group the layouts are described over (None: only own tensors).
+        device: where the shards live (collectives' tensors are made there).
+        policy, bucket_numel: the owner plan's policy and the bucket size (elements).
+        timer: where communication and Newton-Schulz time is recorded.
+    """
+
+    def __init__(self, matrices: list[MatrixSpec], group: dist.ProcessGroup | None,
+                 device: torch.device | None, *, policy: str = "balanced", bucket_numel: int = 1 << 26,
+                 timer: PhaseTimer | None = None) -> None:
+        self.matrices = matrices
+        self.timer = timer or PhaseTimer()
+        self.bucket_numel = bucket_numel
+        self.group, self.device = group, device
+        self.own = [i for i, m in enumerate(matrices) if m.layout is None]
+        self.shared = [i for i, m in enumerate(matrices) if m.layout is not None]
+        self._shared_index = {i: e for e, i in enumerate(self.shared)}
+        self.engine: ShardingEngine | None = None
+        if self.shared:
+            self.engine = ShardingEngine([matrices[i].layout for i in self.shared], group, policy,
+                                         bucket_numel, self.timer, device, self._replica_groups())
+
+    def _replica_groups(self) -> dict[tuple[int, ...], ReplicaGroup]:
+        out: dict[tuple[int, ...], ReplicaGroup] = {}
+        job = dist.get_process_group_ranks(self.group) if self.group is not None else [0]
+        me = dist.get_rank(self.group) if self.group is not None else 0
+        for i in self.shared:
+            m = self.matrices[i]
+            if m.layout.num_replicas > 1 and m.layout.replicas not in out:
+                out[m.layout.replicas] = _replica_group(m.layout, m.replica_group, job, me, m.name)
+        return out
+
+    @property
+    def rank(self) -> int:
+        return self.engine.rank if self.engine is not None else 0
+
+    def is_shared(self, i: int) -> bool:
+        """True if matrix ``i`` is held over the job group (its statistics are summed over it)."""
+        return i in self._shared_index
+
+    def counts_here(self, i: int) -> bool:
+        """True if this rank's part of matrix ``i`` counts in sums over the job group: the ranks of
+        one copy hold each element once, so only copy 0 adds its parts (the others add zero)."""
+        m = self.matrices[i]
+        return m.layout is None or m.layout.replica_of(self.rank) == 0
+
+    def sum_over_ranks(self, vec: Tensor) -> Tensor:
+        """Sum ``vec`` over the job group (a no-op for a world of one)."""
+        if self.group is None or dist.get_world_size(self.group) == 1:
+            return vec
+        out = vec.to(self.device)
+        dist.all_reduce(out, group=self.group)
+        return out.to(vec.device)
+
+    def results(self, momenta: list[Tensor | None], configs: list[NSConfig | None]
+                ) -> Iterator[tuple[int, Tensor]]:
+        """``(i, NS(M_i) as this rank's part)`` for every matrix whose momentum is given: own
+        tensors in their shape, shared ones as this rank's flat pieces. Results come bucket by
+        bucket; a caller that applies and drops each holds about one bucket at a time."""
+        own = [i for i in self.own if momenta[i] is not None]
+        for bucket in plan_buckets([momenta[i].numel() for i in own], [0] * len(own), 1, self.bucket_numel):
+            ids = [own[b] for b in bucket]
+            with self.timer.phase("newton_schulz"):
+                done = orthogonalize([momenta[i].view(self.matrices[i].shape) for i in ids],
+                                     [configs[i] for i in ids])
+            yield from zip(ids, done, strict=True)
+            del done
+        if self.engine is not None:
+            local = [momenta[i] for i in self.shared]
+            cfgs = [configs[i] for i in self.shared]
+            for e, shard in self.engine.results(local, cfgs):
+                yield self.shared[e], shard
+
+    # ----------------------------------------------------------------------- what a step did
+    def ns_flops(self, active: list[bool], configs: list[NSConfig]) -> int:
+        """Newton-Schulz FLOPs this rank runs: its own active tensors, and the shared ones it owns."""
+        flops = sum(newton_schulz_flops(matrix_view_shape(self.matrices[i].shape, configs[i].flatten),
+                                        configs[i].steps) for i in self.own if active[i])
+        return flops + (self.engine.plan.ns_flops[self.rank] if self.engine is not None else 0)
+
+    @property
+    def flops_balance(self) -> float:
+        return self.engine.plan.flops_balance if self.engine is not None else 1.0
+
+    @property
+    def owned_matrices(self) -> int:
+        return sum(o == self.rank for o in self.engine.plan.owners) if self.engine is not None else 0
+
+    def exchanged_bytes(self) -> tuple[int, int]:
+        if self.engine is None:
+            return 0, 0
+        c = self.engine.exchange.counters
+        return c.bytes_sent, c.bytes_received

@@ -1,0 +1,122 @@
+"""Each matrix is orthogonalized once in the whole job, on every topology: replicated data
+parallel (torch DDP with ``process_group=``), HSDP (a (replicate, shard) mesh) and FSDP x TP
+(2-D DTensors from torch's tensor-parallel styles, then ``fully_shard``; uneven blocks).
+
+Each run must land within 1e-5 of the single-process optimizer after 10 steps, clipping the same
+matrices at each step (c_t norms near 1: the clip fires on some steps and not on others, so a
+wrong norm shows; a clip on every step would hide it, as NS undoes a constant factor), with fp32
+Newton-Schulz; leave its replicas bitwise identical, and run at most 1.15x a single
+process's Newton-Schulz FLOPs summed over ranks (torch's FlopCounterMode counts the matmuls of the
+step), with the busiest rank below one process's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.flop_counter import FlopCounterMode
+
+from tests import fsdp2_models as fm
+from tests.distributed import run_distributed
+
+pytestmark = pytest.mark.distributed
+STEPS = 10
+NAME = "awkward-sometimes-clipped"  # uneven shapes, a matrix with fewer rows than ranks
+
+
+def train(model, opt, rank: int, ranks: int) -> tuple[int, list[int]]:
+    """STEPS steps on this data-parallel rank's slice of the global batch: the step's FLOPs, and
+    how many matrices were clipped at each step."""
+    lo, hi = rank * fm.GLOBAL_BATCH // ranks, (rank + 1) * fm.GLOBAL_BATCH // ranks
+    flops, clipped = 0, []
+    for t in range(STEPS):
+        x, y = fm.batch(NAME, t)
+        model(x[lo:hi], y[lo:hi]).backward()
+        with FlopCounterMode(display=False) as counter:
+            opt.step()
+        flops += counter.get_total_flops()
+        clipped.append(opt.last_step_stats.clipped)
+        opt.zero_grad()
+    return flops, clipped
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def result(model, opt, trained: tuple[int, list[int]]) -> dict:
+    named = dict(model.named_parameters())
+    return {"params": {n.removeprefix("module."): full(p) for n, p in named.items()},
+            "local": {n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
+                      for n, p in named.items()},
+            "flops": trained[0], "clipped": trained[1],
+            "received": opt.last_step_stats.bytes_received}
+
+
+def ddp_run(rank, world_size):
+    model = fm.build(NAME)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = fm.make_opt(model, ns_dtype=torch.float32, process_group=dist.group.WORLD)
+    return result(model, opt, train(ddp, opt, rank, world_size))
+
+
+def hsdp_run(rank, world_size):
+    mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
+    model = fm.build(NAME)
+    for m in (model.a, model.b, model.c, model):
+        fully_shard(m, mesh=mesh)
+    opt = fm.make_opt(model, ns_dtype=torch.float32)
+    return result(model, opt, train(model, opt, rank, world_size))
+
+
+def fsdp_tp_run(rank, world_size):
+    model, dp_rank, dp_size = fm.shard_fsdp_x_tp(fm.build(NAME))
+    opt = fm.make_opt(model, ns_dtype=torch.float32)
+    placements = {n: str(p.placements) for n, p in model.named_parameters()}
+    return {**result(model, opt, train(model, opt, dp_rank, dp_size)), "placements": placements}
+
+
+def reference() -> tuple[dict[str, torch.Tensor], int, list[int]]:
+    model = fm.build(NAME)
+    opt = fm.make_opt(model, ns_dtype=torch.float32)
+    flops, clipped = train(model, opt, 0, 1)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, flops, clipped
+
+
+def check(results: list[dict], copies: list[list[int]]) -> None:
+    want, single_flops, clipped = reference()
+    assert single_flops > 0 and 0 < sum(clipped) < 3 * STEPS  # the clip fires, not always
+    for r in results:
+        assert r["clipped"] == clipped
+        for n, p in r["params"].items():
+            assert (p - want[n]).abs().max().item() < 1e-5, n
+    for ranks in copies:  # ranks holding the same pieces hold bitwise the same values
+        for n, t in results[ranks[0]]["local"].items():
+            assert all(torch.equal(t, results[r]["local"][n]) for r in ranks[1:]), (n, ranks)
+    flops = [r["flops"] for r in results]
+    assert sum(flops) <= 1.15 * single_flops, (flops, single_flops)
+    assert max(flops) < single_flops, (flops, single_flops)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ddp_orthogonalizes_each_matrix_once(world_size):
+    results = run_distributed(ddp_run, world_size)
+    check(results, [list(range(world_size))])
+    # Each rank receives the matrices it does not own (fp32 results), and nothing else.
+    assert all(r["received"] > 0 for r in results)
+
+
+def test_hsdp_orthogonalizes_each_matrix_once_over_both_dims():
+    results = run_distributed(hsdp_run, 4)
+    check(results, [[0, 2], [1, 3]])  # mesh [[0, 1], [2, 3]]: rank r and r + 2 are replicas
+
+
+def test_fsdp_x_tp_with_uneven_blocks():
+    results = run_distributed(fsdp_tp_run, 4)
+    placements = results[0]["placements"]
+    assert "_StridedShard" in placements["a.weight"] and "Shard(dim=1)" in placements["b.weight"]
+    check(results, [])
