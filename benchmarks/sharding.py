@@ -6,6 +6,8 @@ Part 1 (plan only, no processes): GPT-2 small/medium matrix shapes at W = 8, 64,
 row sharding, both owner policies: Newton-Schulz FLOPs max/mean (and the lower bound that
 whole-matrix ownership allows: max(1, largest matrix / mean)); bytes per rank of our exchange vs
 the analytic minimum and vs an all-gather design (every rank all-gathers every full matrix).
+Every topology (plan only): the same figures for replicated data parallel (DDP), HSDP and
+FSDP x TP beside 1-D FSDP, for GPT-2 small and Llama-3-8B shapes (benchmarks/topology_layouts.py).
 Part 2 (real gloo processes on this CPU): MARSM optimizer step time on an FSDP2-sharded GPT at
 W=2 vs the same model at W=1, and the bytes each rank moved, read from the optimizer's counters.
 """
@@ -66,6 +68,32 @@ def plan_table() -> list[dict]:
     return rows
 
 
+def topology_table(worlds=(8, 64, 512), sample_ranks: int = 64) -> list[dict]:
+    """Bytes per rank vs the minimum and NS FLOPs balance on every topology, for GPT-2 small and
+    Llama-3-8B shapes (balanced owners; bytes over up to ``sample_ranks`` ranks spread evenly)."""
+    from benchmarks.shapes import MODELS, model_shapes
+    from benchmarks.topology_layouts import TOPOLOGIES, mesh_for, model_layouts, received_bytes
+
+    rows = []
+    for name in ("gpt2-small", "llama3-8b"):
+        shapes, _ = model_shapes(name)
+        costs = [newton_schulz_flops(s) for s in shapes]
+        for world in worlds:
+            plan = make_plan(shapes, world, "balanced")
+            bound = max(1.0, max(costs) / (sum(costs) / world))
+            ranks = sorted({r * world // sample_ranks for r in range(min(world, sample_ranks))})
+            for topology in TOPOLOGIES:
+                layouts = model_layouts(topology, MODELS[name][0], shapes, world)
+                per_rank = [received_bytes(layouts, list(plan.owners), r) for r in ranks]
+                ours = max(b[0] for b in per_rank)
+                allgather = max(b[2] for b in per_rank)  # DDP: 0, it repeats NS on every rank instead
+                rows.append(dict(model=name, world=world, topology=topology, mesh=mesh_for(topology, world),
+                                 flops_max_over_mean=plan.flops_balance, flops_lower_bound=bound,
+                                 bytes_max_rank=ours, bytes_vs_minimum=ours / max(b[1] for b in per_rank),
+                                 bytes_vs_allgather=ours / allgather if allgather else None))
+    return rows
+
+
 def step_time_run(rank, world_size, d, layers, steps, threads):
     from marsm_dist import MARSM, param_groups
     from marsm_dist.demo.model import TinyGPT
@@ -105,6 +133,10 @@ def step_times(d: int, layers: int, steps: int) -> list[dict]:
     return rows
 
 
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, default=None)
@@ -122,6 +154,18 @@ def main() -> None:
               f"{r['flops_lower_bound']:>11.3f} {r['bytes_max_rank'] / 2**20:>11.2f} "
               f"{r['bytes_vs_minimum']:>9.3f} {r['bytes_vs_allgather']:>11.3f}")
     result = {"plan": plan}
+    topo = topology_table()
+    result["topologies"] = topo
+    print("\nEvery topology (balanced owners): MB the busiest rank receives per step, bf16 on the wire;")
+    print("NS FLOPs max/mean beside the bound whole-matrix ownership allows")
+    print(f"{'model':<11} {'W':>4} {'topology':<10} {'mesh':>8} {'NS max/mean':>11} {'bound':>7} "
+          f"{'MB max rank':>11} {'/minimum':>9} {'/all-gather':>11}")
+    for r in topo:
+        mesh = "x".join(map(str, r["mesh"]))
+        print(f"{r['model']:<11} {r['world']:>4} {r['topology']:<10} {mesh:>8} "
+              f"{r['flops_max_over_mean']:>11.3f} "
+              f"{r['flops_lower_bound']:>7.3f} {r['bytes_max_rank'] / 2**20:>11.1f} "
+              f"{r['bytes_vs_minimum']:>9.3f} {_ratio(r['bytes_vs_allgather']):>11}")
     if not args.skip_processes:
         steps = step_times(args.d_model, args.layers, args.steps)
         result["step_time"] = steps

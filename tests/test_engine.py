@@ -10,6 +10,7 @@ import torch.distributed as dist
 from marsm_dist.newton_schulz import NS_COEFFICIENTS, newton_schulz
 from marsm_dist.orthogonalize import NSConfig
 from marsm_dist.sharding import MatrixLayout, Piece, ShardingEngine, cut, row_chunks
+from marsm_dist.sharding.exchange import ReplicaGroup
 from tests.distributed import run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -102,3 +103,52 @@ def mismatched_run(rank, world_size):
 def test_ranks_with_different_matrices_all_refuse_at_startup():
     for message in run_distributed(mismatched_run, 2):
         assert "ranks disagree" in message
+
+
+def replicated_layouts(world_size: int) -> list[MatrixLayout]:
+    """Copies: every rank alone (DDP), and two copies of ``world_size // 2`` shard ranks (HSDP:
+    rank r is shard r % S of copy r // S), one with uneven column blocks (2-D)."""
+    from marsm_dist.sharding.layout import from_runs, replicated
+
+    s = world_size // 2
+    hsdp = MatrixLayout((10, 6), row_chunks((10, 6), s).pieces * 2,
+                        replicas=tuple(r // s for r in range(world_size)))
+    cols = [((0, 3),), ((3, 7),)]  # column blocks of 3 and 4: uneven
+    two_d = from_runs((5, 7), [(((0, 5),), cols[(r % s) % 2]) for r in range(world_size)],
+                      [r // s for r in range(world_size)])
+    return [replicated((9, 4), world_size), hsdp, two_d, replicated((3, 8), world_size)]
+
+
+def replicated_run(rank, world_size, policy):
+    layouts = replicated_layouts(world_size)
+    s = world_size // 2
+    # This rank's replica group: the ranks holding its pieces, one per copy.
+    groups = {}
+    peers = {}
+    for shard in range(s):
+        peers[shard] = dist.new_group([shard, shard + s])
+    everyone = dist.group.WORLD
+    groups[tuple(range(world_size))] = ReplicaGroup(everyone, {r: r for r in range(world_size)})
+    groups[tuple(r // s for r in range(world_size))] = ReplicaGroup(peers[rank % s], {0: 0, 1: 1})
+    engine = ShardingEngine(layouts, everyone, policy, 1 << 20, replica_groups=groups)
+    local = [cut(lay, m)[rank] for lay, m in zip(layouts, fulls(layouts), strict=True)]
+    out = engine.orthogonalize(local, [FP32] * len(layouts))
+    c = engine.exchange.counters
+    return {"out": out, "owners": engine.plan.owners, "received": c.bytes_received}
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "balanced"])
+def test_engine_with_copies_sends_each_rank_its_shard_once(policy):
+    """DDP- and HSDP-like layouts: every rank gets its pieces of NS, and receives exactly the
+    minimum: the rest of the matrices it owns, and its pieces of those it does not."""
+    world_size = 4
+    results = run_distributed(replicated_run, world_size, policy)
+    layouts = replicated_layouts(world_size)
+    for rank, r in enumerate(results):
+        minimum = 0
+        for lay, m, got, owner in zip(layouts, fulls(layouts), r["out"], r["owners"], strict=True):
+            want = cut(lay, newton_schulz(m, dtype=torch.float32))[rank]
+            assert torch.allclose(got.reshape(-1), want, atol=1e-6, rtol=0)
+            mine = lay.local_numel(rank)
+            minimum += (lay.numel - mine) if owner == rank else mine
+        assert r["received"] == 4 * minimum, (rank, r["received"], minimum)

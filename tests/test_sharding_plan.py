@@ -94,3 +94,42 @@ def test_plan_is_a_pure_function_with_a_stable_digest():
     assert a == b and a.digest() == b.digest()
     assert make_plan(shapes, 3).digest() != a.digest()
     assert math.isclose(make_plan(shapes, 1).flops_balance, 1.0)
+
+
+def test_layouts_from_index_runs_round_trip():
+    """2-D splits as DTensor placements make them: column blocks (uneven) with row ranges inside,
+    rows of a strided split, and a generic fallback (two column runs on one rank)."""
+    from marsm_dist.sharding.layout import from_runs
+
+    full = torch.arange(5 * 7, dtype=torch.float32).view(5, 7)
+    cases = {
+        # (Shard(0), Shard(1)) on 2x2 with 7 columns: blocks of 4 and 3 columns, rows 3/2.
+        "row x col": [(((0, 3),), ((0, 4),)), (((0, 3),), ((4, 7),)), (((3, 5),), ((0, 4),)),
+                      (((3, 5),), ((4, 7),))],
+        # Rows only, strided: rank 0 rows 0-1, rank 1 rows 3, rank 2 rows 2, rank 3 row 4.
+        "strided rows": [(((0, 2),), ((0, 7),)), (((3, 4),), ((0, 7),)), (((2, 3),), ((0, 7),)),
+                         (((4, 5),), ((0, 7),))],
+        # One rank holds columns 0-1 and 5-6 (two runs): every run is its own piece.
+        "two runs": [(((0, 5),), ((0, 2), (5, 7))), (((0, 5),), ((2, 5),))],
+    }
+    for name, runs in cases.items():
+        layout = from_runs((5, 7), runs)
+        parts = cut(layout, full)
+        for r, rr in enumerate(runs):
+            rows = [i for a, b in rr[0] for i in range(a, b)]
+            cols = [j for a, b in rr[1] for j in range(a, b)]
+            assert torch.equal(parts[r], full[rows][:, cols].reshape(-1)), (name, r)
+        assert torch.equal(assemble(layout, parts, torch.float32), full), name
+    assert from_runs((5, 7), cases["row x col"]).block_sizes == (4, 3)
+
+
+def test_copies_each_cover_the_matrix():
+    from marsm_dist.sharding.layout import replicated
+
+    layout = replicated((4, 3), 3)
+    assert layout.num_replicas == 3 and layout.copy_ranks(1) == [1]
+    half = row_chunks((4, 3), 2).pieces
+    hsdp = MatrixLayout((4, 3), half * 2, replicas=(0, 0, 1, 1))
+    assert hsdp.copy_ranks(3) == [2, 3]
+    with pytest.raises(ValueError, match="cover"):  # copy 1 lacks the second half
+        MatrixLayout((4, 3), half + (half[0], ()), replicas=(0, 0, 1, 1))

@@ -12,6 +12,9 @@
   flat range each data-parallel rank holds of it (a range may start mid-row, and a matrix may
   span ranks). The sharding engine then rebuilds each matrix on one owner rank for
   Newton-Schulz, exactly as for FSDP2.
+* Under ZeRO-0 every data-parallel rank holds every parameter: MARSM's ``process_group`` becomes
+  the group DeepSpeed all-reduces the gradients over (unless the user set one), so each matrix's
+  Newton-Schulz runs on one of those ranks and the result is broadcast, as for torch DDP.
 
 DeepSpeed applies its gradient clipping and its fp16/bf16 overflow check before it calls
 ``MARSM.step``; an overflow step never reaches the optimizer, so momentum, P and parameters stay
@@ -178,6 +181,34 @@ def describe_partitions(wrapper: Any, names: dict[Tensor, str]) -> None:
         raise NotImplementedError(f"MARSM does not know DeepSpeed's {type(wrapper).__name__} yet")
 
 
+def _replicated_group(engine: Any) -> dist.ProcessGroup | None:
+    """The group a ZeRO-0 engine's parameters are replicated over: the one its
+    ``allreduce_gradients`` reduces (dense) gradients over, as
+    ``DeepSpeedEngine._reduce_non_expert_gradients`` picks it (the data-parallel group times
+    sequence parallelism, or the pipeline grid's data-parallel group)."""
+    if getattr(engine, "pipeline_parallelism", False) and engine.mpu is not None:
+        return engine.mpu.get_data_parallel_group()
+    return engine.seq_data_parallel_group
+
+
+def _share_newton_schulz(engine: Any) -> None:
+    """ZeRO-0: give the engine's MARSM the data-parallel group as ``process_group``, so each
+    matrix is orthogonalized on one replica and broadcast, instead of on every rank.
+
+    Left alone: a group the user set; ZeRO 1-3 and the BF16_Optimizer (MARSM sees partitions that
+    carry their own group); MoE models (expert weights are replicated over another group)."""
+    opt = getattr(engine, "basic_optimizer", None)
+    if not isinstance(opt, MARSM) or opt.process_group is not None:
+        return
+    if engine.zero_optimization() or getattr(engine, "has_moe_layers", False):
+        return
+    if any(_partition(p) is not None for g in opt.param_groups for p in g["params"]):
+        return  # a partitioning wrapper (the BF16_Optimizer of a pipeline engine)
+    group = _replicated_group(engine)
+    if group is not None and dist.get_world_size(group) > 1:
+        opt.process_group = group
+
+
 def _is_marsm(name: Any) -> bool:
     return isinstance(name, str) and name.lower() == "marsm"
 
@@ -187,6 +218,7 @@ def _patch_engine() -> None:
     if getattr(DeepSpeedEngine, "_marsm_patched", False):
         return
     supported, basic = DeepSpeedEngine._is_supported_optimizer, DeepSpeedEngine._configure_basic_optimizer
+    configure_optimizer = DeepSpeedEngine._configure_optimizer
     zero, bf16 = DeepSpeedEngine._configure_zero_optimizer, DeepSpeedEngine._configure_bf16_optimizer
 
     def is_supported(self, optimizer_name):
@@ -196,6 +228,11 @@ def _patch_engine() -> None:
         if self.client_optimizer is None and _is_marsm(self.optimizer_name()):
             return build_marsm(self.module, model_parameters, dict(self.optimizer_params() or {}))
         return basic(self, model_parameters)
+
+    def configure_optimizer_and_group(self, client_optimizer, model_parameters):
+        # After the wrappers are built: both ways in (JSON config and client optimizer) pass here.
+        configure_optimizer(self, client_optimizer, model_parameters)
+        _share_newton_schulz(self)
 
     def wrap(configure):
         def configure_wrapped(self, optimizer):
@@ -207,6 +244,7 @@ def _patch_engine() -> None:
 
     DeepSpeedEngine._is_supported_optimizer = is_supported
     DeepSpeedEngine._configure_basic_optimizer = configure_basic
+    DeepSpeedEngine._configure_optimizer = configure_optimizer_and_group
     DeepSpeedEngine._configure_zero_optimizer = wrap(zero)
     DeepSpeedEngine._configure_bf16_optimizer = wrap(bf16)
     DeepSpeedEngine._marsm_patched = True

@@ -7,13 +7,19 @@ parameter: hidden matrices take the MARS-M update, embeddings, the output layer,
 biases the AdamW branch (Megatron's ``is_embedding_or_output_parameter`` marker decides, as
 well as the names).
 
-A tensor-parallel weight (``tensor_model_parallel=True``) is one block of the full logical
-matrix along ``partition_dim`` (``partition_stride`` > 1, as in SwiGLU's fc1, interleaves
-blocks). Newton-Schulz always runs on the full matrix, gathered over the tensor-parallel group
-by the sharding engine. Data-parallel replicas hold the same blocks and compute the same
-update. A fused QKV weight is one matrix, as in the spec; ``split_qkv=True`` orthogonalizes the
-Q, K and V rows of every query group as separate matrices instead (each TP rank holds whole
-query groups, so no exchange is needed, and the result is the same with and without TP).
+A tensor-parallel weight (``tensor_model_parallel=True``; at TP=1 Megatron still marks its
+parallel linear layers and embeddings so) is one block of the full logical matrix along
+``partition_dim`` (``partition_stride`` > 1, as in SwiGLU's fc1, interleaves blocks). It is
+described over the whole tensor-and-data-parallel (TP x DP) group: every data-parallel (DP) rank
+is a copy of its own holding its TP rank's block. Each matrix is then orthogonalized once in that
+group: gathered from one DP copy's TP ranks to its owner, which runs Newton-Schulz on the full
+matrix, scattered back to that copy and broadcast over the DP group to the other copies (which end
+bitwise identical). Matrices Megatron does not mark (replicated over TP and DP, e.g. a MoE router)
+are divided over the same group through ``MARSM(process_group=...)``. A fused QKV weight is one
+matrix, as in the spec; ``split_qkv=True`` orthogonalizes the Q, K and V rows of every query group
+as separate matrices instead (each TP rank holds whole query groups, so no exchange is needed, and
+the result is the same with and without TP; every rank runs those itself). Expert-parallel (MoE)
+weights differ between DP ranks: each rank orthogonalizes its own (expert TP size 1 only).
 
 With ``use_distributed_optimizer=True`` MARS-M shards its own state over the data-parallel ranks
 (:mod:`marsm_dist.adapters.megatron_sharded`), in place of Megatron's Adam-only one.
@@ -54,30 +60,45 @@ __all__ = ["MegatronTPAdapter", "add_marsm_args", "get_megatron_marsm_optimizer"
 
 
 class MegatronTPAdapter(ShardingAdapter):
-    """Parameters that Megatron split over the tensor-parallel group."""
+    """Megatron's parameters held over the tensor-and-data-parallel group: tensor-parallel weights
+    (one TP block per rank, one copy per DP rank) and expert-parallel ones (each rank's own)."""
 
     name = "megatron"
     prepopulate_state = False  # Megatron calls init_state_fn when it needs state templates
 
     def handles(self, p: Tensor) -> bool:
-        return bool(getattr(p, "tensor_model_parallel", False))
+        return bool(getattr(p, "tensor_model_parallel", False)) or _expert_parallel(p)
 
     def process_group(self, p: Tensor) -> dist.ProcessGroup | None:
-        if parallel_state.get_tensor_model_parallel_world_size() == 1:
-            return None
-        return parallel_state.get_tensor_model_parallel_group()
+        return tensor_and_data_parallel_group()
+
+    def replica_group(self, p: Tensor) -> dist.ProcessGroup | None:
+        """The DP group: the ranks with this rank's TP rank, one per copy."""
+        group = parallel_state.get_data_parallel_group()
+        return group if dist.get_world_size(group) > 1 else None
 
     def layout(self, p: Tensor) -> MatrixLayout:
+        group = tensor_and_data_parallel_group()
+        if group is None:
+            return super().layout(p)
         world = parallel_state.get_tensor_model_parallel_world_size()
+        coords = _coordinates(group, p.device)
         dim, stride = p.partition_dim, tp_block_count(p)
         full = list(p.shape)
         full[dim] *= world
         numel = p.numel() // stride
-        # Rank r holds blocks r, W + r, 2W + r, ... of the full matrix cut in W * stride blocks.
-        pieces = tuple(tuple(Piece(j * world + r, 0, numel) for j in range(stride)) for r in range(world))
-        return MatrixLayout(tuple(full), pieces, split_dim=dim, num_blocks=world * stride)
+        # TP rank t holds blocks t, W + t, 2W + t, ... of the full matrix cut in W * stride blocks.
+        pieces = tuple(tuple(Piece(j * world + t, 0, numel) for j in range(stride)) for t, _ in coords)
+        replicas = tuple(d for _, d in coords) if len({d for _, d in coords}) > 1 else None
+        return MatrixLayout(tuple(full), pieces, split_dim=dim, num_blocks=world * stride, replicas=replicas)
 
     def slots(self, p: Tensor) -> list[Slot]:
+        if _expert_parallel(p):
+            # Each expert-parallel rank holds other experts: no copies to share the work with.
+            if p.ndim >= 2 and parallel_state.get_expert_tensor_parallel_world_size() > 1:
+                raise NotImplementedError("MARSM does not support expert tensor parallelism (an expert "
+                                          "weight split over ranks) yet; use expert TP size 1")
+            return [Slot(tuple(p.shape))]
         split = _QKV_SPLIT.get(p)
         if split is None:
             return super().slots(p)
@@ -91,6 +112,38 @@ class MegatronTPAdapter(ShardingAdapter):
                 slots.append(Slot((n, cols), None, row * cols, n * cols, f"{kind} of local query group {g}"))
                 row += n
         return slots
+
+
+def _expert_parallel(p: Tensor) -> bool:
+    """Megatron's mark of an expert-parallel (MoE) weight (not all-reduced over DP), or the fp32
+    master copy of one (Megatron's ``Float16OptimizerWithFloat16Params`` does not copy the mark)."""
+    return getattr(p, "allreduce", True) is False or p in _EXPERT_MAINS
+
+
+_EXPERT_MAINS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def tensor_and_data_parallel_group() -> dist.ProcessGroup | None:
+    """Megatron's TP x DP group, or None when it is this rank alone."""
+    group = parallel_state.get_tensor_and_data_parallel_group()
+    return group if dist.get_world_size(group) > 1 else None
+
+
+# id(group) -> (group, (tp rank, dp rank) of each of its ranks). The group is kept so its id is
+# never reused by another group while the entry exists (Megatron's groups are rebuilt when its
+# parallel state is destroyed and initialized again).
+_COORDINATES: dict[int, tuple[dist.ProcessGroup, list[tuple[int, int]]]] = {}
+
+
+def _coordinates(group: dist.ProcessGroup, device: torch.device) -> list[tuple[int, int]]:
+    """(tp rank, dp rank) of every rank of ``group``, gathered once per group (a collective: the
+    builder calls it on every rank; otherwise the first step's layouts do, on every rank too)."""
+    entry = _COORDINATES.get(id(group))
+    if entry is None or entry[0] is not group:
+        from .megatron_sharded import _group_coordinates  # imports this module
+
+        entry = _COORDINATES[id(group)] = (group, _group_coordinates(group, device))
+    return entry[1]
 
 
 def tp_block_count(p: Tensor) -> int:
@@ -159,7 +212,9 @@ def get_megatron_marsm_optimizer(
     ``use_distributed_optimizer=True`` too) the optimizer state is sharded over the data-parallel
     ranks: see :mod:`marsm_dist.adapters.megatron_sharded`. Otherwise every data-parallel rank
     keeps the whole state, and ``config.fp16``/``bf16`` keep fp32 master weights as Megatron's
-    ``Float16OptimizerWithFloat16Params`` does.
+    ``Float16OptimizerWithFloat16Params`` does; Newton-Schulz still runs once per matrix in the
+    tensor-and-data-parallel group (``MARSM``'s ``process_group`` is that group unless
+    ``marsm_kwargs`` give another), not once per data-parallel replica.
     """
     del use_gloo_process_groups, pg_collection  # accepted for signature compatibility
     if dump_param_to_param_group_map is not None:
@@ -193,12 +248,26 @@ def get_megatron_marsm_optimizer(
 
         return ChainedOptimizer([ShardedMARSMOptimizer(config, model_chunks, groups, kwargs, scaler,
                                                        init_state_fn)])
-    optimizer = MARSM(groups, **kwargs)
+    # Every matrix once in the TP x DP group: tensor-parallel ones through the adapter's layouts,
+    # the others (replicated over TP and DP) as MARSM's replicated parameters.
+    group = tensor_and_data_parallel_group()
+    if group is not None:
+        _coordinates(group, _device_of(model_chunks))  # now, on every rank: a collective
+    optimizer = MARSM(groups, **{"process_group": group, **kwargs})
     if config.fp16 or config.bf16:
         wrapped = _Float16MARSM(optimizer, config, scaler, init_state_fn)
+        for params, mains in zip(wrapped.float16_groups, wrapped.fp32_from_float16_groups, strict=True):
+            _EXPERT_MAINS.update({m: True for p, m in zip(params, mains, strict=True) if _expert_parallel(p)})
     else:
         wrapped = _FP32MARSM(optimizer, config, init_state_fn)
     return ChainedOptimizer([wrapped])
+
+
+def _device_of(model_chunks: list[torch.nn.Module]) -> torch.device:
+    """Where the model's parameters (so the optimizer's tensors and its collectives) live."""
+    for p in (p for chunk in model_chunks for p in chunk.parameters()):
+        return p.device
+    raise ValueError("get_megatron_marsm_optimizer: the model chunks have no parameters")
 
 
 def _grad_scaler(config: OptimizerConfig) -> ConstantGradScaler | DynamicGradScaler | None:

@@ -194,6 +194,11 @@ def from_runs(shape: tuple[int, ...], runs: Sequence[Sequence[Runs]],
     shape = tuple(shape)
     held = [r for r in runs if all(r)]  # ranks that hold something
     split = [d for d in range(1, len(shape)) if any(tuple(r[d]) != ((0, shape[d]),) for r in held)]
+    if not split:  # rows only: each run of rows is one flat range
+        inner = math.prod(shape[1:])
+        pieces = tuple(_merged([Piece(0, a * inner, b * inner) for a, b in r[0]]) if all(r) else ()
+                       for r in runs)
+        return MatrixLayout(shape, pieces, replicas=_copies(replicas))
     if len(split) == 1 and all(len(r[split[0]]) == 1 for r in held):
         d = split[0]
         starts = sorted({r[d][0][0] for r in held})
