@@ -155,6 +155,9 @@ class MARSM(Optimizer):
         # checkpoint helpers see rank-symmetric keys and never run a dummy step.
         if any(adapter_for(p).prepopulate_state for g in self.param_groups for p in g["params"]):
             self.init_state()
+            # And plan now: a layout no step could serve (matrices on different meshes) is refused
+            # at construction, which every rank runs (the plan check is a collective).
+            self._sharding()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests import fsdp2_models as fm
@@ -120,3 +121,24 @@ def test_fsdp_x_tp_with_uneven_blocks():
     placements = results[0]["placements"]
     assert "_StridedShard" in placements["a.weight"] and "Shard(dim=1)" in placements["b.weight"]
     check(results, [])
+
+
+def mixed_mesh_run(rank, world_size):
+    """A matrix left out of the TP plan lives on the dp sub-mesh beside 2-D ones: refused when
+    the optimizer is built, on every rank."""
+    model = fm.build(NAME)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    parallelize_module(model, mesh["tp"], {"a": ColwiseParallel(output_layouts=Replicate()),
+                                           "b": RowwiseParallel(input_layouts=Replicate())})
+    for m in (model.a, model.b, model.c, model):
+        fully_shard(m, mesh=mesh["dp"])
+    try:
+        fm.make_opt(model)
+    except NotImplementedError as err:
+        return str(err)
+    return "built"
+
+
+def test_a_matrix_on_another_mesh_is_refused_at_construction():
+    for message in run_distributed(mixed_mesh_run, 4):
+        assert "'c.weight' is held over ranks" in message and "one mesh" in message, message
