@@ -40,20 +40,21 @@ class ParamMap:
         self.slot_lists: dict[int, list[Slot]] = {}
         self.matrix_index: dict[tuple[int, int], int] = {}
         replicate = process_group is not None and dist.get_world_size(process_group) > 1
+        groups: dict[int, dist.ProcessGroup | None] = {}  # the adapter's group of each parameter
         held = []  # (name, group, device) of every parameter held over a group
         for group in param_groups:
             for i, p in enumerate(group["params"]):
                 adapter = self.adapters[id(p)] = adapter_for(p)
                 self.slot_lists[id(p)] = adapter.slots(p)
-                pg = adapter.process_group(p) or (process_group if replicate else None)
-                if pg is not None:
-                    held.append((param_name(param_groups, group, i), pg, adapter.local(p).device))
+                pg = groups[id(p)] = adapter.process_group(p)
+                if pg is not None or replicate:
+                    held.append((param_name(param_groups, group, i), pg or process_group,
+                                 adapter.local(p).device))
         self.group, self.device = self._job_group(held)
         specs: list[MatrixSpec] = []
         for group in param_groups:
             for i, p in enumerate(group["params"]):
-                adapter, name = self.adapters[id(p)], param_name(param_groups, group, i)
-                pg = adapter.process_group(p)
+                adapter, name, pg = self.adapters[id(p)], param_name(param_groups, group, i), groups[id(p)]
                 for k, slot in enumerate(self.slot_lists[id(p)]):
                     if not routes_to_marsm(group, slot):
                         continue

@@ -67,6 +67,8 @@ class Statistics:
     factors: list[float]
     clipped: int
     ns_flops: int  # Newton-Schulz FLOPs this rank runs this step
+    matrix_ids: list[int]  # the distributor's index of each entry
+    configs: list[NSConfig | None]  # NS config per distributor index (None: not in this step)
 
 
 def chunks(numels: list[int], limit: int) -> Iterator[list[int]]:
@@ -174,7 +176,7 @@ def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork
             configs[index[k]], on[index[k]] = cfg, active[k]
             k += 1
     return Statistics(sq, lambda: _stack(norms, device).tolist(), active, finite, factors, clipped,
-                      distributor.ns_flops(on, configs))
+                      distributor.ns_flops(on, configs), index, configs)
 
 
 def step_counts(counters: list[Tensor]) -> list[float]:
@@ -250,19 +252,17 @@ def orthogonalize_and_apply(pm: ParamMap, matrix: list[GroupWork], stats: Statis
     """NS of every active matrix through the distributor; W <- W (1 - lr wd) - lr s O as each
     bucket's results arrive."""
     distributor = pm.distributor
-    n = len(distributor.matrices)
-    momenta: list[Tensor | None] = [None] * n
-    configs: list[NSConfig | None] = [None] * n
+    momenta: list[Tensor | None] = [None] * len(distributor.matrices)
     where: dict[int, tuple[GroupWork, int]] = {}
     k = 0
-    for work, cfg in zip(matrix, _work_configs(matrix), strict=True):
+    for work in matrix:
         exp_avgs = work.local_state(state, "exp_avg")
-        for j, (p, (_, slot)) in enumerate(zip(work.params, work.indices, strict=True)):
+        for j in range(len(work.params)):
             if stats.active[k]:
-                i = pm.matrix_index[(id(p), slot)]
-                momenta[i], configs[i], where[i] = exp_avgs[j], cfg, (work, j)
+                i = stats.matrix_ids[k]
+                momenta[i], where[i] = exp_avgs[j], (work, j)
             k += 1
-    for i, o in distributor.results(momenta, configs):
+    for i, o in distributor.results(momenta, stats.configs):
         w, j = where[i]
         g = w.group
         with timer.phase("apply"):

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from ..sharding.adapter import ShardingAdapter, check_group_serves, register_adapter
@@ -85,10 +85,9 @@ def job_group(mesh: DeviceMesh) -> dist.ProcessGroup:
     return mesh._flatten().get_group()
 
 
-def dtensor_layout(shape: tuple[int, ...], mesh: DeviceMesh, placements: tuple, group_ranks: list[int]
-                   ) -> MatrixLayout:
-    """The piece layout of a DTensor of ``shape`` over the ranks ``group_ranks`` (global ranks, in
-    the job group's order), with one copy per coordinate of its Replicate() mesh dim."""
+@lru_cache(maxsize=16)
+def _coordinates(mesh: DeviceMesh) -> dict[int, tuple[int, ...]]:
+    """Global rank -> its coordinate in ``mesh`` (once per mesh, not once per parameter)."""
     coords: dict[int, tuple[int, ...]] = {}
     for index, g in enumerate(mesh.mesh.reshape(-1).tolist()):
         coord = []
@@ -96,6 +95,14 @@ def dtensor_layout(shape: tuple[int, ...], mesh: DeviceMesh, placements: tuple, 
             index, c = divmod(index, size)
             coord.append(c)
         coords[g] = tuple(reversed(coord))
+    return coords
+
+
+def dtensor_layout(shape: tuple[int, ...], mesh: DeviceMesh, placements: tuple, group_ranks: list[int]
+                   ) -> MatrixLayout:
+    """The piece layout of a DTensor of ``shape`` over the ranks ``group_ranks`` (global ranks, in
+    the job group's order), with one copy per coordinate of its Replicate() mesh dim."""
+    coords = _coordinates(mesh)
     replicate_dims = [m for m, pl in enumerate(placements) if pl.is_replicate()]
     runs, replicas = [], []
     for g in group_ranks:
@@ -138,7 +145,7 @@ class FSDP2Adapter(ShardingAdapter):
         return job_group(p.device_mesh)
 
     def replica_group(self, p: Tensor) -> dist.ProcessGroup | None:
-        dims = [m for m, pl in enumerate(p.placements) if isinstance(pl, Replicate)]
+        dims = [m for m, pl in enumerate(p.placements) if pl.is_replicate()]
         return p.device_mesh.get_group(dims[0]) if dims else None
 
     def layout(self, p: Tensor) -> MatrixLayout:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["MatrixLayout", "Piece", "Runs", "assemble", "cut", "from_runs", "replicated", "row_chunks",
-           "runs_of", "whole"]
+           "whole"]
 
 
 @dataclass(frozen=True)
@@ -108,15 +108,6 @@ class MatrixLayout:
         return math.prod(self.block_shape_of(block))
 
     @property
-    def block_shape(self) -> tuple[int, ...]:
-        """The shape of block 0 (every block's, when they are equal)."""
-        return self.block_shape_of(0)
-
-    @property
-    def block_numel(self) -> int:
-        return self.block_numel_of(0)
-
-    @property
     def num_replicas(self) -> int:
         return 1 if self.replicas is None else len(set(self.replicas))
 
@@ -158,17 +149,6 @@ def row_chunks(shape: tuple[int, ...], world_size: int) -> MatrixLayout:
 
 
 Runs = tuple[tuple[int, int], ...]  # ranges [a, b) of indices along one dim, in local order
-
-
-def runs_of(indices: Sequence[int]) -> Runs:
-    """Maximal runs ``[a, b)`` of consecutive ascending indices, in order."""
-    runs: list[tuple[int, int]] = []
-    for i in indices:
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return tuple(runs)
 
 
 def _merged(pieces: list[Piece]) -> tuple[Piece, ...]:
