@@ -95,11 +95,20 @@ class ShardingEngine:
                 items = [(self.layouts[i], owners[i]) for i in idx]
                 with self.timer.phase("communication"):
                     shards = self.exchange.scatter(items, outputs, dtype, device)
-                    del outputs
-                    spread = [(lay, o, self.replica_groups.get(lay.replicas)) for lay, o in items]
-                    self.exchange.spread(spread, shards, dtype, device)
-                for k, i in enumerate(idx):
-                    yield i, shards[k]
+                del outputs
+                for k, i in enumerate(idx):  # the results owned in this rank's copy
+                    if shards[k] is not None:
+                        yield i, shards[k]
+                # The other copies' results, one broadcast at a time (shards: what this rank sends).
+                spread = self.exchange.spread([(lay, o, self.replica_groups.get(lay.replicas))
+                                               for lay, o in items], shards, dtype, device)
+                while True:
+                    with self.timer.phase("communication"):
+                        got = next(spread, None)
+                    if got is None:
+                        break
+                    yield idx[got[0]], got[1]
+                    del got
                 del shards
 
     def orthogonalize(self, local: list[Tensor | None],

@@ -13,6 +13,7 @@ buffer per replica, so its memory and bytes out do not grow with the number of r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -108,10 +109,9 @@ class Exchange:
                     parts[k][s] = recv[offset:offset + n]
                     offset += n
         fulls: list[Tensor | None] = [None] * len(items)
-        for k in mine:
-            fulls[k] = assemble(items[k][0], parts[k], dtype) if parts[k] else None
-            if fulls[k] is None:  # a matrix with no elements
-                fulls[k] = torch.empty(items[k][0].shape, dtype=dtype, device=items[0][2].device)
+        for k in mine:  # (no parts: a matrix with no elements)
+            fulls[k] = (assemble(items[k][0], parts[k], dtype) if parts[k] else
+                        torch.empty(items[k][0].shape, dtype=dtype, device=items[0][2].device))
         return fulls
 
     def scatter(
@@ -151,9 +151,11 @@ class Exchange:
         return local
 
     def spread(self, items: list[tuple[MatrixLayout, int, ReplicaGroup | None]],
-               local: list[Tensor | None], dtype: torch.dtype, device: torch.device) -> None:
-        """Fill ``local[k]`` for items owned in another copy: per copy, its ranks broadcast their
-        pieces over their replica groups (in place; items without replicas are left alone)."""
+               local: list[Tensor | None], dtype: torch.dtype, device: torch.device
+               ) -> Iterator[tuple[int, Tensor]]:
+        """Yield ``(k, this rank's flat pieces)`` for the items owned in another copy: per copy, its
+        ranks broadcast their pieces (``local``) over their replica groups. One broadcast's buffer
+        at a time: a caller that applies and drops each result never holds every copy's at once."""
         me = self.rank
         patterns: dict[tuple[int, ...], list[int]] = {}
         for k, (lay, _, _) in enumerate(items):
@@ -167,17 +169,16 @@ class Exchange:
                 sizes = [items[k][0].local_numel(me) for k in owned]
                 if not sum(sizes):  # so for every member of this replica group: same pieces
                     continue
-                if lay0.replica_of(me) == copy:
-                    buf = torch.cat([local[k].reshape(-1) for k in owned]) if owned else \
-                        torch.empty(0, dtype=dtype, device=device)
-                else:
-                    buf = torch.empty(sum(sizes), dtype=dtype, device=device)
-                self._broadcast(buf, replica_group, copy, lay0.num_replicas, lay0.replica_of(me) == copy)
-                if lay0.replica_of(me) != copy:
+                sender = lay0.replica_of(me) == copy
+                buf = (torch.cat([local[k].reshape(-1) for k in owned]) if sender else
+                       torch.empty(sum(sizes), dtype=dtype, device=device))
+                self._broadcast(buf, replica_group, copy, lay0.num_replicas, sender)
+                if not sender:
                     offset = 0
                     for k, n in zip(owned, sizes, strict=True):
-                        local[k] = buf[offset:offset + n]
+                        yield k, buf[offset:offset + n]
                         offset += n
+                del buf
 
     def _broadcast(self, buf: Tensor, rg: ReplicaGroup | None, copy: int, copies: int, sender: bool) -> None:
         itemsize = buf.element_size()
