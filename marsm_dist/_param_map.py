@@ -60,8 +60,8 @@ class ParamMap:
                         continue
                     self.matrix_index[(id(p), k)] = len(specs)
                     if slot.layout is not None:
-                        self._check_matrix_group(pg, name)
-                        specs.append(MatrixSpec(slot.shape, slot.layout, adapter.replica_group(p), name))
+                        layout, copies = self._over_job_group(adapter, p, slot, pg, name)
+                        specs.append(MatrixSpec(slot.shape, layout, copies, name))
                     elif replicate and pg is None:
                         specs.append(MatrixSpec(slot.shape, replicated(slot.shape, dist.get_world_size(
                             process_group)), process_group, name))
@@ -91,11 +91,15 @@ class ParamMap:
                     f"{name} (e.g. expert-parallel or pipeline meshes are not supported)")
         return job, device
 
-    def _check_matrix_group(self, pg: dist.ProcessGroup | None, name: str) -> None:
-        """A matrix's pieces must be described over the job group itself (its owner is one rank of
-        the whole job)."""
+    def _over_job_group(self, adapter: ShardingAdapter, p: Tensor, slot: Slot, pg: dist.ProcessGroup | None,
+                        name: str) -> tuple[Any, dist.ProcessGroup | None]:
+        """A matrix's layout and replica group over the job group itself (its owner is one rank of
+        the whole job): as the adapter gave it, or widened by the adapter from a sub-group."""
         if pg is None or self.group is None or _same_ranks(pg, self.group):
-            return
+            return slot.layout, adapter.replica_group(p)
+        widened = adapter.widen(p, self.group) if slot.numel < 0 else None
+        if widened is not None:
+            return widened
         raise NotImplementedError(
             f"MARSM: the matrix {name} is held over ranks {dist.get_process_group_ranks(pg)}, but other "
             f"parameters span ranks {dist.get_process_group_ranks(self.group)}; orthogonalizing it once "

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.overrides import TorchFunctionMode
 from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -250,3 +250,16 @@ def test_replicated_step_memory_is_set_by_the_bucket(meta_world, rank):
                         for b in plan.buckets for o in range(8))
         bounds[layers] = BUCKET + max(ns_bucket_peak(shapes) for shapes in owned if shapes) + one_owner
         assert peaks[layers] <= 1.2 * bounds[layers], (layers, peaks, bounds)
+
+
+def test_unsupported_placements_are_refused_at_construction(meta_world):
+    """A Partial() DTensor, or one with two Replicate() mesh dims: refused when MARSM is built,
+    naming the placement."""
+    meta_world(0, 4)
+    mesh = init_device_mesh("meta", (2, 2), mesh_dim_names=("a", "b"))
+    for placements, match in [((Partial(), Shard(0)), "Partial"), ((Replicate(), Replicate()), "Replicate")]:
+        local = torch.empty(8, 4, device="meta")
+        p = torch.nn.Parameter(DTensor.from_local(local, mesh, placements, run_check=False,
+                                                  shape=(8, 4), stride=(4, 1)))
+        with pytest.raises(NotImplementedError, match=match):
+            MARSM([p])

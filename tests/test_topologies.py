@@ -124,21 +124,24 @@ def test_fsdp_x_tp_with_uneven_blocks():
 
 
 def mixed_mesh_run(rank, world_size):
-    """A matrix left out of the TP plan lives on the dp sub-mesh beside 2-D ones: refused when
-    the optimizer is built, on every rank."""
+    """FSDP x TP where a matrix is left out of the TP plan: ``c`` lives on the dp sub-mesh only
+    (a copy per tp coordinate) beside 2-D matrices; it is lifted to the 2-D mesh, so it too is
+    orthogonalized once in the job."""
     model = fm.build(NAME)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     parallelize_module(model, mesh["tp"], {"a": ColwiseParallel(output_layouts=Replicate()),
                                            "b": RowwiseParallel(input_layouts=Replicate())})
     for m in (model.a, model.b, model.c, model):
         fully_shard(m, mesh=mesh["dp"])
-    try:
-        fm.make_opt(model)
-    except NotImplementedError as err:
-        return str(err)
-    return "built"
+    opt = fm.make_opt(model, ns_dtype=torch.float32)
+    dp = mesh.get_local_rank("dp")
+    return {**result(model, opt, train(model, opt, dp, 2)),
+            "c": str(model.c.weight.placements), "c_mesh": model.c.weight.device_mesh.ndim}
 
 
-def test_a_matrix_on_another_mesh_is_refused_at_construction():
-    for message in run_distributed(mixed_mesh_run, 4):
-        assert "'c.weight' is held over ranks" in message and "one mesh" in message, message
+def test_a_matrix_left_out_of_the_tp_plan_is_lifted_to_the_2d_mesh():
+    results = run_distributed(mixed_mesh_run, 4)
+    assert results[0]["c_mesh"] == 1 and results[0]["c"] == "(Shard(dim=0),)"
+    check(results, [])
+    for r, peer in ((0, 1), (2, 3)):  # mesh [[0, 1], [2, 3]]: tp peers hold the same rows of c
+        assert torch.equal(results[r]["local"]["c.weight"], results[peer]["local"]["c.weight"])

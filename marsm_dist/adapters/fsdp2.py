@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from ..sharding.adapter import ShardingAdapter, check_group_serves, register_adapter
@@ -147,6 +147,28 @@ class FSDP2Adapter(ShardingAdapter):
     def replica_group(self, p: Tensor) -> dist.ProcessGroup | None:
         dims = [m for m, pl in enumerate(p.placements) if pl.is_replicate()]
         return p.device_mesh.get_group(dims[0]) if dims else None
+
+    def widen(self, p: Tensor, group: dist.ProcessGroup
+              ) -> tuple[MatrixLayout, dist.ProcessGroup | None] | None:
+        """A parameter on a sub-mesh (FSDP2's dp mesh, for a module left out of the TP plan) is a
+        copy per coordinate of the root mesh's other dim: lift it there when the root spans
+        ``group``. Needs named mesh dims and at most one Replicate() dim after lifting."""
+        mesh = p.device_mesh
+        root = mesh._get_root_mesh()  # private in torch 2.6-2.14
+        names, root_names = mesh.mesh_dim_names, root.mesh_dim_names
+        ranks = dist.get_process_group_ranks(group)
+        if root is mesh or not names or not root_names or not set(names) <= set(root_names):
+            return None
+        if sorted(root.mesh.reshape(-1).tolist()) != sorted(ranks):
+            return None
+        placements = [Replicate()] * root.ndim
+        for name, placement in zip(names, p.placements, strict=True):
+            placements[root_names.index(name)] = placement
+        copies = [m for m, pl in enumerate(placements) if pl.is_replicate()]
+        if len(copies) > 1:
+            return None
+        layout = dtensor_layout(tuple(p.shape), root, tuple(placements), ranks)
+        return layout, (root.get_group(copies[0]) if copies else None)
 
     def layout(self, p: Tensor) -> MatrixLayout:
         self._check(p)

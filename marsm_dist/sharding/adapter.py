@@ -80,6 +80,12 @@ class ShardingAdapter:
         (one per copy), over which results reach the other copies. None: no replicas."""
         return None
 
+    def widen(self, p: Tensor, group: dist.ProcessGroup
+              ) -> tuple[MatrixLayout, dist.ProcessGroup | None] | None:
+        """``p``'s layout over ``group``, a wider group than :meth:`process_group` (the ranks
+        outside it hold copies), and the replica group; None if this adapter cannot tell."""
+        return None
+
     def layout(self, p: Tensor) -> MatrixLayout:
         """The pieces every rank of :meth:`process_group` holds of ``p``."""
         return whole(tuple(p.shape))
