@@ -38,6 +38,22 @@ def resolve_dtype(value: Any, name: str = "ns_dtype") -> torch.dtype:
     raise ValueError(f"Invalid {name}: {value!r} (expected a floating torch.dtype or its name)")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (what :func:`resolve_dtype` reads back)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def restore_group_types(group: dict[str, Any]) -> None:
+    """Give a param group's values their own types back after a round trip through plain
+    containers (a state dict, JSON, torch's state-dict helpers): tuples that came back as lists,
+    ``ns_dtype`` as a name. Values that cannot be converted are left for validation to refuse."""
+    for key in ("adamw_betas", "ns_coefficients"):
+        if isinstance(group.get(key), list):
+            group[key] = tuple(group[key])
+    if isinstance(group.get("ns_dtype"), str) and group["ns_dtype"].lower().removeprefix("torch.") in _DTYPES:
+        group["ns_dtype"] = resolve_dtype(group["ns_dtype"])
+
+
 def _number(value: Any) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:

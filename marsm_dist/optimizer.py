@@ -29,7 +29,14 @@ from ._step_inputs import (
     routes_to_marsm,
 )
 from ._timing import PhaseTimer
-from ._validation import check_param, resolve_dtype, validate_hyperparameters, validate_options
+from ._validation import (
+    check_param,
+    dtype_name,
+    resolve_dtype,
+    restore_group_types,
+    validate_hyperparameters,
+    validate_options,
+)
 from .newton_schulz import NS_COEFFICIENTS
 from .sharding.adapter import Slot, adapter_for
 
@@ -160,23 +167,32 @@ class MARSM(Optimizer):
             self._sharding()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        super().__setstate__(state)  # also how load_state_dict installs the loaded groups
         for group in self.param_groups:
             for key, value in _GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
+            restore_group_types(group)
         for key, value in dict(on_nonfinite="raise", owner_policy="balanced", bucket_bytes=256 * 2**20,
                                skipped_steps=0, last_step_stats=None, _context=None,
                                _contexts={}, _process_group=None).items():
             self.__dict__.setdefault(key, value)
         self.__dict__.setdefault("_timer", PhaseTimer())
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict``, with plain values in the param groups (``ns_dtype`` as its name):
+        ``torch.distributed.checkpoint.state_dict``'s helpers refuse a ``torch.dtype``. Loading
+        turns it back into a dtype (and the tuples that came back as lists into tuples)."""
+        sd = super().state_dict()
+        for group in sd["param_groups"]:  # fresh dicts, not the live groups
+            group["ns_dtype"] = dtype_name(resolve_dtype(group["ns_dtype"]))
+        return sd
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see ``torch.optim.Optimizer``); its hyperparameters are validated."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            if isinstance(group["adamw_betas"], list):
-                group["adamw_betas"] = tuple(group["adamw_betas"])
+            restore_group_types(group)
             validate_hyperparameters(group, f" in param group {len(self.param_groups) - 1}")
             group["ns_dtype"] = resolve_dtype(group["ns_dtype"])
             for i, p in enumerate(group["params"]):

@@ -3,6 +3,8 @@ W=3, and the run continues the single-process trajectory."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -88,3 +90,47 @@ def test_save_fsdp_x_tp_resume_on_a_1d_mesh(tmp_path):
         got = run_distributed(load_run, world_size, str(tmp_path / "ckpt"), True)[0]
         for n in want:
             assert (got[n] - want[n]).abs().max() < 1e-5, (world_size, n)
+
+
+HELPER_OPTIONS = {  # save options -> load options (full + cpu_offload leaves ranks > 0 empty)
+    "sharded": ({}, {}),
+    "cpu_offload": ({"cpu_offload": True}, {"cpu_offload": True}),
+    "full": ({"full_state_dict": True}, {"full_state_dict": True}),
+    "full_broadcast": ({"full_state_dict": True}, {"full_state_dict": True, "broadcast_from_rank0": True}),
+    "full_cpu_offload": ({"full_state_dict": True, "cpu_offload": True},
+                         {"full_state_dict": True, "broadcast_from_rank0": True}),
+}
+
+
+def helper_round_trip_run(rank, world_size, case):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    save, load = (StateDictOptions(**o) for o in HELPER_OPTIONS[case])
+    model = fm.shard(fm.build("awkward"), world_size)
+    opt = fm.make_opt(model, **KW)
+    fm.train("awkward", model, opt, 4, approx=True, rank=rank, world_size=world_size)
+    # A copy stands for the trip through storage: unserialized, the sharded state dict holds the
+    # live state tensors, which load_state_dict would share between the two optimizers.
+    osd = copy.deepcopy(get_optimizer_state_dict(model, opt, options=save))
+    plain = all(not isinstance(v, torch.dtype) for g in osd.get("param_groups", []) for v in g.values())
+    model2 = fm.shard(fm.build("awkward"), world_size)
+    set_model_state_dict(model2, get_model_state_dict(model))
+    opt2 = fm.make_opt(model2, lr=0.5, **KW)  # the group values come from the state dict
+    set_optimizer_state_dict(model2, opt2, optim_state_dict=osd, options=load)
+    group = opt2.param_groups[0]
+    types = (type(group["adamw_betas"]), type(group["ns_coefficients"]), group["ns_dtype"], group["lr"])
+    for m, o in ((model, opt), (model2, opt2)):
+        fm.train("awkward", m, o, 4, approx=True, rank=rank, world_size=world_size, start=4)
+    return plain, types, fm.full_params(model), fm.full_params(model2)
+
+
+@pytest.mark.parametrize("case", list(HELPER_OPTIONS))
+def test_torch_state_dict_helpers_round_trip_with_every_option(case):
+    """get/set_optimizer_state_dict as HF Accelerate and Lightning call them: the group values
+    are plain (no torch.dtype), they come back with their types, and the resumed run equals the
+    uninterrupted one bit for bit."""
+    for plain, types, uninterrupted, resumed in run_distributed(helper_round_trip_run, 2, case):
+        assert plain
+        assert types == (tuple, tuple, torch.float32, 0.02)
+        for n in uninterrupted:
+            assert torch.equal(uninterrupted[n], resumed[n]), n
