@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from ._group_agreement import agreement_terms, disagreement
 from ._param_map import ParamMap
 from ._step_inputs import GroupWork, nonfinite_flag, pending_lookaheads
 from ._timing import PhaseTimer
@@ -69,6 +70,7 @@ class Statistics:
     ns_flops: int  # Newton-Schulz FLOPs this rank runs this step
     matrix_ids: list[int]  # the distributor's index of each entry
     configs: list[NSConfig | None]  # NS config per distributor index (None: not in this step)
+    refusal: str | None = None  # why every rank refuses this step (a group value), if it does
 
 
 def chunks(numels: list[int], limit: int) -> Iterator[list[int]]:
@@ -127,12 +129,14 @@ def _stack(values: list[Tensor], device: torch.device) -> Tensor:
 
 
 def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork],
-                    state: Mapping, chunk_numel: int, timer: PhaseTimer, *, precise: bool = False
-                    ) -> Statistics:
+                    state: Mapping, chunk_numel: int, timer: PhaseTimer, *, precise: bool = False,
+                    param_groups: list[dict[str, Any]], problem: str | None = None) -> Statistics:
     """Reduce the statistics over the job group and read them on the host, once.
 
     ``precise`` accumulates the norms in float64; the step retries with it only when the fast
     statistics came out non-finite (so a float32 overflow is not mistaken for a NaN gradient).
+    ``problem``: why this rank refuses the step (an invalid group value, a missing look-ahead);
+    it computes nothing and only tells the other ranks, through the same all-reduce.
     """
     distributor = pm.distributor
     index = [pm.matrix_index[(id(p), k)]
@@ -142,30 +146,61 @@ def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork
     device = first.device if first is not None else (pm.device or torch.device("cpu"))
     shared = [n for n, i in enumerate(index) if distributor.is_shared(i)]
     local = [n for n, i in enumerate(index) if not distributor.is_shared(i)]
+    # Checked where ranks hold real values: not alone (a problem raised already), not on meta.
+    checking = distributor.group is not None and device.type != "meta"
+    agree = agreement_terms(param_groups) if checking else []
     with timer.phase("elementwise"):
-        norms = _vr_squared_norms(matrix, state, chunk_numel, precise)
+        if problem is None:
+            norms = _vr_squared_norms(matrix, state, chunk_numel, precise)
+            flag = nonfinite_flag([g for w in adamw for g in w.grads] + pending_lookaheads(matrix, state),
+                                  device)
+        else:  # the values are unusable (momentum = 1 divides by zero): only signal the others
+            norms = [torch.zeros((), dtype=torch.float64, device=device)] * len(index)
+            flag = torch.zeros(1, dtype=torch.float64, device=device)
         local_sq = _stack([norms[k] for k in local], device)
-        flag = nonfinite_flag([g for w in adamw for g in w.grads] + pending_lookaheads(matrix, state), device)
         flag = flag + local_sq.sum() * 0.0  # a NaN/Inf among own matrices must stop every rank too
         # A shared matrix's norm is the sum over one copy's parts; other copies add theirs times
         # zero (which keeps a NaN of theirs visible). Which shared matrices have a gradient on this
         # rank: filled on the device (a list turned into a tensor would be a host-to-device copy,
-        # which waits for the device).
+        # which waits for the device); so are the group checks' terms.
         counts = torch.ones(len(shared), dtype=torch.float64, device=device)
         shared_sq = [norms[k] if distributor.counts_here(index[k]) else norms[k] * 0.0 for k in shared]
         for i, k in enumerate(shared):
             if not has[k]:
                 counts[i] = 0.0
+        checks = torch.zeros(len(agree) + checking, dtype=torch.float64, device=device)
+        for i, term in enumerate(agree + ([float(problem is not None)] if checking else [])):
+            checks[i] = term
     with timer.phase("communication"):
-        vec = distributor.sum_over_ranks(torch.cat([_stack(shared_sq, device), counts, flag]))
+        vec = distributor.sum_over_ranks(torch.cat([_stack(shared_sq, device), counts, flag, checks]))
         values = torch.cat([vec.to(device), local_sq]).tolist()  # the step's one device-to-host read
-    n = len(shared)
+    n, m = len(shared), len(agree) + checking
+    refusal = problem or (_group_refusal(param_groups, agree, values[2 * n + 1:2 * n + 1 + m], distributor)
+                          if checking else None)
     sq, active = [0.0] * len(index), [True] * len(index)
     for i, k in enumerate(shared):
         sq[k], active[k] = values[i], values[n + i] > 0
     for i, k in enumerate(local):
-        sq[k] = values[2 * n + 1 + i]
+        sq[k] = values[2 * n + 1 + m + i]
     finite = all(math.isfinite(x) for x in sq) and math.isfinite(values[2 * n])
+    if refusal is not None:
+        return Statistics(sq, lambda: [], active, finite, [], 0, 0, index, [], refusal)
+    return _finish_statistics(distributor, matrix, index, sq, active, finite,
+                              lambda: _stack(norms, device).tolist())
+
+
+def _group_refusal(param_groups: list[dict[str, Any]], agree: list[float], summed: list[float],
+                   distributor) -> str | None:
+    """Why every rank must refuse this step: a rank refused it (an invalid value, a missing
+    look-ahead: the last summed term counts those ranks), or a value differs between ranks."""
+    if summed[-1] > 0:
+        return "another rank refused this step (its error says why)"
+    return disagreement(param_groups, agree, summed[:-1], distributor.world_size)
+
+
+def _finish_statistics(distributor, matrix: list[GroupWork], index: list[int], sq: list[float],
+                       active: list[bool], finite: bool, local_sq_norms: Callable[[], list[float]]
+                       ) -> Statistics:
     factors = F.clip_factors(sq) if finite else []
     clipped = sum(1 for k, f in enumerate(factors) if active[k] and f < 1.0)
     configs: list[NSConfig | None] = [None] * len(distributor.matrices)
@@ -175,7 +210,7 @@ def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork
         for _ in work.params:
             configs[index[k]], on[index[k]] = cfg, active[k]
             k += 1
-    return Statistics(sq, lambda: _stack(norms, device).tolist(), active, finite, factors, clipped,
+    return Statistics(sq, local_sq_norms, active, finite, factors, clipped,
                       distributor.ns_flops(on, configs), index, configs)
 
 

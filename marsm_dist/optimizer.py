@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from ._group_agreement import invalid_value
 from ._param_map import ParamMap
 from ._step import (
     StepStats,
@@ -49,6 +50,9 @@ _MAX_CONTEXTS = 64  # sharding contexts kept per optimizer (one per set of stepp
 # Keys a param group may carry, with the values a group added by an older version should get.
 _GROUP_DEFAULTS = dict(ns_coefficients=NS_COEFFICIENTS, flatten=False, maximize=False, use_marsm=None,
                        ns_form="auto")
+
+
+_UNTOUCHED = "parameters and optimizer state were left untouched"
 
 
 class NonFiniteGradError(RuntimeError):
@@ -184,7 +188,8 @@ class MARSM(Optimizer):
         turns it back into a dtype (and the tuples that came back as lists into tuples)."""
         sd = super().state_dict()
         for group in sd["param_groups"]:  # fresh dicts, not the live groups
-            group["ns_dtype"] = dtype_name(resolve_dtype(group["ns_dtype"]))
+            if isinstance(group["ns_dtype"], torch.dtype):  # saving never validates (nor fails)
+                group["ns_dtype"] = dtype_name(group["ns_dtype"])
         return sd
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -317,14 +322,21 @@ class MARSM(Optimizer):
         chunk = self._bucket_numel
         with timer.phase("elementwise"):
             matrix, adamw = collect(self.param_groups, ctx.adapter, ctx.slots, ctx.is_shared_matrix)
-            check_lookahead_ready(self.param_groups, matrix, self.state)
             for work in matrix + adamw:
                 for p in work.containers():
                     self._ensure_state(work.group, p)
-        # Writes nothing: the statistics, with the step's one device-to-host read.
-        stats = step_statistics(ctx, matrix, adamw, self.state, chunk, timer)
-        if not stats.finite:  # rare: tell a float32 overflow of a norm from a NaN/Inf
-            stats = step_statistics(ctx, matrix, adamw, self.state, chunk, timer, precise=True)
+        # Writes nothing: the group values' checks and the statistics, with the step's one
+        # device-to-host read. A refusal there stops every rank (it rides on the all-reduce).
+        problem = self._local_problem(matrix)
+        if problem is not None and ctx.distributor.group is None:
+            raise problem
+        stats = step_statistics(ctx, matrix, adamw, self.state, chunk, timer, param_groups=self.param_groups,
+                                problem=None if problem is None else str(problem))
+        if stats.refusal is None and not stats.finite:  # rare: a float32 overflow, or a NaN/Inf?
+            stats = step_statistics(ctx, matrix, adamw, self.state, chunk, timer, precise=True,
+                                    param_groups=self.param_groups)
+        if stats.refusal is not None:
+            raise problem or ValueError(f"MARSM: {stats.refusal}; {_UNTOUCHED}")
         if not stats.finite:
             bad = describe_nonfinite(self.param_groups, matrix, adamw, self.state, stats.sq_norms,
                                      stats.local_sq_norms())
@@ -343,6 +355,20 @@ class MARSM(Optimizer):
         finish_matrices(matrix, stats, self.state)
         self._record_stats(ctx, stats, sent0, received0)
         return loss
+
+    def _local_problem(self, matrix: list[GroupWork]) -> Exception | None:
+        """What this rank refuses before anything is written: an invalid group value, or a
+        missing look-ahead (exact mode). Returned, not raised: under a job group every rank must
+        learn of it through the step's all-reduce and refuse too, or the others would wait in
+        its collectives."""
+        invalid = invalid_value(self.param_groups)
+        if invalid is not None:
+            return ValueError(f"MARSM: {invalid}; {_UNTOUCHED}")
+        try:
+            check_lookahead_ready(self.param_groups, matrix, self.state)
+        except RuntimeError as err:
+            return RuntimeError(f"{err}; {_UNTOUCHED}")
+        return None
 
     @property
     def _bucket_numel(self) -> int:

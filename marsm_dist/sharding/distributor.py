@@ -110,6 +110,11 @@ class Distributor:
         return out
 
     @property
+    def world_size(self) -> int:
+        """Ranks in the job group (1 when there is none)."""
+        return dist.get_world_size(self.group) if self.group is not None else 1
+
+    @property
     def rank(self) -> int:
         return self.engine.rank if self.engine is not None else 0
 
