@@ -28,7 +28,7 @@ from torch import Tensor
 from . import functional as F
 from ._group_agreement import agreement_terms, disagreement
 from ._param_map import ParamMap
-from ._step_inputs import GroupWork, nonfinite_flag, pending_lookaheads
+from ._step_inputs import GroupWork, loaded_state, nonfinite_flag, pending_lookaheads
 from ._timing import PhaseTimer
 from ._validation import check_ns_form
 from .orthogonalize import NSConfig, scale_for
@@ -130,11 +130,13 @@ def _stack(values: list[Tensor], device: torch.device) -> Tensor:
 
 def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork],
                     state: Mapping, chunk_numel: int, timer: PhaseTimer, *, precise: bool = False,
-                    param_groups: list[dict[str, Any]], problem: str | None = None) -> Statistics:
+                    param_groups: list[dict[str, Any]], problem: str | None = None,
+                    screened_state: bool = False) -> Statistics:
     """Reduce the statistics over the job group and read them on the host, once.
 
     ``precise`` accumulates the norms in float64; the step retries with it only when the fast
     statistics came out non-finite (so a float32 overflow is not mistaken for a NaN gradient).
+    ``screened_state``: also screen the state the step reads for NaN/Inf (after a load).
     ``problem``: why this rank refuses the step (an invalid group value, a missing look-ahead);
     it computes nothing and only tells the other ranks, through the same all-reduce.
     """
@@ -152,8 +154,10 @@ def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork
     with timer.phase("elementwise"):
         if problem is None:
             norms = _vr_squared_norms(matrix, state, chunk_numel, precise)
-            flag = nonfinite_flag([g for w in adamw for g in w.grads] + pending_lookaheads(matrix, state),
-                                  device)
+            screened = [t for _, _, ts in (loaded_state(matrix, adamw, state) if screened_state else [])
+                        for t in ts]
+            flag = nonfinite_flag([g for w in adamw for g in w.grads] + pending_lookaheads(matrix, state)
+                                  + screened, device)
         else:  # the values are unusable (momentum = 1 divides by zero): only signal the others
             norms = [torch.zeros((), dtype=torch.float64, device=device)] * len(index)
             flag = torch.zeros(1, dtype=torch.float64, device=device)

@@ -104,6 +104,8 @@ def collect(
             if p.grad is not None:
                 check_grad(param_groups, group, i, p.grad)
             for k, slot in enumerate(slots_of(p)):
+                if 0 in slot.shape:  # nothing to update (and no matrix to orthogonalize)
+                    continue
                 is_matrix = routes_to_marsm(group, slot)
                 if is_matrix and len(slot.shape) < 2:
                     raise RuntimeError(
@@ -160,17 +162,33 @@ def nonfinite_flag(tensors: list[Tensor], device: torch.device) -> Tensor:
     return (worst * 0.0).reshape(1).to(device)
 
 
+# The state a step reads, per branch: screened for NaN/Inf after a checkpoint was loaded.
+_READ_STATE = {True: ("exp_avg", "last_grad"), False: ("exp_avg", "exp_avg_sq")}
+
+
+def loaded_state(matrix: list[GroupWork], adamw: list[GroupWork], state: Mapping
+                 ) -> list[tuple[str, GroupWork, list[Tensor]]]:
+    """(key, work, local views) of every state tensor this step reads."""
+    return [(key, work, work.local_state(state, key))
+            for works, is_matrix in ((matrix, True), (adamw, False)) for work in works
+            for key in _READ_STATE[is_matrix]]
+
+
 def describe_nonfinite(
     param_groups: list[Group], matrix: list[GroupWork], adamw: list[GroupWork], state: Mapping,
-    sq_norms: list[float], local_sq_norms: list[float],
+    sq_norms: list[float], local_sq_norms: list[float], screened_state: bool = False,
 ) -> str:
     """Name what made this step's statistics non-finite: a local NaN/Inf gradient or look-ahead,
-    a c_t that overflowed float32, or a shard that another rank holds."""
+    loaded optimizer state (``screened_state``), a c_t that overflowed float32, or a shard that
+    another rank holds."""
     def named(work: GroupWork) -> list[str]:
         return [param_name(param_groups, work.group, i, s) for i, s in zip(work.indices, work.slots,
                                                                            strict=True)]
 
     candidates = []
+    for key, work, tensors in loaded_state(matrix, adamw, state) if screened_state else []:
+        candidates += [(f"optimizer state {key!r} (from the loaded state dict: damaged?)", n, t)
+                       for n, t in zip(named(work), tensors, strict=True)]
     for work in matrix + adamw:
         candidates += [("gradient", n, g) for n, g in zip(named(work), work.grads, strict=True)]
     for work in matrix:
@@ -181,8 +199,9 @@ def describe_nonfinite(
         if t.numel() and not bool(torch.isfinite(t).all()):
             return f"{kind} of {name} (shape {tuple(t.shape)})"
     names = [n for w in matrix for n in named(w)]
+    what = "gradient or loaded optimizer state" if screened_state else "gradient"
     for k in [k for k, x in enumerate(sq_norms) if not math.isfinite(x)]:
         if math.isfinite(local_sq_norms[k]):
-            return f"gradient shard of {names[k]} held by another rank"
+            return f"{what} shard of {names[k]} held by another rank"
         return f"c_t of {names[k]} (overflow)"
-    return "gradient of a parameter shard held by another rank"
+    return f"{what} of a parameter shard held by another rank"

@@ -33,9 +33,10 @@ def resolve_dtype(value: Any, name: str = "ns_dtype") -> torch.dtype:
         if key not in _DTYPES:
             raise ValueError(f"Invalid {name}: {value!r} (expected one of {sorted(_DTYPES)})")
         return _DTYPES[key]
-    if isinstance(value, torch.dtype) and value.is_floating_point:
+    if isinstance(value, torch.dtype) and value in _DTYPES.values():
         return value
-    raise ValueError(f"Invalid {name}: {value!r} (expected a floating torch.dtype or its name)")
+    raise ValueError(f"Invalid {name}: {value!r} (expected torch.bfloat16, float16, float32 or float64, "
+                     f"or its name)")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -123,12 +124,52 @@ def check_param(p: torch.Tensor, group: Mapping[str, Any], name: str,
     shapes it holds (its own shape, or the real shapes behind a framework's flat buffer)."""
     if torch.is_complex(p):
         raise ValueError(f"MARSM does not support complex parameters ({name})")
+    if not p.is_floating_point():
+        raise ValueError(f"MARSM optimizes floating-point tensors only; {name} has dtype {p.dtype}")
     small = [s for s in shapes if len(s) < 2]
     if group["use_marsm"] is True and small:
         raise ValueError(
             f"use_marsm=True needs tensors with at least 2 dims, but {name} has shape "
             f"{small[0]}; put it in a use_marsm=False group"
         )
+
+
+def check_no_duplicates(params: list[torch.Tensor], name_of) -> None:
+    """The same tensor twice in one group would be updated twice per step: refuse it by name
+    (torch.optim only warns)."""
+    seen: dict[int, int] = {}
+    for i, p in enumerate(params):
+        if id(p) in seen:
+            raise ValueError(f"{name_of(i)} is the same tensor as {name_of(seen[id(p)])} in one param "
+                             f"group; each parameter may appear once")
+        seen[id(p)] = i
+
+
+# Keys every MARSM param group has had since version 0.1 (later ones get defaults on load).
+_SAVED_GROUP_KEYS = ("lr", "weight_decay", "momentum", "gamma", "ns_steps", "ns_dtype", "adamw_betas",
+                     "adamw_eps", "approx")
+
+
+def check_loadable(state_dict: Mapping[str, Any], params: list[tuple[torch.Tensor, str]]) -> None:
+    """Refuse a state dict MARSM could load but never step: another optimizer's (its groups lack
+    MARS-M's keys), or one whose state tensors do not have their parameters' shapes. Parameters
+    are matched to saved state in order, as ``torch.optim.Optimizer.load_state_dict`` does."""
+    groups = state_dict.get("param_groups", [])
+    for i, group in enumerate(groups):
+        missing = [k for k in _SAVED_GROUP_KEYS if k not in group]
+        if missing:
+            raise ValueError(
+                f"MARSM.load_state_dict: param group {i} of this state dict has no {missing}: it is another "
+                f"optimizer's (keys {sorted(k for k in group if k != 'params')}). Load MARSM's own state "
+                f"dict, or start MARSM fresh from the model's weights")
+    saved_ids = [pid for g in groups for pid in g.get("params", [])]
+    state = state_dict.get("state", {})
+    for pid, (p, name) in zip(saved_ids, params, strict=False):
+        for key, value in state.get(pid, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"MARSM.load_state_dict: state {key!r} of {name} has shape {tuple(value.shape)}, the "
+                    f"parameter {tuple(p.shape)}: the state dict is from a differently shaped model")
 
 
 def validate_options(*, on_nonfinite: str, owner_policy: str, bucket_bytes: int) -> None:

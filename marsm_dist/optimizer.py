@@ -31,6 +31,8 @@ from ._step_inputs import (
 )
 from ._timing import PhaseTimer
 from ._validation import (
+    check_loadable,
+    check_no_duplicates,
     check_param,
     dtype_name,
     resolve_dtype,
@@ -149,13 +151,15 @@ class MARSM(Optimizer):
         process_group: Any = None,
     ) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, gamma=gamma,
-                        ns_steps=ns_steps, ns_dtype=ns_dtype, adamw_betas=tuple(adamw_betas),
-                        adamw_eps=adamw_eps, approx=approx, ns_coefficients=tuple(ns_coefficients),
+                        ns_steps=ns_steps, ns_dtype=ns_dtype, adamw_betas=adamw_betas,
+                        adamw_eps=adamw_eps, approx=approx, ns_coefficients=ns_coefficients,
                         flatten=flatten, maximize=maximize, use_marsm=None, ns_form=ns_form)
-        validate_hyperparameters(defaults)
+        validate_hyperparameters(defaults)  # before any conversion: a scalar "pair" is named, not iterated
+        restore_group_types(defaults)
         validate_options(on_nonfinite=on_nonfinite, owner_policy=owner_policy, bucket_bytes=bucket_bytes)
         self.on_nonfinite, self.owner_policy, self.bucket_bytes = on_nonfinite, owner_policy, bucket_bytes
         self._process_group = process_group
+        self._unscreened: set[int] = set()  # parameters whose loaded state no step has screened yet
         self.skipped_steps = 0
         self.last_step_stats: StepStats | None = None
         self._timer = PhaseTimer(_device_sync() if timing else None)
@@ -178,7 +182,7 @@ class MARSM(Optimizer):
             restore_group_types(group)
         for key, value in dict(on_nonfinite="raise", owner_policy="balanced", bucket_bytes=256 * 2**20,
                                skipped_steps=0, last_step_stats=None, _context=None,
-                               _contexts={}, _process_group=None).items():
+                               _contexts={}, _process_group=None, _unscreened=set()).items():
             self.__dict__.setdefault(key, value)
         self.__dict__.setdefault("_timer", PhaseTimer())
 
@@ -192,11 +196,32 @@ class MARSM(Optimizer):
                 group["ns_dtype"] = dtype_name(group["ns_dtype"])
         return sd
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict`` (the checkpoint's hyperparameters, mode included, replace
+        the current ones), refusing first what could only fail later: the state dict of another
+        optimizer, and state tensors whose shape is not their parameter's (another model)."""
+        check_loadable(state_dict, [(p, param_name(self.param_groups, g, i))
+                                    for g in self.param_groups for i, p in enumerate(g["params"])])
+        super().load_state_dict(state_dict)
+        # Loaded state may be damaged: steps screen it for NaN/Inf (in the step's one all-reduce)
+        # until each parameter has passed one; from then on finite inputs keep it finite.
+        self._unscreened = {id(p) for p in self.state}
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see ``torch.optim.Optimizer``); its hyperparameters are validated."""
+        params = param_group["params"]
+        if not isinstance(params, (Tensor, set)):  # (torch refuses a set and wraps a lone tensor)
+            # Checked before torch's own check too, which only warns that it "will cause an error".
+            param_group["params"] = params = list(params)
+            gi = len(self.param_groups)
+            named = [p if isinstance(p, tuple) else (f"param_groups[{gi}]['params'][{i}]", p)
+                     for i, p in enumerate(params)]  # (name, tensor) pairs, as torch accepts them
+            check_no_duplicates([t for _, t in named], lambda i: repr(named[i][0]) if isinstance(
+                params[i], tuple) else named[i][0])
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            check_no_duplicates(group["params"], lambda i: param_name(self.param_groups, group, i))
             restore_group_types(group)
             validate_hyperparameters(group, f" in param group {len(self.param_groups) - 1}")
             group["ns_dtype"] = resolve_dtype(group["ns_dtype"])
@@ -330,16 +355,18 @@ class MARSM(Optimizer):
         problem = self._local_problem(matrix)
         if problem is not None and ctx.distributor.group is None:
             raise problem
+        stepped = [p for work in matrix + adamw for p in work.containers()]
+        screen = any(id(p) in self._unscreened for p in stepped)
         stats = step_statistics(ctx, matrix, adamw, self.state, chunk, timer, param_groups=self.param_groups,
-                                problem=None if problem is None else str(problem))
+                                problem=None if problem is None else str(problem), screened_state=screen)
         if stats.refusal is None and not stats.finite:  # rare: a float32 overflow, or a NaN/Inf?
             stats = step_statistics(ctx, matrix, adamw, self.state, chunk, timer, precise=True,
-                                    param_groups=self.param_groups)
+                                    param_groups=self.param_groups, screened_state=screen)
         if stats.refusal is not None:
             raise problem or ValueError(f"MARSM: {stats.refusal}; {_UNTOUCHED}")
         if not stats.finite:
             bad = describe_nonfinite(self.param_groups, matrix, adamw, self.state, stats.sq_norms,
-                                     stats.local_sq_norms())
+                                     stats.local_sq_norms(), screen)
             if self.on_nonfinite == "raise":
                 raise NonFiniteGradError(
                     f"MARSM: the {bad} contains NaN or Inf; parameters and optimizer state were "
@@ -353,6 +380,7 @@ class MARSM(Optimizer):
             update_momenta(matrix, stats, self.state, chunk)
         orthogonalize_and_apply(ctx, matrix, stats, self.state, timer)
         finish_matrices(matrix, stats, self.state)
+        self._unscreened.difference_update(id(p) for p in stepped)
         self._record_stats(ctx, stats, sent0, received0)
         return loss
 

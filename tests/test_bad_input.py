@@ -115,3 +115,163 @@ def test_ranks_that_disagree_all_refuse_the_step(case):
         for word in words_writer if rank == who else words_others:
             assert word in message, (rank, message)
         assert "left untouched" in message and unchanged, (rank, message)
+
+
+def _adamw_state_dict():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = torch.optim.AdamW([p])
+    p.grad = torch.ones(4, 4)
+    opt.step()
+    return opt.state_dict()
+
+
+def _other_model_state_dict():
+    from marsm_dist import MARSM
+
+    p = torch.nn.Parameter(torch.randn(4, 1))  # the table's model has a (4, 4) matrix here
+    opt = MARSM([p, torch.nn.Parameter(torch.randn(4))])
+    opt.init_state()
+    return opt.state_dict()
+
+
+def _with_nan_state():
+    params, opt = _small()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1]["exp_avg_sq"][2] = float("nan")
+    return sd
+
+
+def _small():
+    from marsm_dist import MARSM
+
+    params = [torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))]
+    opt = MARSM(params)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return params, opt
+
+
+# name -> (what to build (kwargs or a state dict to load), error type, words)
+CONSTRUCTION = {
+    "integer parameter": ({"params": [torch.zeros(3, 3, dtype=torch.int64)]}, ValueError,
+                          ["floating-point", "int64"]),
+    "same tensor twice": ("duplicate", ValueError, ["same tensor", "once"]),
+    "same tensor twice, named": ("named duplicate", ValueError, ["'b' is the same tensor as 'a'"]),
+    "float8 ns_dtype": ({"ns_dtype": torch.float8_e4m3fn}, ValueError, ["ns_dtype", "float8"]),
+    "betas a scalar": ({"adamw_betas": 0.9}, ValueError, ["adamw_betas", "pair"]),
+    "coefficients a scalar": ({"ns_coefficients": 3.0}, ValueError, ["ns_coefficients"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CONSTRUCTION))
+def test_construction_refuses_what_can_never_work(case):
+    from marsm_dist import MARSM
+
+    spec, error, words = CONSTRUCTION[case]
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(error) as info:
+        if spec == "duplicate":
+            MARSM([w, w])
+        elif spec == "named duplicate":
+            MARSM([("a", w), ("b", w)])
+        else:
+            MARSM(spec.get("params", [w]), **{k: v for k, v in spec.items() if k != "params"})
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+LOADING = {
+    "torch.optim.AdamW's state dict": (_adamw_state_dict, ValueError, ["another optimizer", "'momentum'"]),
+    "another model's state dict": (_other_model_state_dict, ValueError,
+                                   ["(4, 1)", "(4, 4)", "differently shaped"]),
+}
+
+
+@pytest.mark.parametrize("case", list(LOADING))
+def test_loading_refuses_a_state_dict_that_cannot_work_and_changes_nothing(case):
+    make_sd, error, words = LOADING[case]
+    params, opt = _small()
+    saved = copy.deepcopy(opt.state_dict())
+    with pytest.raises(error) as info:
+        opt.load_state_dict(make_sd())
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+    after = opt.state_dict()
+    for i, st in saved["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, after["state"][i][k]) if torch.is_tensor(v) else v == after["state"][i][k]
+
+
+def test_nan_in_a_loaded_state_dict_is_named_and_changes_nothing():
+    from marsm_dist import NonFiniteGradError
+
+    params, opt = _small()
+    opt.load_state_dict(_with_nan_state())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(NonFiniteGradError, match="optimizer state 'exp_avg_sq'.*loaded state dict"):
+        opt.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, params, strict=True))
+
+
+def test_zero_size_matrices_are_skipped():
+    """A (0, 8) matrix beside normal ones: the step runs, and the others move as without it."""
+    from marsm_dist import MARSM
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    empty = torch.nn.Parameter(torch.randn(0, 8))
+    twin = torch.nn.Parameter(w.detach().clone())
+    opt, ref = MARSM([w, empty], ns_dtype=torch.float32), MARSM([twin], ns_dtype=torch.float32)
+    for _ in range(3):
+        g = torch.randn(4, 4)
+        w.grad, empty.grad, twin.grad = g.clone(), torch.zeros(0, 8), g.clone()
+        opt.step()
+        ref.step()
+    assert torch.equal(w, twin)
+
+
+def test_a_checkpoint_of_the_other_mode_brings_its_mode():
+    """Documented: the checkpoint's hyperparameters replace the current ones, approx included
+    (torch.optim semantics); an approx=True checkpoint steps on without a look-ahead."""
+    from marsm_dist import MARSM
+
+    params, opt = _small()  # approx=True
+    exact = MARSM(params, approx=False)
+    exact.load_state_dict(opt.state_dict())
+    assert exact.param_groups[0]["approx"] is True
+    for p in params:
+        p.grad = torch.randn_like(p)
+    exact.step()
+
+
+def nan_state_run(rank, world_size):
+    from marsm_dist import NonFiniteGradError
+
+    model = fm.shard(fm.build("awkward"), world_size)
+    opt = fm.make_opt(model, ns_dtype=torch.float32)
+    fm.train("awkward", model, opt, 2, approx=True, rank=rank, world_size=world_size)
+    opt.load_state_dict(opt.state_dict())  # (as a resume does)
+    if rank == 1:
+        opt.state[model.a.weight]["exp_avg"].to_local().view(-1)[0] = float("nan")
+    x, y = fm.batch("awkward", 2)
+    lo, hi = rank * fm.GLOBAL_BATCH // world_size, (rank + 1) * fm.GLOBAL_BATCH // world_size
+    model(x[lo:hi], y[lo:hi]).backward()
+    before = local_copy(model, opt)
+    try:
+        opt.step()
+        return "no error", False
+    except NonFiniteGradError as err:
+        after = local_copy(model, opt)
+        same = all(torch.equal(before[0][n], after[0][n]) for n in before[0])
+        return str(err), same
+
+
+def test_nan_in_one_ranks_loaded_state_stops_every_rank():
+    messages = run_distributed(nan_state_run, 2, timeout=120)
+    assert "optimizer state 'exp_avg'" in messages[1][0] and "'a.weight'" in messages[1][0]
+    assert "another rank" in messages[0][0]
+    assert all(same for _, same in messages)
