@@ -81,6 +81,13 @@ def local_copy(model, opt) -> tuple[dict, dict]:
             {i: {k: own(v) for k, v in st.items()} for i, st in enumerate(opt.state.values())})
 
 
+def backward_on_my_slice(model, rank: int, world_size: int, t: int) -> None:
+    """Gradients of step ``t``'s batch, this rank's slice (FSDP2 averages them)."""
+    x, y = fm.batch("awkward", t)
+    lo, hi = rank * fm.GLOBAL_BATCH // world_size, (rank + 1) * fm.GLOBAL_BATCH // world_size
+    model(x[lo:hi], y[lo:hi]).backward()
+
+
 def rank_value_run(rank, world_size, case):
     who, key, value, _, _ = RANK_VALUES[case]
     model = fm.shard(fm.build("awkward"), world_size)
@@ -89,9 +96,7 @@ def rank_value_run(rank, world_size, case):
     good = opt.param_groups[0][key]
     if rank == who:
         opt.param_groups[0][key] = value
-    x, y = fm.batch("awkward", 2)
-    lo, hi = rank * fm.GLOBAL_BATCH // world_size, (rank + 1) * fm.GLOBAL_BATCH // world_size
-    model(x[lo:hi], y[lo:hi]).backward()
+    backward_on_my_slice(model, rank, world_size, 2)
     before = local_copy(model, opt)
     try:
         opt.step()
@@ -257,9 +262,7 @@ def nan_state_run(rank, world_size):
     opt.load_state_dict(opt.state_dict())  # (as a resume does)
     if rank == 1:
         opt.state[model.a.weight]["exp_avg"].to_local().view(-1)[0] = float("nan")
-    x, y = fm.batch("awkward", 2)
-    lo, hi = rank * fm.GLOBAL_BATCH // world_size, (rank + 1) * fm.GLOBAL_BATCH // world_size
-    model(x[lo:hi], y[lo:hi]).backward()
+    backward_on_my_slice(model, rank, world_size, 2)
     before = local_copy(model, opt)
     try:
         opt.step()
