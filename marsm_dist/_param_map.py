@@ -7,6 +7,7 @@ parameters after the optimizer is constructed (ZeRO) are seen as they are when t
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -36,6 +37,9 @@ class ParamMap:
     def __init__(self, param_groups: list[Group], *, process_group: dist.ProcessGroup | None,
                  owner_policy: str, bucket_numel: int, timer: PhaseTimer) -> None:
         self.key = self.key_of(param_groups)
+        # Weak references: a cache hit must be for these very tensors, not new ones that reuse a
+        # freed id (a replaced or resized parameter), which would get another tensor's plan.
+        self._refs = [weakref.ref(p) for g in param_groups for p in g["params"]]
         self.adapters: dict[int, ShardingAdapter] = {}
         self.slot_lists: dict[int, list[Slot]] = {}
         self.matrix_index: dict[tuple[int, int], int] = {}
@@ -109,6 +113,12 @@ class ParamMap:
     @staticmethod
     def key_of(param_groups: list[Group]) -> tuple:
         return tuple((id(p), g["use_marsm"]) for g in param_groups for p in g["params"])
+
+    def serves(self, param_groups: list[Group]) -> bool:
+        """True if the groups hold the very tensors this map was built for."""
+        params = [p for g in param_groups for p in g["params"]]
+        return len(params) == len(self._refs) and all(
+            r() is p for r, p in zip(self._refs, params, strict=True))
 
     def adapter(self, p: Tensor) -> ShardingAdapter:
         return self.adapters[id(p)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -160,6 +161,7 @@ class MARSM(Optimizer):
         self.on_nonfinite, self.owner_policy, self.bucket_bytes = on_nonfinite, owner_policy, bucket_bytes
         self._process_group = process_group
         self._unscreened: set[int] = set()  # parameters whose loaded state no step has screened yet
+        self._warned_no_grad = False
         self.skipped_steps = 0
         self.last_step_stats: StepStats | None = None
         self._timer = PhaseTimer(_device_sync() if timing else None)
@@ -182,7 +184,8 @@ class MARSM(Optimizer):
             restore_group_types(group)
         for key, value in dict(on_nonfinite="raise", owner_policy="balanced", bucket_bytes=256 * 2**20,
                                skipped_steps=0, last_step_stats=None, _context=None,
-                               _contexts={}, _process_group=None, _unscreened=set()).items():
+                               _contexts={}, _process_group=None, _unscreened=set(),
+                               _warned_no_grad=False).items():
             self.__dict__.setdefault(key, value)
         self.__dict__.setdefault("_timer", PhaseTimer())
 
@@ -324,12 +327,16 @@ class MARSM(Optimizer):
         rebuild would re-plan and re-verify the plan with a collective on every call."""
         key = ParamMap.key_of(self.param_groups)
         ctx = self._contexts.get(key)
-        if ctx is None:
+        if ctx is None or not ctx.serves(self.param_groups):
             if len(self._contexts) >= _MAX_CONTEXTS:  # groups were rebuilt; forget old layouts
                 self._contexts.clear()
             ctx = self._contexts[key] = ParamMap(
                 self.param_groups, process_group=self.process_group, owner_policy=self.owner_policy,
                 bucket_numel=self._bucket_numel, timer=self._timer)
+            # Parameters swapped in after construction (accelerate's prepare puts FSDP2's DTensors
+            # into the groups): every state key now, on every rank, as at construction.
+            if any(adapter.prepopulate_state for adapter in ctx.adapters.values()):
+                self.init_state()
         self._context = ctx
         return ctx
 
@@ -356,6 +363,8 @@ class MARSM(Optimizer):
         if problem is not None and ctx.distributor.group is None:
             raise problem
         stepped = [p for work in matrix + adamw for p in work.containers()]
+        if not stepped:
+            self._warn_no_gradients()
         screen = any(id(p) in self._unscreened for p in stepped)
         stats = step_statistics(ctx, matrix, adamw, self.state, chunk, timer, param_groups=self.param_groups,
                                 problem=None if problem is None else str(problem), screened_state=screen)
@@ -383,6 +392,16 @@ class MARSM(Optimizer):
         self._unscreened.difference_update(id(p) for p in stepped)
         self._record_stats(ctx, stats, sent0, received0)
         return loss
+
+    def _warn_no_gradients(self) -> None:
+        if self._warned_no_grad or not any(g["params"] for g in self.param_groups):
+            return
+        self._warned_no_grad = True
+        warnings.warn(
+            "MARSM.step(): none of the optimizer's parameters has a gradient. If the model was "
+            "wrapped or sharded after the optimizer was built (fully_shard, DDP, accelerate's "
+            "prepare replace the parameters), the optimizer holds the old tensors: build it from "
+            "the wrapped model's parameters.", stacklevel=3)
 
     def _local_problem(self, matrix: list[GroupWork]) -> Exception | None:
         """What this rank refuses before anything is written: an invalid group value, or a

@@ -278,3 +278,38 @@ def test_nan_in_one_ranks_loaded_state_stops_every_rank():
     assert "optimizer state 'exp_avg'" in messages[1][0] and "'a.weight'" in messages[1][0]
     assert "another rank" in messages[0][0]
     assert all(same for _, same in messages)
+
+
+def test_a_new_tensor_that_reuses_an_id_never_gets_the_old_plan():
+    """Cached plans are for the very tensors they were built for: one found under the same ids
+    (a replaced, resized parameter whose new tensor got the freed id) is rebuilt, not reused."""
+    from marsm_dist import MARSM
+
+    old = torch.nn.Parameter(torch.randn(4, 4))
+    opt = MARSM([old])
+    old.grad = torch.randn(4, 4)
+    opt.step()
+    stale = opt._context
+    new = torch.nn.Parameter(torch.randn(6, 3))  # resized
+    opt.param_groups[0]["params"] = [new]
+    opt._contexts[stale.key_of(opt.param_groups)] = stale  # as if `new` had reused old's id
+    new.grad = torch.randn(6, 3)
+    opt.step()
+    assert opt._context is not stale and opt._context.slots(new)[0].shape == (6, 3)
+
+
+def test_an_optimizer_whose_parameters_never_get_gradients_warns_once():
+    from marsm_dist import MARSM
+
+    model = torch.nn.Linear(4, 4)
+    opt = MARSM(model.parameters())
+    model.weight = torch.nn.Parameter(model.weight.detach().clone())  # replaced after construction
+    model.bias = torch.nn.Parameter(model.bias.detach().clone())
+    model(torch.randn(2, 4)).sum().backward()
+    with pytest.warns(UserWarning, match="none of the optimizer's parameters has a gradient.*wrapped"):
+        opt.step()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once

@@ -134,3 +134,30 @@ def test_torch_state_dict_helpers_round_trip_with_every_option(case):
         assert types == (tuple, tuple, torch.float32, 0.02)
         for n in uninterrupted:
             assert torch.equal(uninterrupted[n], resumed[n]), n
+
+
+def swapped_run(rank, world_size):
+    """accelerate's FSDP2 prepare: the optimizer is built on the plain model, then the model is
+    sharded and the optimizer's groups get the new DTensor parameters in place of the old ones."""
+    model = fm.build("awkward")
+    opt = fm.make_opt(model, **KW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    old_groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+    fm.shard(model, world_size)
+    new = dict(model.named_parameters())
+    for group, old in zip(opt.param_groups, old_groups, strict=True):
+        group["params"] = [new[n] for n in old]
+    fm.train("awkward", model, opt, 10, approx=True, rank=rank, world_size=world_size)
+    keys = sorted((names_k, tuple(sorted(st))) for names_k, st in
+                  ((n, opt.state[new[n]]) for n in new))
+    return keys, fm.full_params(model)
+
+
+def test_parameters_swapped_in_after_construction_train_and_keep_symmetric_state():
+    results = run_distributed(swapped_run, 2)
+    assert results[0][0] == results[1][0]  # the same state keys on both ranks, for every parameter
+    assert all(len(k[1]) >= 3 for k in results[0][0])
+    want = fm.reference("awkward", 10, approx=True, **KW)
+    for _, got in results:
+        for n in want:
+            assert (got[n] - want[n]).abs().max() < 1e-5, n
