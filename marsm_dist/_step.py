@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from ._group_agreement import agreement_terms, disagreement
 from ._param_map import ParamMap
+from ._step_checks import agreement_terms, disagreement
 from ._step_inputs import GroupWork, loaded_state, nonfinite_flag, pending_lookaheads
 from ._timing import PhaseTimer
 from ._validation import check_ns_form
@@ -164,17 +164,10 @@ def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork
         local_sq = _stack([norms[k] for k in local], device)
         flag = flag + local_sq.sum() * 0.0  # a NaN/Inf among own matrices must stop every rank too
         # A shared matrix's norm is the sum over one copy's parts; other copies add theirs times
-        # zero (which keeps a NaN of theirs visible). Which shared matrices have a gradient on this
-        # rank: filled on the device (a list turned into a tensor would be a host-to-device copy,
-        # which waits for the device); so are the group checks' terms.
-        counts = torch.ones(len(shared), dtype=torch.float64, device=device)
+        # zero (which keeps a NaN of theirs visible). Which shared matrices have a gradient here.
         shared_sq = [norms[k] if distributor.counts_here(index[k]) else norms[k] * 0.0 for k in shared]
-        for i, k in enumerate(shared):
-            if not has[k]:
-                counts[i] = 0.0
-        checks = torch.zeros(len(agree) + checking, dtype=torch.float64, device=device)
-        for i, term in enumerate(agree + ([float(problem is not None)] if checking else [])):
-            checks[i] = term
+        counts = _on_device([1.0 if has[k] else 0.0 for k in shared], device, fill=1.0)
+        checks = _on_device(agree + ([float(problem is not None)] if checking else []), device)
     with timer.phase("communication"):
         vec = distributor.sum_over_ranks(torch.cat([_stack(shared_sq, device), counts, flag, checks]))
         values = torch.cat([vec.to(device), local_sq]).tolist()  # the step's one device-to-host read
@@ -191,6 +184,17 @@ def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork
         return Statistics(sq, lambda: [], active, finite, [], 0, 0, index, [], refusal)
     return _finish_statistics(distributor, matrix, index, sq, active, finite,
                               lambda: _stack(norms, device).tolist())
+
+
+def _on_device(values: list[float], device: torch.device, fill: float = 0.0) -> Tensor:
+    """A float64 vector of host values made on the device: ``fill`` everywhere, then only the
+    other values written one by one (a list turned into a tensor there would be a host-to-device
+    copy, which waits for the device's queue)."""
+    out = torch.full((len(values),), fill, dtype=torch.float64, device=device)
+    for i, v in enumerate(values):
+        if v != fill:
+            out[i] = v
+    return out
 
 
 def _group_refusal(param_groups: list[dict[str, Any]], agree: list[float], summed: list[float],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +10,6 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from ._group_agreement import invalid_value
 from ._param_map import ParamMap
 from ._step import (
     StepStats,
@@ -21,10 +19,10 @@ from ._step import (
     step_statistics,
     update_momenta,
 )
+from ._step_checks import UNTOUCHED, local_problem, warn_no_gradients
 from ._step_inputs import (
     GroupWork,
     check_grad,
-    check_lookahead_ready,
     collect,
     describe_nonfinite,
     param_name,
@@ -53,9 +51,6 @@ _MAX_CONTEXTS = 64  # sharding contexts kept per optimizer (one per set of stepp
 # Keys a param group may carry, with the values a group added by an older version should get.
 _GROUP_DEFAULTS = dict(ns_coefficients=NS_COEFFICIENTS, flatten=False, maximize=False, use_marsm=None,
                        ns_form="auto")
-
-
-_UNTOUCHED = "parameters and optimizer state were left untouched"
 
 
 class NonFiniteGradError(RuntimeError):
@@ -359,7 +354,7 @@ class MARSM(Optimizer):
                     self._ensure_state(work.group, p)
         # Writes nothing: the group values' checks and the statistics, with the step's one
         # device-to-host read. A refusal there stops every rank (it rides on the all-reduce).
-        problem = self._local_problem(matrix)
+        problem = local_problem(self.param_groups, matrix, self.state)
         if problem is not None and ctx.distributor.group is None:
             raise problem
         stepped = [p for work in matrix + adamw for p in work.containers()]
@@ -372,7 +367,7 @@ class MARSM(Optimizer):
             stats = step_statistics(ctx, matrix, adamw, self.state, chunk, timer, precise=True,
                                     param_groups=self.param_groups, screened_state=screen)
         if stats.refusal is not None:
-            raise problem or ValueError(f"MARSM: {stats.refusal}; {_UNTOUCHED}")
+            raise problem or ValueError(f"MARSM: {stats.refusal}; {UNTOUCHED}")
         if not stats.finite:
             bad = describe_nonfinite(self.param_groups, matrix, adamw, self.state, stats.sq_norms,
                                      stats.local_sq_norms(), screen)
@@ -394,28 +389,9 @@ class MARSM(Optimizer):
         return loss
 
     def _warn_no_gradients(self) -> None:
-        if self._warned_no_grad or not any(g["params"] for g in self.param_groups):
-            return
-        self._warned_no_grad = True
-        warnings.warn(
-            "MARSM.step(): none of the optimizer's parameters has a gradient. If the model was "
-            "wrapped or sharded after the optimizer was built (fully_shard, DDP, accelerate's "
-            "prepare replace the parameters), the optimizer holds the old tensors: build it from "
-            "the wrapped model's parameters.", stacklevel=3)
-
-    def _local_problem(self, matrix: list[GroupWork]) -> Exception | None:
-        """What this rank refuses before anything is written: an invalid group value, or a
-        missing look-ahead (exact mode). Returned, not raised: under a job group every rank must
-        learn of it through the step's all-reduce and refuse too, or the others would wait in
-        its collectives."""
-        invalid = invalid_value(self.param_groups)
-        if invalid is not None:
-            return ValueError(f"MARSM: {invalid}; {_UNTOUCHED}")
-        try:
-            check_lookahead_ready(self.param_groups, matrix, self.state)
-        except RuntimeError as err:
-            return RuntimeError(f"{err}; {_UNTOUCHED}")
-        return None
+        if not self._warned_no_grad and any(g["params"] for g in self.param_groups):
+            self._warned_no_grad = True
+            warn_no_gradients()
 
     @property
     def _bucket_numel(self) -> int:

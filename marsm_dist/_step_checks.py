@@ -1,4 +1,5 @@
-"""Step-time checks of the param groups' values: valid on this rank, and the same on every rank.
+"""What a step checks before it writes anything, beyond the gradients: the param groups' values
+(valid on this rank, and the same on every rank) and this rank's own refusals.
 
 Schedulers and users write group values between steps (``lr`` = NaN, ``momentum`` = 1), and a
 rank that computes a different value (a per-rank config) would train a diverged replica, or
@@ -12,12 +13,17 @@ raises before anything is written, with no extra collective.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._step_inputs import GroupWork, check_lookahead_ready
 from ._validation import restore_group_types, validate_hyperparameters
 
-__all__ = ["AGREED_KEYS", "agreement_terms", "disagreement", "invalid_value"]
+__all__ = ["AGREED_KEYS", "UNTOUCHED", "agreement_terms", "disagreement", "invalid_value", "local_problem",
+           "warn_no_gradients"]
+
+UNTOUCHED = "parameters and optimizer state were left untouched"
 
 # The values a step uses, per group.
 AGREED_KEYS = ("lr", "weight_decay", "momentum", "gamma", "ns_steps", "ns_dtype", "adamw_betas", "adamw_eps",
@@ -60,3 +66,27 @@ def disagreement(param_groups: Sequence[dict[str, Any]], mine: list[float], summ
             return (f"param group {i}'s {key!r} differs between ranks (this rank has "
                     f"{param_groups[i].get(key)!r}); every rank must step with the same values")
     return None
+
+
+def local_problem(param_groups: list[dict[str, Any]], matrix: list[GroupWork], state: Mapping
+                  ) -> Exception | None:
+    """What this rank refuses before anything is written: an invalid group value, or a missing
+    look-ahead (exact mode). Returned, not raised: under a job group every rank must learn of it
+    through the step's all-reduce and refuse too, or the others would wait in its collectives."""
+    invalid = invalid_value(param_groups)
+    if invalid is not None:
+        return ValueError(f"MARSM: {invalid}; {UNTOUCHED}")
+    try:
+        check_lookahead_ready(param_groups, matrix, state)
+    except RuntimeError as err:
+        return RuntimeError(f"{err}; {UNTOUCHED}")
+    return None
+
+
+def warn_no_gradients() -> None:
+    """The warning for an optimizer none of whose parameters got a gradient (given once)."""
+    warnings.warn(
+        "MARSM.step(): none of the optimizer's parameters has a gradient. If the model was "
+        "wrapped or sharded after the optimizer was built (fully_shard, DDP, accelerate's "
+        "prepare replace the parameters), the optimizer holds the old tensors: build it from "
+        "the wrapped model's parameters.", stacklevel=4)
