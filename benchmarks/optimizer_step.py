@@ -2,7 +2,7 @@
 
     python benchmarks/optimizer_step.py [--model gpt2-small --layers 2] [--repeats 5] [--threads 1]
                                         [--skip muon+adamw,marsm-torch-bf16] [--json out.json]
-                                        [--device cpu|cuda]
+                                        [--device cpu|cuda] [--cpu-kinds this|native,avx2]
 
 Every optimizer steps its own copy of the same parameters with the same fixed gradients. After
 ``--warmup`` steps each, the optimizers take turns step by step (round robin), so a load change on
@@ -24,6 +24,17 @@ Rows:
 The JSON (default benchmarks/results/optimizer_step.json) keeps one entry per model and layer
 count, so the GPT-2 and demo runs sit side by side.
 
+Which kind of CPU a figure comes from matters more than anything else here: on a CPU with native
+bf16 matmul kernels (AVX-512-BF16/AMX: oneDNN) torch's bf16 products are ~2x faster than float32;
+on an AVX2-only CPU torch falls back to a scalar bf16 loop 40-80x slower, so MARSM emulates bf16
+there (float32 products rounded to bf16) and torch.optim.Muon as shipped crawls. Every table says
+which kind it ran on. ``--cpu-kinds native,avx2`` measures both in one invocation on a native-bf16
+machine: the AVX2 kind runs in a child process with oneDNN, MKL and ATen limited to AVX2
+(``ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2``), which
+reproduces an AVX2 CPU's kernels (oneDNN then reports no bf16 support and torch takes its scalar
+bf16 fallback). There, the rows that run torch's bf16 fallback (muon+adamw, marsm-torch-bf16)
+take over a minute per step at GPT-2 shapes, so they are timed once, without warm-up.
+
 ``--device cuda`` runs the same rows on the GPU (the CPU-only row marsm-torch-bf16 is left out):
 the device is synchronized before and after each timed step, and MARSM runs without its phase
 timing (which would add synchronizations inside the step), so no phase split is shown there.
@@ -34,8 +45,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -51,6 +64,12 @@ from marsm_dist import MARSM  # noqa: E402
 
 ns_module = importlib.import_module("marsm_dist.newton_schulz")  # the package re-exports the function
 muon_module = importlib.import_module("torch.optim._muon")
+
+# How a child process is limited to an AVX2 CPU's kernels (module doc).
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+CPU_KINDS = ("native", "avx2")
+# Rows that run torch's scalar bf16 fallback where bf16 is emulated: timed once there.
+FALLBACK_ROWS = ("muon+adamw", "marsm-torch-bf16")
 
 ROWS = ("marsm", "marsm-fp32-ns", "marsm-fp32-ns-plain", "marsm-torch-bf16", "muon+adamw",
         "muon[marsm-ns]+adamw", "adamw")
@@ -118,17 +137,25 @@ def step_once(opts: list[torch.optim.Optimizer], context: Callable[[], object],
         return time.perf_counter() - t0
 
 
+def cpu_kind() -> str:
+    """``"native"`` on a CPU with bf16 matmul kernels, ``"avx2"`` where MARSM emulates bf16."""
+    return "avx2" if ns_module.emulates_bfloat16("cpu") else "native"
+
+
 def run(kinds: list[str], matrices, others, warmup: int, repeats: int,
-        device: str | torch.device = "cpu") -> dict[str, dict]:
-    """Median step seconds per row (round robin over rows), plus MARSM's phase split (CPU)."""
+        device: str | torch.device = "cpu", once: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Median step seconds per row (round robin over rows), plus MARSM's phase split (CPU).
+    Rows in ``once`` are timed on their first step only (no warm-up)."""
     built = {k: build(k, matrices, others, device) for k in kinds}
-    for opts, context in built.values():
-        for _ in range(warmup):
+    for k, (opts, context) in built.items():
+        for _ in range(0 if k in once else warmup):
             step_once(opts, context, device)
     times: dict[str, list[float]] = {k: [] for k in kinds}
     phases: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
-    for _ in range(repeats):
+    for rep in range(repeats):
         for k, (opts, context) in built.items():
+            if k in once and rep:
+                continue
             times[k].append(step_once(opts, context, device))
             stats = getattr(opts[0], "last_step_stats", None)
             if stats is not None:
@@ -169,30 +196,75 @@ def main() -> None:
     ap.add_argument("--key", default=None,
                     help="entry name in the JSON (default: MODEL-LAYERSL, with -cuda appended on the GPU)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--cpu-kinds", default="this",
+                    help="'this' (this CPU as it is) or a comma list of native,avx2: each kind other "
+                    "than this CPU's runs in a child process limited to it (module doc)")
     args = ap.parse_args()
+    if args.cpu_kinds != "this" and args.device == "cpu":
+        for kind in args.cpu_kinds.split(","):
+            run_kind(kind.strip())
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     skip = {s for s in args.skip.split(",") if s}
     if unknown := skip - set(ROWS):
         raise SystemExit(f"unknown rows in --skip: {sorted(unknown)}; rows are {ROWS}")
     emulated = ns_module.emulates_bfloat16("cpu")
+    kind = cpu_kind() if args.device == "cpu" else args.device
     if not emulated or args.device != "cpu":  # the row would be a second copy of "marsm"
         skip.add("marsm-torch-bf16")
     kinds = [k for k in ROWS if k not in skip]
     matrices, others = model_shapes(args.model, args.layers)
     n_mat = sum(torch.Size(s).numel() for s in matrices)
     n_rest = sum(torch.Size(s).numel() for s in others)
+    print(f"CPU kind: {KIND_TEXT.get(kind, kind)}" + (" (limited by env: " + " ".join(
+        f"{k}={v}" for k, v in AVX2_ENV.items()) + ")" if kind == "avx2" and _limited() else ""))
     print(f"{args.model}, {args.layers} layers: {len(matrices)} matrices ({n_mat:,} elements), "
           f"{len(others)} AdamW tensors ({n_rest:,}); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; bf16 NS emulated in float32: {emulated}; "
           f"median of {args.repeats} round-robin steps after {args.warmup} warm-up"
           + ("" if args.device == "cpu" else f"; on {torch.cuda.get_device_name()}"))
-    rows = run(kinds, matrices, others, args.warmup, args.repeats, args.device)
+    once = FALLBACK_ROWS if emulated and args.device == "cpu" else ()
+    rows = run(kinds, matrices, others, args.warmup, args.repeats, args.device, once)
     print_table(rows)
-    key = args.key or f"{args.model}-{args.layers}L" + ("" if args.device == "cpu" else f"-{args.device}")
-    save_results(args.json, key, args, {"cpu": platform.processor() or platform.machine(),
+    key = args.key or f"{args.model}-{args.layers}L-{kind}"
+    save_results(args.json, key, args, {"cpu": _cpu_model(), "cpu_kind": kind,
+                                        "limited_by_env": kind == "avx2" and _limited(),
                                         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                                         "bf16_emulated": emulated, "threads": torch.get_num_threads()}, rows)
+
+
+KIND_TEXT = {"native": "native bf16 matmul kernels (oneDNN)",
+             "avx2": "AVX2, no bf16 matmul kernels (MARSM emulates bf16; torch falls back to a scalar loop)"}
+
+
+def _limited() -> bool:
+    return all(os.environ.get(k) == v for k, v in AVX2_ENV.items())
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def run_kind(kind: str) -> None:
+    """This script again, for one CPU kind: limited to AVX2 by env, or as this CPU is."""
+    if kind not in CPU_KINDS:
+        raise SystemExit(f"unknown CPU kind {kind!r}; expected one of {CPU_KINDS}")
+    here = cpu_kind()
+    if kind == "native" and here != "native":
+        print("CPU kind native: not available (this CPU has no bf16 matmul kernels); skipped")
+        return
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--cpu-kinds") if "--cpu-kinds" in argv else None
+    if i is not None:
+        del argv[i:i + 2]
+    argv = [a for a in argv if not a.startswith("--cpu-kinds=")]
+    env = dict(os.environ, **(AVX2_ENV if kind == "avx2" and here != "avx2" else {}))
+    subprocess.run([sys.executable, __file__, *argv], env=env, check=True)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def orthogonalize(
         # costs a copy, and a batched CPU GEMM loops over the batch anyway). GPT-2 shapes, 2 layers,
         # 1 thread: 4.23 s vs 4.56 s (bf16), 3.21 s vs 3.43 s (float32); d=128: 19.9 vs 22.9 ms.
         # On GPUs the batch saves launches and fills the device.
-        if stack if stack is not None else mats[0].device.type != "cpu":
+        if len(mats) > 1 and (stack if stack is not None else mats[0].device.type != "cpu"):
             results = _orthogonalize_stack(mats, m, n, cfg)
         else:
             results = [newton_schulz(mat, cfg.steps, dtype=cfg.dtype, coefficients=cfg.coefficients,
