@@ -1,8 +1,9 @@
 """Parameter shapes of the models the benchmarks use, one definition for all of them.
 
 GPT-2 style (``gpt2-small``, ``demo``): fused QKV, a 4x MLP, biases and LayerNorms; token and
-position embeddings. Llama-3 style (``llama3-8b``, and ``llama3-tiny`` for dry runs): separate q, k,
-v (grouped-query attention), a SwiGLU MLP, RMSNorm gains; embedding and an untied output head.
+position embeddings. Llama-3 style (``llama3-8b``, ``llama3-70b``, and ``llama3-tiny`` for dry
+runs): separate q, k, v (grouped-query attention), a SwiGLU MLP, RMSNorm gains; embedding and an
+untied output head.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ MODELS = {
     "gpt2-small": ("gpt", 768, 50257, 1024, 4 * 768, 12),
     "demo": ("gpt", 128, 256, 64, 4 * 128, 2),
     "llama3-8b": ("llama", 4096, 128256, 8 * 128, 14336, 32),
+    "llama3-70b": ("llama", 8192, 128256, 8 * 128, 28672, 80),
     "llama3-tiny": ("llama", 128, 256, 32, 448, 1),
 }
 

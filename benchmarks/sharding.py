@@ -4,7 +4,9 @@
 
 Part 1 (plan only, no processes): GPT-2 small/medium matrix shapes at W = 8, 64, 512 under FSDP2
 row sharding, both owner policies: Newton-Schulz FLOPs max/mean (and the lower bound that
-whole-matrix ownership allows: max(1, largest matrix / mean)); bytes per rank of our exchange vs
+whole-matrix ownership allows, ``ExchangePlan.lower_bound_flops`` / mean); the Newton-Schulz
+critical path (sum over rounds of the busiest owner: a round is a rendezvous) over the busiest
+rank's total, which is what the rounds cost; bytes per rank of our exchange vs
 the analytic minimum and vs an all-gather design (every rank all-gathers every full matrix).
 Every topology (plan only): the same figures for replicated data parallel (DDP), HSDP and
 FSDP x TP beside 1-D FSDP, for GPT-2 small and Llama-3-8B shapes (benchmarks/topology_layouts.py).
@@ -56,13 +58,14 @@ def plan_table() -> list[dict]:
         shapes = gpt_matrices(d, layers)
         costs = [newton_schulz_flops(s) for s in shapes]
         for world in (8, 64, 512):
-            bound = max(1.0, max(costs) / (sum(costs) / world))
             for policy in ("round_robin", "balanced"):
                 plan = make_plan(shapes, world, policy)
+                bound = plan.lower_bound_flops / (sum(costs) / world)
                 per_rank = [bytes_per_rank(shapes, plan.owners, world, r) for r in range(world)]
                 ours = max(b[0] for b in per_rank)
-                rows.append(dict(model=name, world=world, policy=policy,
+                rows.append(dict(model=name, world=world, policy=policy, rounds=len(plan.buckets),
                                  flops_max_over_mean=plan.flops_balance, flops_lower_bound=bound,
+                                 critical_path_vs_busiest=plan.critical_path_ratio,
                                  bytes_max_rank=ours, bytes_vs_minimum=ours / max(b[1] for b in per_rank),
                                  bytes_vs_allgather=ours / max(b[2] for b in per_rank)))
     return rows
@@ -80,7 +83,7 @@ def topology_table(worlds=(8, 64, 512), sample_ranks: int = 64) -> list[dict]:
         costs = [newton_schulz_flops(s) for s in shapes]
         for world in worlds:
             plan = make_plan(shapes, world, "balanced")
-            bound = max(1.0, max(costs) / (sum(costs) / world))
+            bound = plan.lower_bound_flops / (sum(costs) / world)
             ranks = sorted({r * world // sample_ranks for r in range(min(world, sample_ranks))})
             for topology in TOPOLOGIES:
                 layouts = model_layouts(topology, MODELS[name][0], shapes, world)
@@ -89,6 +92,7 @@ def topology_table(worlds=(8, 64, 512), sample_ranks: int = 64) -> list[dict]:
                 allgather = max(b[2] for b in per_rank)  # DDP: 0, it repeats NS on every rank instead
                 rows.append(dict(model=name, world=world, topology=topology, mesh=mesh_for(topology, world),
                                  flops_max_over_mean=plan.flops_balance, flops_lower_bound=bound,
+                                 rounds=len(plan.buckets), critical_path_vs_busiest=plan.critical_path_ratio,
                                  bytes_max_rank=ours, bytes_vs_minimum=ours / max(b[1] for b in per_rank),
                                  bytes_vs_allgather=ours / allgather if allgather else None))
     return rows
@@ -147,11 +151,13 @@ def main() -> None:
     args = ap.parse_args()
     plan = plan_table()
     print("Plan only: NS FLOPs balance; MB each rank receives per step (= sends), bf16 on the wire")
-    print(f"{'model':<12} {'W':>4} {'policy':<12} {'NS max/mean':>11} {'lower bound':>11} "
-          f"{'MB max rank':>11} {'/minimum':>9} {'/all-gather':>11}")
+    print("critical path: sum over rounds of the busiest owner's NS FLOPs / the busiest rank's total")
+    print(f"{'model':<12} {'W':>4} {'policy':<12} {'NS max/mean':>11} {'lower bound':>11} {'rounds':>6} "
+          f"{'crit. path':>10} {'MB max rank':>11} {'/minimum':>9} {'/all-gather':>11}")
     for r in plan:
         print(f"{r['model']:<12} {r['world']:>4} {r['policy']:<12} {r['flops_max_over_mean']:>11.3f} "
-              f"{r['flops_lower_bound']:>11.3f} {r['bytes_max_rank'] / 2**20:>11.2f} "
+              f"{r['flops_lower_bound']:>11.3f} {r['rounds']:>6} {r['critical_path_vs_busiest']:>10.3f} "
+              f"{r['bytes_max_rank'] / 2**20:>11.2f} "
               f"{r['bytes_vs_minimum']:>9.3f} {r['bytes_vs_allgather']:>11.3f}")
     result = {"plan": plan}
     topo = topology_table()
@@ -159,12 +165,13 @@ def main() -> None:
     print("\nEvery topology (balanced owners): MB the busiest rank receives per step, bf16 on the wire;")
     print("NS FLOPs max/mean beside the bound whole-matrix ownership allows")
     print(f"{'model':<11} {'W':>4} {'topology':<10} {'mesh':>8} {'NS max/mean':>11} {'bound':>7} "
-          f"{'MB max rank':>11} {'/minimum':>9} {'/all-gather':>11}")
+          f"{'rounds':>6} {'crit. path':>10} {'MB max rank':>11} {'/minimum':>9} {'/all-gather':>11}")
     for r in topo:
         mesh = "x".join(map(str, r["mesh"]))
         print(f"{r['model']:<11} {r['world']:>4} {r['topology']:<10} {mesh:>8} "
               f"{r['flops_max_over_mean']:>11.3f} "
-              f"{r['flops_lower_bound']:>7.3f} {r['bytes_max_rank'] / 2**20:>11.1f} "
+              f"{r['flops_lower_bound']:>7.3f} {r['rounds']:>6} {r['critical_path_vs_busiest']:>10.3f} "
+              f"{r['bytes_max_rank'] / 2**20:>11.1f} "
               f"{r['bytes_vs_minimum']:>9.3f} {_ratio(r['bytes_vs_allgather']):>11}")
     if not args.skip_processes:
         steps = step_times(args.d_model, args.layers, args.steps)

@@ -9,7 +9,7 @@ import torch
 
 from marsm_dist.newton_schulz import newton_schulz_flops
 from marsm_dist.sharding import MatrixLayout, Piece, assemble, cut, make_plan, row_chunks, whole
-from marsm_dist.sharding.plan import plan_buckets, plan_owners
+from marsm_dist.sharding.plan import level_pack, lower_bound, plan_buckets, plan_owners, plan_rounds
 
 
 def test_row_chunks_follow_torch_chunk_with_empty_shards():
@@ -81,7 +81,8 @@ def test_buckets_bound_what_one_rank_owns_per_round():
     numels = [100, 100, 100, 100, 250, 10]
     owners = [0, 0, 1, 0, 1, 0]
     buckets = plan_buckets(numels, owners, 2, bucket_numel=200)
-    assert buckets == [(0, 1, 2), (3,), (4, 5)]  # 250 > 200 opens a round of its own
+    # Every owner's next matrices each round: 250 > 200 goes alone (rank 1's second round).
+    assert buckets == [(0, 1, 2), (3, 4, 5)]
     for b in buckets:
         for r in (0, 1):
             owned = sum(numels[i] for i in b if owners[i] == r)
@@ -133,3 +134,70 @@ def test_copies_each_cover_the_matrix():
     assert hsdp.copy_ranks(3) == [2, 3]
     with pytest.raises(ValueError, match="cover"):  # copy 1 lacks the second half
         MatrixLayout((4, 3), half + (half[0], ()), replicas=(0, 0, 1, 1))
+
+
+def test_rounds_by_level_packing_worked_by_hand():
+    costs = [4, 9, 6, 7, 5]
+    # Heights from the costliest: 9 opens round 1 (height 9) on one bin, 7 the other; 6, 5, 4 fit
+    # under 9 on neither. Round 2 (height 6): 6 and 5; 4 fits under 6 on neither. Round 3: 4. Each
+    # round's heavier bin goes to the rank with less so far: totals 9/7, then 6 -> rank 1,
+    # 5 -> rank 0. Critical path 9 + 6 + 4 = 19.
+    owners, rounds = level_pack(costs, [1] * 5, 2, bucket_numel=10)
+    assert rounds == [(1, 3), (2, 4), (0,)]
+    assert owners == [1, 0, 1, 1, 0]
+    # Heights from the bound: max(ceil(31 / 2), 9, 7 + 6) = 16. 9 -> a, 7 -> b, 6 -> b (13),
+    # 5 -> a (14); 4 fits under 16 on neither (18, 17). Round 2: 4. Critical path 14 + 4 = 18.
+    owners, rounds = level_pack(costs, [1] * 5, 2, bucket_numel=10, fill_to_bound=True)
+    assert rounds == [(1, 2, 3, 4), (0,)]
+    assert owners == [1, 0, 1, 1, 0]  # round 2's 4 to rank 1 (13 < 14)
+    assert lower_bound(costs, 2) == 16
+    assert plan_rounds(costs, [1] * 5, 2, bucket_numel=10) == (owners, rounds)  # the shorter path
+    # A memory bound of 1 element: one matrix per rank per round, whatever the height.
+    _, rounds = level_pack(costs, [1] * 5, 2, bucket_numel=1, fill_to_bound=True)
+    assert all(len(r) <= 2 for r in rounds)
+    plan = make_plan([(1, 1)] * 2, 2)  # two 1x1 matrices: one round, one each
+    assert plan.buckets == ((0, 1),) and sorted(plan.owners) == [0, 1]
+
+
+def model_shapes(model: str) -> tuple[list[tuple[int, int]], None]:
+    """Every matrix of GPT-2 small/medium (12/24 blocks: fused QKV, out, MLP) or Llama-3-8B (32 blocks:
+    q, k, v, o with 8 KV heads of 128, a SwiGLU MLP of 14336)."""
+    if model.startswith("gpt2"):
+        d, layers = (768, 12) if model == "gpt2-small" else (1024, 24)
+        return [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * layers, None
+    d, kv, f = 4096, 1024, 14336
+    return [(d, d), (kv, d), (kv, d), (d, d), (f, d), (f, d), (d, f)] * 32, None
+
+
+@pytest.mark.parametrize("model", ["gpt2-small", "gpt2-medium", "llama3-8b"])
+@pytest.mark.parametrize("world", [8, 64])
+def test_balanced_rounds_keep_owners_busy(model, world):
+    """The Newton-Schulz critical path (sum over rounds of the busiest owner) is within 1.05x of
+    the busiest rank's total and of the lower bound for whole matrices, at the default bucket; the
+    round-robin plan of the same matrices is measured beside it."""
+    shapes, _ = model_shapes(model)
+    plan = make_plan(shapes, world, "balanced")
+    assert sorted(i for b in plan.buckets for i in b) == list(range(len(shapes)))
+    assert plan.critical_path_ratio <= 1.05
+    assert plan.critical_path_flops <= 1.05 * plan.lower_bound_flops
+    for load, bucket in zip(plan.round_loads(), plan.buckets, strict=True):
+        assert sum(load) == sum(plan.costs[i] for i in bucket)
+        for r in range(world):
+            mine = [math.prod(shapes[i]) for i in bucket if plan.owners[i] == r]
+            assert sum(mine) <= 1 << 26 or len(mine) == 1
+    # Independent recomputation of the critical path from owners and rounds.
+    costs = [newton_schulz_flops(s) for s in shapes]
+    crit = sum(max(sum(costs[i] for i in b if plan.owners[i] == r) for r in range(world))
+               for b in plan.buckets)
+    assert crit == plan.critical_path_flops
+    if model == "llama3-8b" and world == 8:  # index-order rounds measured 2.25x here
+        assert make_plan(shapes, world, "round_robin").critical_path_ratio > 1.05
+
+
+def test_a_bucket_bound_caps_what_an_owner_takes_in_a_round():
+    shapes = [(64, 64)] * 8 + [(16, 64)] * 8
+    plan = make_plan(shapes, 2, "balanced", bucket_numel=64 * 64 + 16 * 64)
+    for bucket in plan.buckets:
+        for r in (0, 1):
+            assert sum(math.prod(shapes[i]) for i in bucket if plan.owners[i] == r) <= 64 * 64 + 16 * 64
+    assert plan.critical_path_ratio <= 1.05
