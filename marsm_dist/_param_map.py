@@ -35,7 +35,8 @@ class ParamMap:
     """
 
     def __init__(self, param_groups: list[Group], *, process_group: dist.ProcessGroup | None,
-                 owner_policy: str, bucket_numel: int, timer: PhaseTimer) -> None:
+                 owner_policy: str, bucket_numel: int, timer: PhaseTimer, overlap: bool = True,
+                 max_team: int = 1) -> None:
         self.key = self.key_of(param_groups)
         # Weak references: a cache hit must be for these very tensors, not new ones that reuse a
         # freed id (a replaced or resized parameter), which would get another tensor's plan.
@@ -72,7 +73,8 @@ class ParamMap:
                     else:
                         specs.append(MatrixSpec(slot.shape, None, None, name))
         self.distributor = Distributor(specs, self.group, self.device, policy=owner_policy,
-                                       bucket_numel=bucket_numel, timer=timer)
+                                       bucket_numel=bucket_numel, timer=timer, overlap=overlap,
+                                       max_team=max_team)
 
     @staticmethod
     def _job_group(held: list[tuple[str, dist.ProcessGroup, torch.device]]

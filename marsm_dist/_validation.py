@@ -172,7 +172,8 @@ def check_loadable(state_dict: Mapping[str, Any], params: list[tuple[torch.Tenso
                     f"parameter {tuple(p.shape)}: the state dict is from a differently shaped model")
 
 
-def validate_options(*, on_nonfinite: str, owner_policy: str, bucket_bytes: int) -> None:
+def validate_options(*, on_nonfinite: str, owner_policy: str, bucket_bytes: int,
+                     overlap: bool = True, ns_team_max: int = 1) -> None:
     """Check the optimizer-wide (not per-group) options."""
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (expected 'raise' or 'skip')")
@@ -180,3 +181,8 @@ def validate_options(*, on_nonfinite: str, owner_policy: str, bucket_bytes: int)
         raise ValueError(f"Invalid owner_policy: {owner_policy!r} (expected one of {OWNER_POLICIES})")
     if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 4:
         raise ValueError(f"Invalid bucket_bytes: {bucket_bytes!r} (expected an int >= 4)")
+    if not isinstance(overlap, bool):
+        raise ValueError(f"Invalid overlap: {overlap!r} (expected True or False)")
+    if (isinstance(ns_team_max, bool) or not isinstance(ns_team_max, int) or ns_team_max < 1
+            or ns_team_max & (ns_team_max - 1)):
+        raise ValueError(f"Invalid ns_team_max: {ns_team_max!r} (expected a power of two: 1, 2, 4, 8, ...)")

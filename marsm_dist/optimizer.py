@@ -101,13 +101,23 @@ class MARSM(Optimizer):
             parameter when a gradient holds NaN/Inf; ``"skip"`` skips the whole step instead.
             Either way parameters and state are left untouched (on every rank, when sharded).
         owner_policy: sharded matrices only: which rank orthogonalizes each matrix.
-            ``"balanced"`` (default) spreads Newton-Schulz FLOPs greedily, largest matrix
-            first; ``"round_robin"`` gives matrix i to rank i mod W (the paper's scheme).
+            ``"balanced"`` (default) chooses owners and exchange rounds together so that every
+            owner has about the same Newton-Schulz work in every round (a round waits for its
+            busiest owner); ``"round_robin"`` gives matrix i to rank i mod W (the paper's scheme).
         bucket_bytes: the unit of the step's extra memory (default 256 MiB, counted as float32
             elements): at most this much of full matrices owned by one rank per exchange round
             (sharded) or per Newton-Schulz batch (unsharded), and of each chunk of elementwise
             temporaries. The step's peak extra memory is about this plus the Newton-Schulz
             temporaries of one bucket, whatever the model size.
+        overlap: sharded matrices only: pipeline the exchange rounds, so one round's gather and
+            the previous round's scatter are in flight while a round is orthogonalized (default
+            True). It holds about one more bucket; ``False`` runs them one after another.
+        ns_team_max: sharded matrices only: where the plan leaves ranks idle for the whole step
+            (more ranks than owners: e.g. Llama-3-8B at W=512), up to this many ranks (a power of
+            two, consecutive ranks) split the busiest owners' matrices' Newton-Schulz by columns,
+            with an all-reduce of the m x m Gram matrix per iteration. Default 1: whole-matrix
+            ownership. 8 (one node) cuts the Newton-Schulz critical path of Llama-3-8B at W=512
+            from 4.2x to 1.6x the balanced ideal (``benchmarks/scale_model.py``).
         timing: synchronize the device around each phase so :attr:`last_step_stats` times are
             exact on GPUs (costs a little speed; on the CPU they are exact anyway).
         process_group: the group over which plain (non-DTensor) parameters are replicated, as
@@ -145,6 +155,8 @@ class MARSM(Optimizer):
         bucket_bytes: int = 256 * 2**20,
         timing: bool = False,
         process_group: Any = None,
+        overlap: bool = True,
+        ns_team_max: int = 1,
     ) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, gamma=gamma,
                         ns_steps=ns_steps, ns_dtype=ns_dtype, adamw_betas=adamw_betas,
@@ -152,7 +164,9 @@ class MARSM(Optimizer):
                         flatten=flatten, maximize=maximize, use_marsm=None, ns_form=ns_form)
         validate_hyperparameters(defaults)  # before any conversion: a scalar "pair" is named, not iterated
         restore_group_types(defaults)
-        validate_options(on_nonfinite=on_nonfinite, owner_policy=owner_policy, bucket_bytes=bucket_bytes)
+        validate_options(on_nonfinite=on_nonfinite, owner_policy=owner_policy, bucket_bytes=bucket_bytes,
+                         overlap=overlap, ns_team_max=ns_team_max)
+        self.overlap, self.ns_team_max = overlap, ns_team_max
         self.on_nonfinite, self.owner_policy, self.bucket_bytes = on_nonfinite, owner_policy, bucket_bytes
         self._process_group = process_group
         self._unscreened: set[int] = set()  # parameters whose loaded state no step has screened yet
@@ -178,8 +192,8 @@ class MARSM(Optimizer):
                 group.setdefault(key, value)
             restore_group_types(group)
         for key, value in dict(on_nonfinite="raise", owner_policy="balanced", bucket_bytes=256 * 2**20,
-                               skipped_steps=0, last_step_stats=None, _context=None,
-                               _contexts={}, _process_group=None, _unscreened=set(),
+                               overlap=True, ns_team_max=1, skipped_steps=0, last_step_stats=None,
+                               _context=None, _contexts={}, _process_group=None, _unscreened=set(),
                                _warned_no_grad=False).items():
             self.__dict__.setdefault(key, value)
         self.__dict__.setdefault("_timer", PhaseTimer())
@@ -327,7 +341,8 @@ class MARSM(Optimizer):
                 self._contexts.clear()
             ctx = self._contexts[key] = ParamMap(
                 self.param_groups, process_group=self.process_group, owner_policy=self.owner_policy,
-                bucket_numel=self._bucket_numel, timer=self._timer)
+                bucket_numel=self._bucket_numel, timer=self._timer, overlap=self.overlap,
+                max_team=self.ns_team_max)
             # Parameters swapped in after construction (accelerate's prepare puts FSDP2's DTensors
             # into the groups): every state key now, on every rank, as at construction.
             if any(adapter.prepopulate_state for adapter in ctx.adapters.values()):

@@ -208,27 +208,33 @@ def test_unsharded_step_memory_is_set_by_the_bucket(ns_dtype):
     assert peaks[16] <= 1.2 * bound, (peaks, bound)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 @pytest.mark.parametrize("rank", [0, 1])
-def test_sharded_step_memory_is_set_by_the_bucket(meta_world, rank):
+def test_sharded_step_memory_is_set_by_the_bucket(meta_world, rank, overlap):
+    """The step's extra memory is the bucket plus one round's NS temporaries, at 16 and 48 layers;
+    pipelined rounds (``overlap``) hold one more bucket: the next round's gather and the previous
+    round's scatter in flight."""
     peaks, bounds = {}, {}
     for layers in (16, 48):
         mesh = meta_world(rank, 4)
         mats = [fsdp2_param(mesh, rank, s) for s in gpt_matrices(layers)]
         others = [fsdp2_param(mesh, rank, (500, D)), fsdp2_param(mesh, rank, (D,))]
         opt = MARSM([{"params": mats, "use_marsm": True}, {"params": others, "use_marsm": False}],
-                    bucket_bytes=BUCKET)
+                    bucket_bytes=BUCKET, overlap=overlap)
         peaks[layers] = step_peak(opt)
         # Each round gathers (bf16) the matrices this rank owns in one bucket, orthogonalizes them
         # and scatters them back: the bound is the bucket plus the worst round's NS temporaries.
         plan = opt._context.distributor.engine.plan
         owned = [[gpt_matrices(layers)[i] for i in b if plan.owners[i] == rank] for b in plan.buckets]
-        bounds[layers] = BUCKET + max(ns_bucket_peak(shapes) for shapes in owned if shapes)
+        held = (2 if overlap else 1) * BUCKET
+        bounds[layers] = held + max(ns_bucket_peak(shapes) for shapes in owned if shapes)
         assert peaks[layers] <= 1.2 * bounds[layers], (layers, peaks, bounds)
     assert peaks[48] <= peaks[16] * 1.05, peaks  # 3x the model, the same extra memory
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 @pytest.mark.parametrize("rank", [0, 5])
-def test_replicated_step_memory_is_set_by_the_bucket(meta_world, rank):
+def test_replicated_step_memory_is_set_by_the_bucket(meta_world, rank, overlap):
     """DDP (``process_group=``) at W=8: each round, this rank receives the results of up to seven
     other owners by broadcast. They are applied one broadcast at a time, so the step's extra memory
     stays the bucket plus one round's NS temporaries (and one owner's results), not W buckets,
@@ -240,7 +246,7 @@ def test_replicated_step_memory_is_set_by_the_bucket(meta_world, rank):
         mats = [meta_param(*s) for s in gpt_matrices(layers)]
         others = [meta_param(500, D), meta_param(D)]
         opt = MARSM([{"params": mats, "use_marsm": True}, {"params": others, "use_marsm": False}],
-                    bucket_bytes=BUCKET, process_group=dist.group.WORLD)
+                    bucket_bytes=BUCKET, process_group=dist.group.WORLD, overlap=overlap)
         peaks[layers] = step_peak(opt)
         plan = opt._context.distributor.engine.plan
         assert len(set(plan.owners)) == 8 and opt.last_step_stats.bytes_received > 0
@@ -248,7 +254,8 @@ def test_replicated_step_memory_is_set_by_the_bucket(meta_world, rank):
         # Also the largest bucket one other owner sends (bf16), received whole before it is applied.
         one_owner = max(sum(math.prod(gpt_matrices(layers)[i]) for i in b if plan.owners[i] == o) * 2
                         for b in plan.buckets for o in range(8))
-        bounds[layers] = BUCKET + max(ns_bucket_peak(shapes) for shapes in owned if shapes) + one_owner
+        held = (2 if overlap else 1) * BUCKET
+        bounds[layers] = held + max(ns_bucket_peak(shapes) for shapes in owned if shapes) + one_owner
         assert peaks[layers] <= 1.2 * bounds[layers], (layers, peaks, bounds)
 
 

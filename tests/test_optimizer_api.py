@@ -44,6 +44,7 @@ BAD_ARGS = [
     ("ns_dtype", "float8"), ("adamw_betas", (0.9,)), ("adamw_betas", (0.9, 1.0)),
     ("adamw_eps", -1e-8), ("approx", "yes"), ("lr", float("nan")),
     ("ns_coefficients", (1.0, 2.0)), ("on_nonfinite", "ignore"), ("flatten", 1),
+    ("overlap", "yes"), ("ns_team_max", 3), ("ns_team_max", 0), ("ns_team_max", True),
 ]
 
 

@@ -77,9 +77,22 @@ MUTANTS = {
     ),
     "every bucket's results held to the end of the step": (
         "marsm_dist/sharding/engine.py",
-        "                del shards\n",
-        "                self.__dict__.setdefault('_held', []).append(shards)\n",
+        "        got = iter(r.spreading)\n",
+        "        self.__dict__.setdefault('_held', []).append(r.shards)\n        got = iter(r.spreading)\n",
         ["tests/test_device_paths.py"],
+    ),
+    "balanced owners with rounds cut in index order": (
+        "marsm_dist/sharding/plan.py",
+        "        owners, buckets = plan_rounds(costs, numels, world_size, bucket_numel)\n",
+        "        owners = plan_owners(costs, world_size, policy)\n"
+        "        buckets = plan_buckets(numels, owners, world_size, bucket_numel)\n",
+        ["tests/test_sharding_plan.py"],
+    ),
+    "a team member's columns put back in another member's place": (
+        "marsm_dist/sharding/team_runner.py",
+        "        lo, hi = min(j * width, n), min((j + 1) * width, n)\n",
+        "        lo, hi = min((k - 1 - j) * width, n), min((k - j) * width, n)\n",
+        ["tests/test_split_newton_schulz.py"],
     ),
     "a host read per matrix": (
         "marsm_dist/_step.py",

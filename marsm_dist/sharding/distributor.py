@@ -82,11 +82,13 @@ class Distributor:
         device: where the shards live (collectives' tensors are made there).
         policy, bucket_numel: the owner plan's policy and the bucket size (elements).
         timer: where communication and Newton-Schulz time is recorded.
+        overlap, max_team: pipeline the exchange rounds; split matrices over teams of idle ranks
+            (see :class:`ShardingEngine`).
     """
 
     def __init__(self, matrices: list[MatrixSpec], group: dist.ProcessGroup | None,
                  device: torch.device | None, *, policy: str = "balanced", bucket_numel: int = 1 << 26,
-                 timer: PhaseTimer | None = None) -> None:
+                 timer: PhaseTimer | None = None, overlap: bool = True, max_team: int = 1) -> None:
         self.matrices = matrices
         self.timer = timer or PhaseTimer()
         self.bucket_numel = bucket_numel
@@ -97,7 +99,8 @@ class Distributor:
         self.engine: ShardingEngine | None = None
         if self.shared:
             self.engine = ShardingEngine([matrices[i].layout for i in self.shared], group, policy,
-                                         bucket_numel, self.timer, device, self._replica_groups())
+                                         bucket_numel, self.timer, device, self._replica_groups(), overlap,
+                                         max_team)
 
     def _replica_groups(self) -> dict[tuple[int, ...], ReplicaGroup]:
         out: dict[tuple[int, ...], ReplicaGroup] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -11,9 +12,10 @@ from torch import Tensor
 
 from .._timing import PhaseTimer
 from ..orthogonalize import NSConfig, orthogonalize
-from .exchange import Exchange, ReplicaGroup
+from .exchange import Exchange, Pending, ReplicaGroup, Spreading
 from .layout import MatrixLayout
 from .plan import make_plan
+from .team_runner import TeamRunner
 
 __all__ = ["ShardingEngine"]
 
@@ -31,12 +33,16 @@ class ShardingEngine:
             CPU when not given).
         replica_groups: for layouts with replicas, this rank's replica group per replica pattern
             (``layout.replicas``), over which results reach the other copies.
+        overlap: pipeline the rounds (see :meth:`results`).
+        max_team: up to this many ranks (a power of two) split one matrix's Newton-Schulz where
+            ranks would otherwise sit idle (:mod:`marsm_dist.sharding.teams`); 1: never.
     """
 
     def __init__(self, layouts: list[MatrixLayout], group: dist.ProcessGroup | None,
                  policy: str = "balanced", bucket_numel: int = 1 << 26,
                  timer: PhaseTimer | None = None, device: torch.device | None = None,
-                 replica_groups: dict[tuple[int, ...], ReplicaGroup] | None = None) -> None:
+                 replica_groups: dict[tuple[int, ...], ReplicaGroup] | None = None,
+                 overlap: bool = True, max_team: int = 1) -> None:
         world = dist.get_world_size(group) if group is not None else 1
         rank = dist.get_rank(group) if group is not None else 0
         for layout in layouts:
@@ -45,8 +51,10 @@ class ShardingEngine:
                                  f"but the process group has {world}")
         self.layouts, self.group, self.rank, self.world_size = layouts, group, rank, world
         self.replica_groups = replica_groups or {}
-        self.plan = make_plan([lay.shape for lay in layouts], world, policy, bucket_numel)
+        self.overlap, self.bucket_numel = overlap, bucket_numel
+        self.plan = make_plan([lay.shape for lay in layouts], world, policy, bucket_numel, max_team=max_team)
         self.exchange = Exchange(group, rank, world)
+        self.teams = TeamRunner(self.plan.teams, group, rank, self.exchange.counters)
         self.timer = timer or PhaseTimer()
         self.device = device or torch.device("cpu")
         if world > 1 and self.device.type != "meta":  # meta tensors (dry runs) hold no values to compare
@@ -69,47 +77,110 @@ class ShardingEngine:
     def results(self, local: list[Tensor | None], configs: list[NSConfig | None]
                 ) -> Iterator[tuple[int, Tensor]]:
         """NS of every active matrix, as ``(i, this rank's flat local shard in the NS dtype)``,
-        bucket by bucket: a bucket's results are yielded as soon as they are back, so a caller
-        that applies and drops each one holds no more than one bucket.
+        round by round: a round's results are yielded as soon as they are back, so a caller that
+        applies and drops each one holds no more than about two rounds (one with ``overlap``
+        off).
+
+        With ``overlap`` (default), the rounds are pipelined: round k+1's gather is in flight while
+        round k is orthogonalized, and round k's scatter while round k+1 is, so communication
+        hides behind Newton-Schulz where it is shorter. A round with copies (DDP, HSDP) has its
+        scatter waited for before round k+1's Newton-Schulz instead, so that its broadcasts to the
+        other copies (the larger part, across nodes) run during it, within a window of one bucket
+        of buffers. Every rank starts the collectives of the job group in the same order (gather 0,
+        gather 1, scatter 0, gather 2, scatter 1, ...), and the members of a replica group, which
+        hold the same pieces, start its broadcasts in the same order, so they pair up on any
+        backend.
 
         ``local[i]`` is this rank's shard of matrix i's momentum, or ``None`` when matrix i sits
         out this step; that choice must be the same on every rank.
         """
-        owners = self.plan.owners
+        rounds = []
         for bucket in self.plan.buckets:
             active = [i for i in bucket if local[i] is not None]
             for dtype in sorted({configs[i].dtype for i in active}, key=str):
-                idx = [i for i in active if configs[i].dtype == dtype]
-                device = local[idx[0]].device
-                with self.timer.phase("communication"):
-                    fulls = self.exchange.gather(
-                        [(self.layouts[i], owners[i], local[i].reshape(-1)) for i in idx], dtype)
-                mine = [k for k, i in enumerate(idx) if owners[i] == self.rank]
-                with self.timer.phase("newton_schulz"):
-                    done = orthogonalize([fulls[k] for k in mine], [configs[idx[k]] for k in mine])
-                del fulls  # the gathered momenta: NS made its own copies
-                outputs: list[Tensor | None] = [None] * len(idx)
-                for k, o in zip(mine, done, strict=True):
-                    outputs[k] = o
-                del done
-                items = [(self.layouts[i], owners[i]) for i in idx]
-                with self.timer.phase("communication"):
-                    shards = self.exchange.scatter(items, outputs, dtype, device)
-                del outputs
-                for k, i in enumerate(idx):  # the results owned in this rank's copy
-                    if shards[k] is not None:
-                        yield i, shards[k]
-                # The other copies' results, one broadcast at a time (shards: what this rank sends).
-                spread = self.exchange.spread([(lay, o, self.replica_groups.get(lay.replicas))
-                                               for lay, o in items], shards, dtype, device)
-                while True:
+                rounds.append((dtype, [i for i in active if configs[i].dtype == dtype]))
+        gathering = self._start_gather(rounds[0], local) if rounds else None
+        previous: _Round | None = None  # the round whose results are on their way back
+        for k, (dtype, idx) in enumerate(rounds):
+            with self.timer.phase("communication"):
+                fulls = gathering.wait()
+                if self.overlap and k + 1 < len(rounds):
+                    gathering = self._start_gather(rounds[k + 1], local)
+                if previous is not None and previous.replicated:
+                    # Its broadcasts to the other copies need its scatter done: wait for that now,
+                    # so they run during this round's Newton-Schulz.
+                    self._start_spread(previous)
+            device = local[idx[0]].device
+            outputs = self._newton_schulz(idx, fulls, configs, device)
+            del fulls  # the gathered momenta: NS made its own copies
+            with self.timer.phase("communication"):
+                scattering = self.exchange.start_scatter(self._items(idx), outputs, dtype, device)
+                replicated = any(self.layouts[i].num_replicas > 1 for i in idx)
+                started = _Round(dtype, idx, scattering, device, replicated)
+            del outputs  # copied into the send buffer
+            if previous is not None:
+                yield from self._deliver(previous)
+            previous = started
+            if not self.overlap:
+                yield from self._deliver(previous)
+                previous = None
+                if k + 1 < len(rounds):
                     with self.timer.phase("communication"):
-                        got = next(spread, None)
-                    if got is None:
-                        break
-                    yield idx[got[0]], got[1]
-                    del got
-                del shards
+                        gathering = self._start_gather(rounds[k + 1], local)
+        if previous is not None:
+            yield from self._deliver(previous)
+
+    def _newton_schulz(self, idx: list[int], fulls: list[Tensor | None], configs: list[NSConfig | None],
+                       device: torch.device) -> list[Tensor | None]:
+        """NS of the round's matrices this rank owns alone, and of the one its team splits."""
+        mine = [j for j, i in enumerate(idx)
+                if self.plan.owners[i] == self.rank and not self.teams.member_of(i)]
+        outputs: list[Tensor | None] = [None] * len(idx)
+        with self.timer.phase("newton_schulz"):
+            done = orthogonalize([fulls[j] for j in mine], [configs[idx[j]] for j in mine])
+            for j, o in zip(mine, done, strict=True):
+                outputs[j] = o
+            del done
+            for j, i in enumerate(idx):  # at most one team per rank and round
+                if self.teams.member_of(i):
+                    outputs[j] = self.teams.orthogonalize(i, self.layouts[i].shape, fulls[j], configs[i],
+                                                          device)
+        return outputs
+
+    def _items(self, idx: list[int]) -> list[tuple[MatrixLayout, int]]:
+        return [(self.layouts[i], self.plan.owners[i]) for i in idx]
+
+    def _start_gather(self, round_: tuple[torch.dtype, list[int]], local: list[Tensor | None]) -> Pending:
+        dtype, idx = round_
+        return self.exchange.start_gather(
+            [(self.layouts[i], self.plan.owners[i], local[i].reshape(-1)) for i in idx], dtype)
+
+    def _start_spread(self, r: _Round) -> None:
+        """Wait for round ``r``'s scatter and start its broadcasts to the other copies."""
+        r.shards = r.scattering.wait()
+        window = self.bucket_numel if self.overlap else 0
+        r.spreading = self.exchange.spread(
+            [(lay, o, self.replica_groups.get(lay.replicas)) for lay, o in self._items(r.idx)],
+            r.shards, r.dtype, r.device, window)
+
+    def _deliver(self, r: _Round) -> Iterator[tuple[int, Tensor]]:
+        """A round's results: those owned in this rank's copy (the scatter), then the other
+        copies' (as each broadcast lands)."""
+        if r.spreading is None:
+            with self.timer.phase("communication"):
+                self._start_spread(r)
+        for j, i in enumerate(r.idx):
+            if r.shards[j] is not None:
+                yield i, r.shards[j]
+        got = iter(r.spreading)
+        while True:
+            with self.timer.phase("communication"):
+                item = next(got, None)
+            if item is None:
+                break
+            yield r.idx[item[0]], item[1]
+            del item
+
 
     def orthogonalize(self, local: list[Tensor | None],
                       configs: list[NSConfig | None]) -> list[Tensor | None]:
@@ -118,3 +189,18 @@ class ShardingEngine:
         for i, shard in self.results(local, configs):
             out[i] = shard
         return out
+
+
+@dataclass
+class _Round:
+    """One round on its way back: its scatter in flight, then its results, then its broadcasts."""
+
+    dtype: torch.dtype
+    idx: list[int]
+    scattering: Pending
+    device: torch.device
+    replicated: bool
+    shards: list[Tensor | None] | None = None
+    spreading: Spreading | None = None
+
+

@@ -7,13 +7,15 @@ and non-root ranks then hang until the timeout). A round whose matrices need no 
 ranks (replicated data parallel: the owner holds the whole matrix) makes no call at all.
 
 To the other copies (replicas): each rank of the owner's copy broadcasts its pieces of the
-results over its replica group, one broadcast per copy per round. The owner never sends one
+results over its replica group, one broadcast per copy per round, started ahead within a window
+of buffer memory so they can run while the next round is orthogonalized. The owner never sends one
 buffer per replica, so its memory and bytes out do not grow with the number of replicas.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +25,7 @@ from torch.autograd.profiler import record_function
 
 from .layout import MatrixLayout, assemble, cut
 
-__all__ = ["Exchange", "ExchangeCounters", "ReplicaGroup"]
+__all__ = ["Exchange", "ExchangeCounters", "Pending", "ReplicaGroup", "Spreading"]
 
 
 @dataclass
@@ -51,6 +53,21 @@ def _moves_data(layout: MatrixLayout, owner: int) -> bool:
     return any(layout.local_numel(r) for r in layout.copy_ranks(owner) if r != owner)
 
 
+class Pending:
+    """A started exchange: ``wait()`` waits for its collective (if any) and returns the result.
+    It holds the send buffer until then (NCCL reads it on its own stream)."""
+
+    def __init__(self, work: dist.Work | None, finish: Callable[[], list[Tensor | None]],
+                 keep: Tensor | None = None) -> None:
+        self._work, self._finish, self._keep = work, finish, keep
+
+    def wait(self) -> list[Tensor | None]:
+        if self._work is not None:
+            self._work.wait()
+        self._keep = None
+        return self._finish()
+
+
 class Exchange:
     """The gather-to-owner and scatter-back collectives over one process group."""
 
@@ -58,7 +75,10 @@ class Exchange:
         self.group, self.rank, self.world_size = group, rank, world_size
         self.counters = ExchangeCounters()
 
-    def _all_to_all(self, send: Tensor, in_splits: list[int], out_splits: list[int]) -> Tensor:
+    def _all_to_all(self, send: Tensor, in_splits: list[int], out_splits: list[int]
+                    ) -> tuple[Tensor, dist.Work | None]:
+        """Start the exchange; returns the receive buffer and the work to wait on before reading
+        it (``None``: already there). The send buffer must live until then."""
         out = send.new_empty(sum(out_splits))
         itemsize = send.element_size()
         me = self.rank
@@ -66,10 +86,10 @@ class Exchange:
         self.counters.bytes_received += itemsize * (sum(out_splits) - out_splits[me])
         if self.world_size == 1:
             out.copy_(send)
-            return out
+            return out, None
         self.counters.calls += 1
-        dist.all_to_all_single(out, send, out_splits, in_splits, group=self.group)
-        return out
+        work = dist.all_to_all_single(out, send, out_splits, in_splits, group=self.group, async_op=True)
+        return out, work
 
     def _in_copy(self, layout: MatrixLayout, owner: int, rank: int) -> int:
         """Elements ``rank`` exchanges with ``owner`` for this matrix (0 outside its copy)."""
@@ -80,6 +100,12 @@ class Exchange:
     ) -> list[Tensor | None]:
         """Each item is (layout, owner, this rank's flat local data). Returns, for the items this
         rank owns, the full tensor in ``dtype`` assembled from its copy (``None`` for the others)."""
+        return self.start_gather(items, dtype).wait()
+
+    def start_gather(self, items: list[tuple[MatrixLayout, int, Tensor]], dtype: torch.dtype
+                     ) -> Pending:
+        """:meth:`gather`, started: the collective runs while the caller does other work; the
+        returned handle's ``wait()`` gives what :meth:`gather` returns."""
         me, world = self.rank, self.world_size
         for layout, _, flat in items:
             if flat.numel() != layout.local_numel(me):
@@ -87,11 +113,12 @@ class Exchange:
                                    f"elements on rank {me}, its layout says {layout.local_numel(me)}")
         mine = [k for k, (_, o, _) in enumerate(items) if o == me]
         if not any(_moves_data(lay, o) for lay, o, _ in items):  # every owner holds its matrices
-            return [items[k][2].to(dtype).view(items[k][0].shape) if k in mine else None
-                    for k in range(len(items))]
+            return Pending(None, lambda: [items[k][2].to(dtype).view(items[k][0].shape) if k in mine
+                                          else None for k in range(len(items))])
         in_splits = [sum(self._in_copy(lay, d, me) for lay, o, _ in items if o == d) for d in range(world)]
         out_splits = [sum(self._in_copy(items[k][0], me, s) for k in mine) for s in range(world)]
-        send = torch.empty(sum(in_splits), dtype=dtype, device=items[0][2].device)
+        device = items[0][2].device
+        send = torch.empty(sum(in_splits), dtype=dtype, device=device)
         offset = 0
         for d in range(world):
             for lay, o, flat in items:
@@ -99,20 +126,24 @@ class Exchange:
                     send[offset:offset + flat.numel()].copy_(flat.reshape(-1))
                     offset += flat.numel()
         with record_function("marsm::gather"):
-            recv = self._all_to_all(send, in_splits, out_splits)
-        parts: dict[int, dict[int, Tensor]] = {k: {} for k in mine}
-        offset = 0
-        for s in range(world):
-            for k in mine:
-                n = self._in_copy(items[k][0], me, s)
-                if n:
-                    parts[k][s] = recv[offset:offset + n]
-                    offset += n
-        fulls: list[Tensor | None] = [None] * len(items)
-        for k in mine:  # (no parts: a matrix with no elements)
-            fulls[k] = (assemble(items[k][0], parts[k], dtype) if parts[k] else
-                        torch.empty(items[k][0].shape, dtype=dtype, device=items[0][2].device))
-        return fulls
+            recv, work = self._all_to_all(send, in_splits, out_splits)
+
+        def assemble_owned() -> list[Tensor | None]:
+            parts: dict[int, dict[int, Tensor]] = {k: {} for k in mine}
+            offset = 0
+            for s in range(world):
+                for k in mine:
+                    n = self._in_copy(items[k][0], me, s)
+                    if n:
+                        parts[k][s] = recv[offset:offset + n]
+                        offset += n
+            fulls: list[Tensor | None] = [None] * len(items)
+            for k in mine:  # (no parts: a matrix with no elements)
+                fulls[k] = (assemble(items[k][0], parts[k], dtype) if parts[k] else
+                            torch.empty(items[k][0].shape, dtype=dtype, device=device))
+            return fulls
+
+        return Pending(work, assemble_owned, keep=send)
 
     def scatter(
         self, items: list[tuple[MatrixLayout, int]], fulls: list[Tensor | None], dtype: torch.dtype,
@@ -121,13 +152,21 @@ class Exchange:
         """The reverse of :meth:`gather`: owners cut their full results into the pieces of their
         copy's ranks. Returns this rank's flat local data of every item owned in its copy
         (``None`` for items owned in another copy: :meth:`spread` brings those)."""
+        return self.start_scatter(items, fulls, dtype, device).wait()
+
+    def start_scatter(
+        self, items: list[tuple[MatrixLayout, int]], fulls: list[Tensor | None], dtype: torch.dtype,
+        device: torch.device,
+    ) -> Pending:
+        """:meth:`scatter`, started (see :meth:`start_gather`). The owners' results are copied
+        into the send buffer here, so the caller may drop ``fulls`` at once."""
         me, world = self.rank, self.world_size
         mine = [k for k, (_, o) in enumerate(items) if o == me]
         local: list[Tensor | None] = [None] * len(items)
         if not any(_moves_data(lay, o) for lay, o in items):
             for k in mine:
                 local[k] = fulls[k].reshape(-1)
-            return local
+            return Pending(None, lambda: local)
         cuts = {k: cut(items[k][0], fulls[k], items[k][0].copy_ranks(me)) for k in mine}
         in_splits = [sum(cuts[k][d].numel() for k in mine if d in cuts[k]) for d in range(world)]
         out_splits = [sum(self._in_copy(lay, s, me) for lay, o in items if o == s) for s in range(world)]
@@ -139,48 +178,48 @@ class Exchange:
                 if piece is not None and piece.numel():
                     send[offset:offset + piece.numel()].copy_(piece)
                     offset += piece.numel()
+        del cuts
         with record_function("marsm::scatter"):
-            recv = self._all_to_all(send, in_splits, out_splits)
-        offset = 0
-        for s in range(world):
-            for k, (lay, o) in enumerate(items):
-                if o == s and lay.replica_of(s) == lay.replica_of(me):
-                    n = lay.local_numel(me)
-                    local[k] = recv[offset:offset + n]
-                    offset += n
-        return local
+            recv, work = self._all_to_all(send, in_splits, out_splits)
+
+        def split_received() -> list[Tensor | None]:
+            offset = 0
+            for s in range(world):
+                for k, (lay, o) in enumerate(items):
+                    if o == s and lay.replica_of(s) == lay.replica_of(me):
+                        n = lay.local_numel(me)
+                        local[k] = recv[offset:offset + n]
+                        offset += n
+            return local
+
+        return Pending(work, split_received, keep=send)
 
     def spread(self, items: list[tuple[MatrixLayout, int, ReplicaGroup | None]],
-               local: list[Tensor | None], dtype: torch.dtype, device: torch.device
-               ) -> Iterator[tuple[int, Tensor]]:
-        """Yield ``(k, this rank's flat pieces)`` for the items owned in another copy: per copy, its
-        ranks broadcast their pieces (``local``) over their replica groups. One broadcast's buffer
-        at a time: a caller that applies and drops each result never holds every copy's at once."""
+               local: list[Tensor | None], dtype: torch.dtype, device: torch.device, window: int = 0
+               ) -> Spreading:
+        """Start sending the items owned in another copy to this rank's copy: per copy, its ranks
+        broadcast their pieces (``local``) over their replica groups. Iterating the result yields
+        ``(k, this rank's flat pieces)`` as each broadcast lands. Broadcasts are started ahead while
+        their buffers total at most ``window`` elements (always one): a caller that applies and
+        drops each result holds about ``window`` elements, not every copy's results at once."""
         me = self.rank
         patterns: dict[tuple[int, ...], list[int]] = {}
         for k, (lay, _, _) in enumerate(items):
             if lay.num_replicas > 1:
                 patterns.setdefault(lay.replicas, []).append(k)
+        sends = []
         for ks in patterns.values():
-            replica_group = items[ks[0]][2]
             lay0 = items[ks[0]][0]
             for copy in sorted(set(lay0.replicas)):
                 owned = [k for k in ks if items[k][0].replica_of(items[k][1]) == copy]
                 sizes = [items[k][0].local_numel(me) for k in owned]
-                if not sum(sizes):  # so for every member of this replica group: same pieces
-                    continue
-                sender = lay0.replica_of(me) == copy
-                buf = (torch.cat([local[k].reshape(-1) for k in owned]) if sender else
-                       torch.empty(sum(sizes), dtype=dtype, device=device))
-                self._broadcast(buf, replica_group, copy, lay0.num_replicas, sender)
-                if not sender:
-                    offset = 0
-                    for k, n in zip(owned, sizes, strict=True):
-                        yield k, buf[offset:offset + n]
-                        offset += n
-                del buf
+                if sum(sizes):  # (so for every member of this replica group: same pieces)
+                    sends.append(_Broadcast(owned, sizes, items[ks[0]][2], copy, lay0.num_replicas,
+                                            lay0.replica_of(me) == copy))
+        return Spreading(self, sends, local, dtype, device, window)
 
-    def _broadcast(self, buf: Tensor, rg: ReplicaGroup | None, copy: int, copies: int, sender: bool) -> None:
+    def _broadcast(self, buf: Tensor, rg: ReplicaGroup | None, copy: int, copies: int, sender: bool
+                   ) -> dist.Work:
         itemsize = buf.element_size()
         if sender:
             self.counters.bytes_sent += itemsize * buf.numel() * (copies - 1)
@@ -190,5 +229,57 @@ class Exchange:
             raise RuntimeError("MARSM: a replicated matrix has no replica group to receive its result over")
         self.counters.calls += 1
         with record_function("marsm::spread"):
-            dist.broadcast(buf, group=rg.group, group_src=rg.source[copy])
+            return dist.broadcast(buf, group=rg.group, group_src=rg.source[copy], async_op=True)
+
+
+@dataclass
+class _Broadcast:
+    """One broadcast of a round: the items copy ``copy`` owns, this rank's pieces of them."""
+
+    owned: list[int]
+    sizes: list[int]
+    replica_group: ReplicaGroup | None
+    copy: int
+    copies: int
+    sender: bool
+
+
+class Spreading:
+    """A round's broadcasts to the other copies, started ahead within a window (see
+    :meth:`Exchange.spread`); iterate it for the pieces this rank receives."""
+
+    def __init__(self, exchange: Exchange, sends: list[_Broadcast], local: list[Tensor | None],
+                 dtype: torch.dtype, device: torch.device, window: int) -> None:
+        self._exchange, self._sends, self._local = exchange, sends, local
+        self._dtype, self._device, self._window = dtype, device, window
+        self._next = 0
+        self._posted: deque[tuple[_Broadcast, Tensor, dist.Work]] = deque()
+        self._held = 0
+        self._post_ahead()
+
+    def _post_ahead(self) -> None:
+        while self._next < len(self._sends):
+            b = self._sends[self._next]
+            size = sum(b.sizes)
+            if self._posted and self._held + size > self._window:
+                return
+            buf = (torch.cat([self._local[k].reshape(-1) for k in b.owned]) if b.sender else
+                   torch.empty(size, dtype=self._dtype, device=self._device))
+            work = self._exchange._broadcast(buf, b.replica_group, b.copy, b.copies, b.sender)
+            self._posted.append((b, buf, work))
+            self._held += size
+            self._next += 1
+
+    def __iter__(self) -> Iterator[tuple[int, Tensor]]:
+        while self._posted:
+            b, buf, work = self._posted.popleft()
+            work.wait()
+            self._held -= sum(b.sizes)
+            self._post_ahead()
+            if not b.sender:
+                offset = 0
+                for k, n in zip(b.owned, b.sizes, strict=True):
+                    yield k, buf[offset:offset + n]
+                    offset += n
+            del buf
 
