@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 from dataclasses import fields
 from pathlib import Path
 
+from .. import MARSM
 from .train import DEFAULT_LR, OPTIMIZERS, Config
 
 FRAMEWORKS = ("fsdp2", "deepspeed", "megatron")
@@ -46,6 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--mode", choices=["approx", "exact"], default=d.mode,
                    help="MARS-M correction: previous gradient (approx) or look-ahead gradient (exact)")
+    p.add_argument("--gamma", type=float, default=d.gamma,
+                   help="MARS-M's variance-reduction strength (default: MARSM's, "
+                   f"{inspect.signature(MARSM).parameters['gamma'].default:g}; 0 turns the correction "
+                   "off, leaving momentum on the plain gradient); marsm only")
     p.add_argument("--ns-dtype", choices=["auto", "bfloat16", "float32"], default=d.ns_dtype,
                    help="MARS-M Newton-Schulz dtype (default auto: bfloat16 on GPUs and CPUs with native "
                    "bf16 matmuls, else float32; torch.optim.Muon always uses bfloat16)")
@@ -107,6 +113,8 @@ def check(args: argparse.Namespace, world_size: int) -> None:
                          f"{data_parallel}: each data-parallel rank takes an equal slice of the global batch")
     if args.d_model % args.heads:
         raise UsageError(f"--d-model {args.d_model} must divide by --heads {args.heads}")
+    if args.gamma is not None and args.gamma < 0:
+        raise UsageError(f"--gamma must be >= 0, got {args.gamma}")
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.framework == "deepspeed" and args.mode == "exact" and "marsm" in names:

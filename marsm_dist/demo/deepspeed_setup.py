@@ -24,7 +24,7 @@ def ds_config(cfg: Config, world_size: int) -> dict:
     lr, wd = cfg.peak_lr, cfg.weight_decay
     optimizer = {
         "marsm": {"type": "MARSM", "params": {"lr": lr, "weight_decay": wd, "ns_dtype": cfg.ns_dtype,
-                                              "adamw_betas": [0.9, 0.95]}},
+                                              "adamw_betas": [0.9, 0.95], **cfg.marsm_kwargs}},
         "adamw": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.95], "weight_decay": wd,
                                               "torch_adam": True}},
         "muon": {"type": "Muon", "params": {"lr": lr, "betas": [0.9, 0.95], "weight_decay": wd,

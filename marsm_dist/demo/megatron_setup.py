@@ -134,7 +134,8 @@ class MegatronStepper:
                                  weight_decay=cfg.weight_decay, adam_beta1=0.9, adam_beta2=0.95,
                                  clip_grad=0.0, use_distributed_optimizer=sharded)
         if cfg.optimizer == "marsm":
-            self.opt = get_megatron_marsm_optimizer(config, [self.ddp], ns_dtype=cfg.ns_dtype)
+            self.opt = get_megatron_marsm_optimizer(config, [self.ddp], ns_dtype=cfg.ns_dtype,
+                                                    **cfg.marsm_kwargs)
         elif cfg.optimizer == "adamw":
             self.opt = get_megatron_optimizer(config, [self.ddp])
         else:

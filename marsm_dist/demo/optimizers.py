@@ -37,7 +37,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     lr = cfg.peak_lr
     if cfg.optimizer == "marsm":
         return MARSM(param_groups(model), lr=lr, weight_decay=cfg.weight_decay,
-                     ns_dtype=cfg.ns_dtype, approx=cfg.mode == "approx")
+                     ns_dtype=cfg.ns_dtype, approx=cfg.mode == "approx", **cfg.marsm_kwargs)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     if cfg.optimizer == "muon":

@@ -14,11 +14,13 @@ from .dist_env import DistEnv
 
 OPTIMIZERS = ("marsm", "muon", "adamw")
 
-# Peak learning rates. Not tuned to make MARS-M win: MARS-M and Muon use the same lr because
-# both scale their orthogonal update to an RMS of 0.2 (Moonlight's rule; torch.optim.Muon's
-# adjust_lr_fn="match_rms_adamw"), so 1e-2 is an AdamW-like step size for both; AdamW takes 3e-3,
-# a usual peak for models of this size. The AdamW branches of MARS-M and Muon share their lr.
-DEFAULT_LR = {"marsm": 1e-2, "muon": 1e-2, "adamw": 3e-3}
+# Peak learning rates: each optimizer's best of a sweep, benchmarks/quality.py (200 steps of the
+# default model and batch, 2 seeds, rates a factor of 2 apart, the best inside the grid; lowest mean
+# validation loss; results in benchmarks/results/quality.json). MARS-M and Muon land on the same
+# rate, as expected: both scale their orthogonal update to an RMS of 0.2 (Moonlight's rule;
+# torch.optim.Muon's adjust_lr_fn="match_rms_adamw"). The AdamW branches of MARS-M and Muon share
+# their lr.
+DEFAULT_LR = {"marsm": 2e-2, "muon": 2e-2, "adamw": 1e-3}
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Config:
     lr: float | None = None
     weight_decay: float = 0.1
     mode: str = "approx"
+    gamma: float | None = None  # MARS-M's variance-reduction strength; None: MARSM's default
     ns_dtype: str = "auto"
     zero_stage: int = 2
     tensor_parallel: int = 1
@@ -48,6 +51,11 @@ class Config:
     def peak_lr(self) -> float:
         """``lr`` if given, else the optimizer's documented default."""
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    @property
+    def marsm_kwargs(self) -> dict:
+        """MARS-M settings beyond the shared ones that were set (left out: MARSM's defaults)."""
+        return {} if self.gamma is None else {"gamma": self.gamma}
 
     @property
     def warmup(self) -> int:

@@ -49,7 +49,8 @@ def _describe(base: Config, env: DistEnv, batches: Batches, n_params: int) -> st
             f"{len(batches.val):,} validation bytes of Python stdlib source\n"
             f"budget: {base.steps} steps x {base.batch_size}x{base.seq_len} tokens = "
             f"{base.steps * base.batch_size * base.seq_len:,} tokens per optimizer, seed {base.seed}; "
-            f"MARS-M mode {base.mode}, Newton-Schulz in {base.ns_dtype}"
+            f"MARS-M mode {base.mode}{'' if base.gamma is None else f', gamma {base.gamma:g}'}, "
+            f"Newton-Schulz in {base.ns_dtype}"
             f"{_NS_NOTE if base.ns_dtype == 'float32' else ''}")
 
 
