@@ -9,10 +9,11 @@
    orthogonal step) as soon as it exists, so no result outlives its bucket.
 4. :func:`finish_matrices`: step counters, and the exact mode's P swap.
 
-Memory: c_t is never held for the whole model. Phase 1 computes it chunk by chunk (at most
-``chunk_numel`` elements at a time) for its norm and drops it; phase 2 computes it again the
-same way, which costs one extra elementwise pass and keeps the step's extra memory set by the
-bucket size rather than by the model.
+Memory: c_t is never held for more than ``chunk_numel`` elements. When this rank's matrices fit
+in one chunk, phase 1 keeps c_t for phase 2; otherwise phase 1 computes it chunk by chunk for
+its norm and drops it, and phase 2 computes it again the same way, which costs one extra
+elementwise pass and keeps the step's extra memory set by the bucket size rather than by the
+model.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class Statistics:
     matrix_ids: list[int]  # the distributor's index of each entry
     configs: list[NSConfig | None]  # NS config per distributor index (None: not in this step)
     refusal: str | None = None  # why every rank refuses this step (a group value), if it does
+    kept: dict[tuple[int, int], Tensor] | None = None  # c_t per (work, entry) when it fit one chunk
 
 
 def chunks(numels: list[int], limit: int) -> Iterator[list[int]]:
@@ -98,15 +100,17 @@ def _variance_reduced(work: GroupWork, prev: list[Tensor],
 
 
 def _vr_squared_norms(matrix: list[GroupWork], state: Mapping, chunk_numel: int,
-                      precise: bool) -> list[Tensor]:
+                      precise: bool, kept: dict[tuple[int, int], Tensor] | None) -> list[Tensor]:
     """||c_t||^2 of every local entry (0-dim float64 tensors on the data's device), computing
-    c_t one chunk at a time and dropping it."""
+    c_t one chunk at a time and dropping it, or keeping it in ``kept`` (keyed by work and entry)."""
     out: list[Tensor] = []
-    for work in matrix:
+    for w, work in enumerate(matrix):
         prev = work.local_state(state, "last_grad")
         for js in chunks([g.numel() for g in work.grads], chunk_numel):
             _, cs = _variance_reduced(work, prev, js)
             out += F.squared_norms(cs, precise=precise).unbind()
+            if kept is not None:
+                kept.update(((w, j), c) for j, c in zip(js, cs, strict=True))
             del cs
     return out
 
@@ -151,9 +155,11 @@ def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork
     # Checked where ranks hold real values: not alone (a problem raised already), not on meta.
     checking = distributor.group is not None and device.type != "meta"
     agree = agreement_terms(param_groups) if checking else []
+    # c_t of every matrix fits one chunk: keep it for the momentum update (one pass fewer).
+    kept = {} if sum(g.numel() for w in matrix for g in w.grads) <= chunk_numel else None
     with timer.phase("elementwise"):
         if problem is None:
-            norms = _vr_squared_norms(matrix, state, chunk_numel, precise)
+            norms = _vr_squared_norms(matrix, state, chunk_numel, precise, kept)
             screened = [t for _, _, ts in (loaded_state(matrix, adamw, state) if screened_state else [])
                         for t in ts]
             flag = nonfinite_flag([g for w in adamw for g in w.grads] + pending_lookaheads(matrix, state)
@@ -182,8 +188,10 @@ def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork
     finite = all(math.isfinite(x) for x in sq) and math.isfinite(values[2 * n])
     if refusal is not None:
         return Statistics(sq, lambda: [], active, finite, [], 0, 0, index, [], refusal)
-    return _finish_statistics(distributor, matrix, index, sq, active, finite,
-                              lambda: _stack(norms, device).tolist())
+    stats = _finish_statistics(distributor, matrix, index, sq, active, finite,
+                               lambda: _stack(norms, device).tolist())
+    stats.kept = kept
+    return stats
 
 
 def _on_device(values: list[float], device: torch.device, fill: float = 0.0) -> Tensor:
@@ -276,18 +284,24 @@ def _active_slices(matrix: list[GroupWork], stats: Statistics):
 def update_momenta(matrix: list[GroupWork], stats: Statistics, state: Mapping, chunk_numel: int) -> None:
     """M <- beta M + (1 - beta) clip(c) for active matrices (c_t recomputed chunk by chunk); in
     approximate mode P <- g right after, as c_t was its last use this step."""
-    for work, (k, sel) in zip(matrix, _active_slices(matrix, stats), strict=True):
+    kept = stats.kept or {}
+    stats.kept = None
+    for w, (work, (k, sel)) in enumerate(zip(matrix, _active_slices(matrix, stats), strict=True)):
         g = work.group
         prev, exp_avgs = work.local_state(state, "last_grad"), work.local_state(state, "exp_avg")
         for part in chunks([work.grads[j].numel() for j in sel], chunk_numel):
             js = [sel[i] for i in part]
-            gs, cs = _variance_reduced(work, prev, js)
+            if all((w, j) in kept for j in js):
+                gs, cs = _grads(work, js), [kept.pop((w, j)) for j in js]
+            else:
+                gs, cs = _variance_reduced(work, prev, js)
             F.update_momentum_([exp_avgs[j] for j in js], cs, [stats.factors[k + j] for j in js],
                                momentum=float(g["momentum"]))
             if g["approx"]:
                 # A copy, never an alias of .grad: zero_grad(set_to_none=False) zeroes .grad in place.
                 torch._foreach_copy_([prev[j] for j in js], gs)
             del cs, gs
+    kept.clear()
 
 
 def orthogonalize_and_apply(pm: ParamMap, matrix: list[GroupWork], stats: Statistics,
