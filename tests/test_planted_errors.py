@@ -40,6 +40,11 @@ MUTANTS = {
     ),
     "exact mode uses the new look-ahead at once": (
         "marsm_dist/_step.py",
+        '        prev = work.local_state(state, "last_grad")\n',
+        '        prev = work.local_state(state, "last_grad" if work.group["approx"] else "lookahead_grad")\n',
+    ),
+    "exact mode uses the new look-ahead at once, where c_t is recomputed": (
+        "marsm_dist/_step.py",
         'prev, exp_avgs = work.local_state(state, "last_grad"),',
         'prev, exp_avgs = work.local_state(state, "last_grad" if g["approx"] else "lookahead_grad"),',
     ),
