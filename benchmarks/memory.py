@@ -17,7 +17,9 @@ The table shows the rank with the largest peak. ``--device cpu`` measures real C
 ``torch.cuda.max_memory_allocated()`` around the step. Both are W=1 only. Every measured step is
 the second one: the first builds the sharding plan, as in training.
 
-bound = max(bucket_bytes, fp32 bytes of the largest matrix) + the Newton-Schulz temporaries of
+bound = max(bucket_bytes, fp32 bytes of the largest matrix) (+ bucket_bytes at W>1 with pipelined
+rounds, ``overlap=True``, the default: the next round's gather and the previous round's scatter
+are in flight; ``--no-overlap`` measures without) + the Newton-Schulz temporaries of
 the largest bucket: the peak that ``marsm_dist.orthogonalize.orthogonalize`` measures (with its
 outputs) on fresh momenta of the matrices one rank owns in one bucket of
 ``make_plan(shapes, W, policy, bucket_bytes // 4)``, maximized over buckets and ranks (inputs:
@@ -55,6 +57,7 @@ from marsm_dist.diagnostics import HostReads, PeakMemory  # noqa: E402
 from marsm_dist.newton_schulz import NS_COEFFICIENTS, emulates_bfloat16  # noqa: E402
 from marsm_dist.orthogonalize import NSConfig, orthogonalize  # noqa: E402
 from marsm_dist.sharding import make_plan  # noqa: E402
+from marsm_dist.sharding.plan import ExchangePlan, plan_buckets  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "memory.json"
 GiB = 2**30
@@ -123,7 +126,7 @@ def measure_rank(matrices: list[Shape], others: list[Shape], args, world: int, r
                       {"params": [_param(s, device, mesh, rank) for s in others], "use_marsm": False}]
             with HostReads():
                 opt = MARSM(groups, lr=1e-3, ns_dtype=args.ns_dtype, bucket_bytes=args.bucket_mib * 2**20,
-                            owner_policy=args.owner_policy)
+                            owner_policy=args.owner_policy, overlap=not args.no_overlap)
                 opt.init_state()
                 opt.step()  # warm-up: builds the sharding plan, as the first step of training does
             if device == "cuda":
@@ -147,7 +150,12 @@ def ns_bound(matrices: list[Shape], world: int, args) -> dict:
     """bucket_bytes (or the largest matrix in fp32) + the largest measured NS temporaries of one
     rank's share of one bucket; see the module doc."""
     bucket_bytes = args.bucket_mib * 2**20
-    plan = make_plan(matrices, world, args.owner_policy, max(1, bucket_bytes // 4))
+    if world == 1:  # one process: the distributor batches its own matrices in index order
+        numels = [math.prod(m) for m in matrices]
+        buckets = plan_buckets(numels, [0] * len(matrices), 1, max(1, bucket_bytes // 4))
+        plan = ExchangePlan(1, (0,) * len(matrices), tuple(buckets), (0,))
+    else:
+        plan = make_plan(matrices, world, args.owner_policy, max(1, bucket_bytes // 4))
     cfg = NSConfig(5, args.ns_dtype, NS_COEFFICIENTS)
     device = "cpu" if args.device == "cpu" else "meta"  # meta runs the GPU code path of orthogonalize
     in_dtype = torch.float32 if world == 1 else args.ns_dtype
@@ -163,6 +171,8 @@ def ns_bound(matrices: list[Shape], world: int, args) -> dict:
                 seen[owned] = mem.peak
     ns_peak = max(seen.values(), default=0)
     base = max(bucket_bytes, 4 * max((math.prod(s) for s in matrices), default=0))
+    if world > 1 and not args.no_overlap:  # pipelined rounds: the next gather and the last scatter
+        base += bucket_bytes
     return {"bound_bytes": base + ns_peak, "ns_temporaries_bytes": ns_peak, "buckets": len(plan.buckets)}
 
 
@@ -223,6 +233,8 @@ def main() -> None:
     ap.add_argument("--ns-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--owner-policy", default="balanced", choices=["balanced", "round_robin"])
     ap.add_argument("--device", default="meta", choices=["meta", "cpu", "cuda"])
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="MARSM(overlap=False): exchange rounds one after another (W>1)")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
     ap.add_argument("--key", default=None,
                     help="entry name in the JSON (default: DEVICE-NSDTYPE-BUCKETMiB[-LAYERSL])")
@@ -239,7 +251,8 @@ def main() -> None:
     rows = [measure(name, args, w) for name in args.models.split(",") if name for w in worlds]
     print_table(rows)
     key = args.key or (f"{args.device}-{_dtype_name(args.ns_dtype)}-{args.bucket_mib}MiB"
-                       + (f"-{args.layers}L" if args.layers is not None else ""))
+                       + (f"-{args.layers}L" if args.layers is not None else "")
+                       + ("-serial" if args.no_overlap else ""))
     save_results(args.json, key, args, machine(args.device), rows)
 
 

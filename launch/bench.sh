@@ -2,8 +2,11 @@
 # All benchmarks, one command: single-process optimizer step (MARSM vs torch.optim.Muon vs
 # torch.optim.AdamW) on GPT-2-small-shaped matrices and on the demo model, then the sharding
 # figures (bytes per rank vs the analytic minimum and an all-gather design, Newton-Schulz load
-# balance, distributed step time at W=1 and W=2 on this machine). Each prints a table; JSON goes
-# to benchmarks/results/. About 10 minutes on 2 CPU cores.
+# balance and critical path, distributed step time at W=1 and W=2 on this machine), pipelined vs
+# serial exchange rounds at W=2, and the plan-only scale model (Llama-3-8B/70B at W=8..1024).
+# Each prints a table; JSON goes to benchmarks/results/. About 12 minutes on 2 CPU cores.
+# Not here (long): `python benchmarks/quality.py` (the demo's learning-rate sweep, ~18 min on one
+# core) and `benchmarks/optimizer_step.py --cpu-kinds native,avx2` (both CPU kinds in one run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
@@ -20,3 +23,5 @@ fi
 "$py" benchmarks/optimizer_step.py --model gpt2-small --layers 2 $skip "$@"
 "$py" benchmarks/optimizer_step.py --model demo --repeats 20 "$@"
 "$py" benchmarks/sharding.py --json benchmarks/results/sharding.json
+"$py" benchmarks/overlap.py
+"$py" benchmarks/scale_model.py

@@ -181,7 +181,6 @@ class ShardingEngine:
             yield r.idx[item[0]], item[1]
             del item
 
-
     def orthogonalize(self, local: list[Tensor | None],
                       configs: list[NSConfig | None]) -> list[Tensor | None]:
         """:meth:`results` as a list (``None`` for matrices that sat out)."""
