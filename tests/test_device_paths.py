@@ -153,6 +153,21 @@ def test_fsdp2_on_a_device_only_group(meta_world, rank):
     assert opt.last_step_stats.bytes_sent > 0 or rank == 3
 
 
+@pytest.mark.parametrize("rank", [0, 1, 5])
+def test_teams_on_a_device_only_group(meta_world, rank):
+    """Teams of idle ranks (``ns_team_max``) hand their groups device tensors only and add no
+    host read: W=8, three matrices, so five ranks are free: the two large ones get a team of two
+    each (a team of four each would need six)."""
+    mesh = meta_world(rank, 8)
+    params = [fsdp2_param(mesh, rank, s) for s in [(4 * D, D), (D, 4 * D), (D, D)]]
+    norm = fsdp2_param(mesh, rank, (D,))
+    opt = MARSM([{"params": params, "use_marsm": True}, {"params": [norm], "use_marsm": False}],
+                ns_team_max=4)
+    assert steady_reads(opt) == [1, 1, 1]
+    plan = opt._context.distributor.engine.plan
+    assert sorted(len(t) for t in plan.teams if t) == [2, 2]
+
+
 def test_fsdp2_cpu_offload_is_refused_at_construction(meta_world):
     """FSDP2's CPUOffloadPolicy: DTensors whose local shard is on the CPU while their mesh (and its
     group) serves only the device. MARS-M's collectives would fail mid-step: refused up front."""
