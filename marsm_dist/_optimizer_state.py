@@ -45,7 +45,7 @@ class StateMixin:
             restore_group_types(group)
         for key, value in _ATTRIBUTE_DEFAULTS.items():
             self.__dict__.setdefault(key, value)
-        for key, factory in (("_contexts", dict), ("_unscreened", set)):  # fresh, never shared
+        for key, factory in (("_contexts", dict), ("_unscreened", set), ("_stepped_this_step", set)):  # fresh
             self.__dict__.setdefault(key, factory())
         self.__dict__.setdefault("_timer", PhaseTimer())
 

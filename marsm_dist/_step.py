@@ -40,6 +40,11 @@ from .sharding.plan import plan_buckets
 class StepStats:
     """What the last step did (``MARSM.last_step_stats``), as seen by this rank.
 
+    A framework that steps one param group at a time (DeepSpeed's ZeRO wrappers swap
+    ``param_groups`` for each call) makes one training step out of several ``step()`` calls; their
+    figures are added up until a call steps a parameter this training step has stepped already,
+    so these describe the whole training step however the calls were split.
+
     Attributes:
         milliseconds: wall time per phase: elementwise, communication, newton_schulz, apply.
         bytes_sent, bytes_received: bytes exchanged with other ranks (gather + scatter).
@@ -47,6 +52,7 @@ class StepStats:
         ns_flops_this_rank: predicted Newton-Schulz FLOPs this rank runs per step.
         ns_flops_max_over_mean: the owner plan's load balance (1.0 is perfect).
         owned_matrices: sharded matrices this rank orthogonalizes.
+        calls: the ``step()`` calls these figures add up (1 unless the framework splits a step).
     """
 
     milliseconds: dict[str, float]
@@ -56,6 +62,17 @@ class StepStats:
     ns_flops_this_rank: int
     ns_flops_max_over_mean: float
     owned_matrices: int
+    calls: int = 1
+
+    def __add__(self, other: StepStats) -> StepStats:
+        """The figures of two calls of one training step, together."""
+        phases = {k: self.milliseconds.get(k, 0.0) + other.milliseconds.get(k, 0.0)
+                  for k in {**self.milliseconds, **other.milliseconds}}
+        return StepStats(phases, self.bytes_sent + other.bytes_sent,
+                         self.bytes_received + other.bytes_received, self.clipped + other.clipped,
+                         self.ns_flops_this_rank + other.ns_flops_this_rank,
+                         max(self.ns_flops_max_over_mean, other.ns_flops_max_over_mean),
+                         self.owned_matrices + other.owned_matrices, self.calls + other.calls)
 
 
 @dataclass

@@ -167,6 +167,7 @@ class MARSM(StateMixin, Optimizer):
         self._warned_no_grad = False
         self.skipped_steps = 0
         self.last_step_stats: StepStats | None = None
+        self._stepped_this_step: set[int] = set()  # ids of the parameters this training step stepped
         self._timer = PhaseTimer(_device_sync() if timing else None)
         self._context: ParamMap | None = None  # the one the last step used
         self._contexts: dict[tuple, ParamMap] = {}
@@ -309,12 +310,21 @@ class MARSM(StateMixin, Optimizer):
 
     def _record_stats(self, ctx: ParamMap, stats: Any, sent0: int, received0: int) -> None:
         sent, received = ctx.distributor.exchanged_bytes()
-        self.last_step_stats = StepStats(
+        call = StepStats(
             milliseconds=self._timer.milliseconds(), bytes_sent=sent - sent0,
             bytes_received=received - received0, clipped=stats.clipped,
             ns_flops_this_rank=stats.ns_flops, ns_flops_max_over_mean=ctx.distributor.flops_balance,
             owned_matrices=ctx.distributor.owned_matrices,
         )
+        # One training step may be several calls, one per set of groups (DeepSpeed's ZeRO): add
+        # them up until a call steps a parameter this step has stepped already: the next step.
+        ids = {id(p) for g in self.param_groups for p in g["params"]}
+        if self.last_step_stats is None or not ids.isdisjoint(self._stepped_this_step):
+            self._stepped_this_step = ids
+        else:
+            call = self.last_step_stats + call
+            self._stepped_this_step |= ids
+        self.last_step_stats = call
         logger.debug("MARSM step: %s", self.last_step_stats)
 
 

@@ -228,3 +228,42 @@ def checkpoint_run(rank, world_size, stage, path):
 def test_checkpoint_resume_continues_the_same_trajectory(stage, tmp_path):
     for diff in run_distributed(checkpoint_run, 2, stage, str(tmp_path)):
         assert diff == 0.0
+
+
+def stats_run(rank, world_size, stage):
+    engine, _ = engine_for(rank, world_size, config(stage, world_size))
+    base = engine.optimizer.optimizer if stage else engine.optimizer
+    calls = []
+    step = base.step
+
+    def counted(*args, **kwargs):
+        calls.append(len(base.param_groups))
+        return step(*args, **kwargs)
+
+    base.step = counted
+    ds_train(engine, rank, world_size, 1)  # builds the plans
+
+    def sent() -> int:  # every set of groups has its own plan and counters
+        return sum(ctx.distributor.exchanged_bytes()[0] for ctx in base._contexts.values())
+
+    before, calls[:] = sent(), []
+    ds_train(engine, rank, world_size, 1, start=1)
+    s = base.last_step_stats
+    return {"calls": len(calls), "stats_calls": s.calls, "sent": s.bytes_sent, "counted": sent() - before,
+            "owned": s.owned_matrices, "ns_ms": s.milliseconds["newton_schulz"]}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_last_step_stats_cover_the_whole_engine_step(stage):
+    """ZeRO's wrappers call ``step()`` once per param group (the MARS-M and the AdamW group):
+    ``last_step_stats`` read after ``engine.step()`` adds up every call of that training step, not
+    the last one (the AdamW group's: 0 bytes, no matrices)."""
+    from marsm_dist import param_groups
+
+    matrices = len(param_groups(fm.build("awkward"), named=False)[0]["params"])
+    results = run_distributed(stats_run, 2, stage)
+    for r in results:
+        assert r["calls"] > 1 and r["stats_calls"] == r["calls"], r
+        assert r["sent"] == r["counted"] > 0, r
+    assert sum(r["owned"] for r in results) == matrices
+    assert max(r["ns_ms"] for r in results) > 0

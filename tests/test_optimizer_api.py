@@ -243,3 +243,26 @@ def test_state_dict_round_trip_continues_bit_identically(approx):
     assert opt2.param_groups[0]["ns_dtype"] is torch.float32
     train(params2, opt2, 5, start=5, approx=approx)
     assert_same(snapshot(params, opt), snapshot(params2, opt2))
+
+
+def test_last_step_stats_add_up_the_calls_of_one_step_only():
+    """One call per step: each step's figures stand alone. A framework that swaps ``param_groups``
+    for each call (as DeepSpeed's ZeRO wrappers do) gets the calls of one step added up, and a
+    call stepping a parameter stepped already starts the next step."""
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    b = torch.nn.Parameter(torch.randn(6))
+    w.grad, b.grad = torch.randn(8, 6), torch.randn(6)
+    opt = MARSM([{"params": [w], "use_marsm": True}, {"params": [b], "use_marsm": False}])
+    for _ in range(3):
+        opt.step()
+        assert opt.last_step_stats.calls == 1 and opt.last_step_stats.ns_flops_this_rank > 0
+    groups = opt.param_groups
+    for _ in range(2):  # two training steps, each one call per group: the first starts anew
+        flops = []
+        for group in groups:
+            opt.param_groups = [group]
+            opt.step()
+            flops.append(opt.last_step_stats.ns_flops_this_rank)
+        assert opt.last_step_stats.calls == 2
+        assert flops[0] > 0 and flops[1] == flops[0]  # the AdamW call adds no Newton-Schulz
+    opt.param_groups = groups
