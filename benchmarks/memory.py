@@ -57,7 +57,7 @@ from marsm_dist.diagnostics import HostReads, PeakMemory  # noqa: E402
 from marsm_dist.newton_schulz import NS_COEFFICIENTS, emulates_bfloat16  # noqa: E402
 from marsm_dist.orthogonalize import NSConfig, orthogonalize  # noqa: E402
 from marsm_dist.sharding import make_plan  # noqa: E402
-from marsm_dist.sharding.plan import ExchangePlan, plan_buckets  # noqa: E402
+from marsm_dist.sharding.plan import plan_buckets  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "memory.json"
 GiB = 2**30
@@ -151,18 +151,18 @@ def ns_bound(matrices: list[Shape], world: int, args) -> dict:
     rank's share of one bucket; see the module doc."""
     bucket_bytes = args.bucket_mib * 2**20
     if world == 1:  # one process: the distributor batches its own matrices in index order
-        numels = [math.prod(m) for m in matrices]
-        buckets = plan_buckets(numels, [0] * len(matrices), 1, max(1, bucket_bytes // 4))
-        plan = ExchangePlan(1, (0,) * len(matrices), tuple(buckets), (0,))
+        owners = [0] * len(matrices)
+        buckets = plan_buckets([math.prod(m) for m in matrices], owners, 1, max(1, bucket_bytes // 4))
     else:
         plan = make_plan(matrices, world, args.owner_policy, max(1, bucket_bytes // 4))
+        owners, buckets = plan.owners, plan.buckets
     cfg = NSConfig(5, args.ns_dtype, NS_COEFFICIENTS)
     device = "cpu" if args.device == "cpu" else "meta"  # meta runs the GPU code path of orthogonalize
     in_dtype = torch.float32 if world == 1 else args.ns_dtype
     seen: dict[tuple[Shape, ...], int] = {}  # buckets repeat per layer: measure each kind once
-    for bucket in plan.buckets:
+    for bucket in buckets:
         for rank in range(world):
-            owned = tuple(matrices[i] for i in bucket if plan.owners[i] == rank)
+            owned = tuple(matrices[i] for i in bucket if owners[i] == rank)
             if owned and owned not in seen:
                 inputs = [_tensor(s, device, dtype=in_dtype) for s in owned]  # made outside: not counted
                 with PeakMemory() as mem:
@@ -173,7 +173,7 @@ def ns_bound(matrices: list[Shape], world: int, args) -> dict:
     base = max(bucket_bytes, 4 * max((math.prod(s) for s in matrices), default=0))
     if world > 1 and not args.no_overlap:  # pipelined rounds: the next gather and the last scatter
         base += bucket_bytes
-    return {"bound_bytes": base + ns_peak, "ns_temporaries_bytes": ns_peak, "buckets": len(plan.buckets)}
+    return {"bound_bytes": base + ns_peak, "ns_temporaries_bytes": ns_peak, "buckets": len(buckets)}
 
 
 def measure(name: str, args, world: int) -> dict:

@@ -38,6 +38,7 @@ class ParamMap:
                  owner_policy: str, bucket_numel: int, timer: PhaseTimer, overlap: bool = True,
                  max_team: int = 1) -> None:
         self.key = self.key_of(param_groups)
+        self.param_ids = frozenset(pid for pid, _ in self.key)  # which parameters a step here steps
         # Weak references: a cache hit must be for these very tensors, not new ones that reuse a
         # freed id (a replaced or resized parameter), which would get another tensor's plan.
         self._refs = [weakref.ref(p) for g in param_groups for p in g["params"]]

@@ -318,12 +318,11 @@ class MARSM(StateMixin, Optimizer):
         )
         # One training step may be several calls, one per set of groups (DeepSpeed's ZeRO): add
         # them up until a call steps a parameter this step has stepped already: the next step.
-        ids = {id(p) for g in self.param_groups for p in g["params"]}
-        if self.last_step_stats is None or not ids.isdisjoint(self._stepped_this_step):
-            self._stepped_this_step = ids
+        if self.last_step_stats is None or not ctx.param_ids.isdisjoint(self._stepped_this_step):
+            self._stepped_this_step = set(ctx.param_ids)
         else:
             call = self.last_step_stats + call
-            self._stepped_this_step |= ids
+            self._stepped_this_step |= ctx.param_ids
         self.last_step_stats = call
         logger.debug("MARSM step: %s", self.last_step_stats)
 

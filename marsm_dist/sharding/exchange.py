@@ -95,17 +95,12 @@ class Exchange:
         """Elements ``rank`` exchanges with ``owner`` for this matrix (0 outside its copy)."""
         return layout.local_numel(rank) if layout.replica_of(rank) == layout.replica_of(owner) else 0
 
-    def gather(
-        self, items: list[tuple[MatrixLayout, int, Tensor]], dtype: torch.dtype
-    ) -> list[Tensor | None]:
-        """Each item is (layout, owner, this rank's flat local data). Returns, for the items this
-        rank owns, the full tensor in ``dtype`` assembled from its copy (``None`` for the others)."""
-        return self.start_gather(items, dtype).wait()
-
     def start_gather(self, items: list[tuple[MatrixLayout, int, Tensor]], dtype: torch.dtype
                      ) -> Pending:
-        """:meth:`gather`, started: the collective runs while the caller does other work; the
-        returned handle's ``wait()`` gives what :meth:`gather` returns."""
+        """Start gathering matrices to their owners. Each item is (layout, owner, this rank's flat
+        local data). The collective runs while the caller does other work; the returned handle's
+        ``wait()`` gives, for the items this rank owns, the full tensor in ``dtype`` assembled from
+        its copy (``None`` for the others)."""
         me, world = self.rank, self.world_size
         for layout, _, flat in items:
             if flat.numel() != layout.local_numel(me):
@@ -145,21 +140,15 @@ class Exchange:
 
         return Pending(work, assemble_owned, keep=send)
 
-    def scatter(
-        self, items: list[tuple[MatrixLayout, int]], fulls: list[Tensor | None], dtype: torch.dtype,
-        device: torch.device,
-    ) -> list[Tensor | None]:
-        """The reverse of :meth:`gather`: owners cut their full results into the pieces of their
-        copy's ranks. Returns this rank's flat local data of every item owned in its copy
-        (``None`` for items owned in another copy: :meth:`spread` brings those)."""
-        return self.start_scatter(items, fulls, dtype, device).wait()
-
     def start_scatter(
         self, items: list[tuple[MatrixLayout, int]], fulls: list[Tensor | None], dtype: torch.dtype,
         device: torch.device,
     ) -> Pending:
-        """:meth:`scatter`, started (see :meth:`start_gather`). The owners' results are copied
-        into the send buffer here, so the caller may drop ``fulls`` at once."""
+        """Start the reverse of :meth:`start_gather`: owners cut their full results into the pieces
+        of their copy's ranks. ``wait()`` gives this rank's flat local data of every item owned in
+        its copy (``None`` for items owned in another copy: :meth:`spread` brings those). The
+        owners' results are copied into the send buffer here, so the caller may drop ``fulls`` at
+        once."""
         me, world = self.rank, self.world_size
         mine = [k for k, (_, o) in enumerate(items) if o == me]
         local: list[Tensor | None] = [None] * len(items)

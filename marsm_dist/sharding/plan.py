@@ -58,15 +58,8 @@ class ExchangePlan:
 
     def round_loads(self) -> list[list[int]]:
         """Per round, the Newton-Schulz FLOPs of each rank."""
-        per_member = self.member_costs or self.costs
-        loads = []
-        for bucket in self.buckets:
-            load = [0] * self.world_size
-            for i in bucket:
-                for r in self.ranks_of(i):
-                    load[r] += per_member[i]
-            loads.append(load)
-        return loads
+        ranks = [self.ranks_of(i) for i in range(len(self.owners))]
+        return _round_loads(self.buckets, ranks, self.member_costs or self.costs, self.world_size)
 
     @property
     def critical_path_flops(self) -> int:
@@ -211,15 +204,21 @@ def lower_bound(costs: list[int], world_size: int) -> int:
     return max(-(-sum(ranked) // world_size), ranked[0] if ranked else 0, pair)
 
 
-def _critical_path(costs: list[int], owners: list[int], rounds: list[tuple[int, ...]], world_size: int
-                   ) -> int:
-    path = 0
+def _round_loads(rounds, ranks: list[tuple[int, ...]], costs, world_size: int) -> list[list[int]]:
+    """Per round, each rank's FLOPs: matrix i adds ``costs[i]`` to every rank in ``ranks[i]``."""
+    loads = []
     for bucket in rounds:
         load = [0] * world_size
         for i in bucket:
-            load[owners[i]] += costs[i]
-        path += max(load)
-    return path
+            for r in ranks[i]:
+                load[r] += costs[i]
+        loads.append(load)
+    return loads
+
+
+def _critical_path(costs: list[int], owners: list[int], rounds: list[tuple[int, ...]], world_size: int
+                   ) -> int:
+    return sum(max(load) for load in _round_loads(rounds, [(o,) for o in owners], costs, world_size))
 
 
 def make_plan(

@@ -14,15 +14,17 @@ ranks per node), so the team's traffic stays on the fast links.
 
 from __future__ import annotations
 
+from ..newton_schulz import _plain_macs
+
 __all__ = ["member_cost", "plan_teams"]
 
 
 def member_cost(shape: tuple[int, ...], k: int, steps: int = 5) -> int:
-    """FLOPs (2 per multiply-add) one of ``k`` members runs for a matrix of ``shape``: its share of
-    the two m^2 n products, and the whole m^3 one."""
+    """FLOPs (2 per multiply-add) one of ``k`` members runs for a matrix of ``shape``: the plain
+    iteration on an m x ceil(n / k) block is its share of the two m^2 n products and the whole
+    m^3 one (k = 1: the matrix alone, as ``newton_schulz_flops`` counts it)."""
     m, n = sorted(shape[-2:])
-    per_member_n = -(-n // k)
-    return 2 * steps * (2 * m * m * per_member_n + m**3)
+    return 2 * _plain_macs(m, -(-n // k), steps)
 
 
 def plan_teams(shapes: list[tuple[int, ...]], owners: list[int], buckets: list[tuple[int, ...]],
@@ -54,8 +56,9 @@ def plan_teams(shapes: list[tuple[int, ...]], owners: list[int], buckets: list[t
 
     while free > 0:
         # The busiest bins (within 1%) must all get faster, or the round's critical path stays.
-        top = max(load(b) for b in bins)
-        busiest = [b for b in bins if load(b) >= 0.99 * top]
+        loads = {b: load(b) for b in bins}
+        top = max(loads.values())
+        busiest = [b for b in bins if loads[b] >= 0.99 * top]
         picks = {}
         for b in busiest:
             flat = [i for i in bins[b] if len(shapes[i]) == 2]
