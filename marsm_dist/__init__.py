@@ -8,6 +8,7 @@ from . import adapters as _adapters  # noqa: F401  (registers the built-in shard
 from .newton_schulz import NS_COEFFICIENTS, newton_schulz
 from .optimizer import MARSM, NonFiniteGradError, StepStats
 from .param_groups import RoutingDecision, explain_routing, param_groups, routing_report
+from .step_report import marsm_optimizers, step_stats
 
 __all__ = [
     "MARSM",
@@ -16,9 +17,11 @@ __all__ = [
     "RoutingDecision",
     "StepStats",
     "explain_routing",
+    "marsm_optimizers",
     "newton_schulz",
     "param_groups",
     "routing_report",
+    "step_stats",
 ]
 
 __version__ = "0.1.0"

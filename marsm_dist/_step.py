@@ -52,6 +52,8 @@ class StepStats:
         ns_flops_this_rank: predicted Newton-Schulz FLOPs this rank runs per step.
         ns_flops_max_over_mean: the owner plan's load balance (1.0 is perfect).
         owned_matrices: sharded matrices this rank orthogonalizes.
+        sharded_matrices: matrices held over several ranks, each orthogonalized by one owner rank
+            of the job (so ``owned_matrices`` summed over the ranks equals this).
         calls: the ``step()`` calls these figures add up (1 unless the framework splits a step).
     """
 
@@ -63,6 +65,7 @@ class StepStats:
     ns_flops_max_over_mean: float
     owned_matrices: int
     calls: int = 1
+    sharded_matrices: int = 0
 
     def __add__(self, other: StepStats) -> StepStats:
         """The figures of two calls of one training step, together."""
@@ -72,7 +75,8 @@ class StepStats:
                          self.bytes_received + other.bytes_received, self.clipped + other.clipped,
                          self.ns_flops_this_rank + other.ns_flops_this_rank,
                          max(self.ns_flops_max_over_mean, other.ns_flops_max_over_mean),
-                         self.owned_matrices + other.owned_matrices, self.calls + other.calls)
+                         self.owned_matrices + other.owned_matrices, self.calls + other.calls,
+                         self.sharded_matrices + other.sharded_matrices)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -186,3 +186,20 @@ def validate_options(*, on_nonfinite: str, owner_policy: str, bucket_bytes: int,
     if (isinstance(ns_team_max, bool) or not isinstance(ns_team_max, int) or ns_team_max < 1
             or ns_team_max & (ns_team_max - 1)):
         raise ValueError(f"Invalid ns_team_max: {ns_team_max!r} (expected a power of two: 1, 2, 4, 8, ...)")
+
+
+# Checks on how an optimizer was built, registered by adapters (a trainer that hands MARSM groups
+# it cannot route, say). Each gets the param groups after construction and raises to refuse them.
+_BUILD_CHECKS: list[Callable[[list[dict[str, Any]]], None]] = []
+
+
+def register_build_check(check: Callable[[list[dict[str, Any]]], None]) -> None:
+    """Run ``check(param_groups)`` at the end of every ``MARSM(...)`` (idempotent)."""
+    if check not in _BUILD_CHECKS:
+        _BUILD_CHECKS.append(check)
+
+
+def run_build_checks(param_groups: list[dict[str, Any]]) -> None:
+    """Run the registered construction checks (see :func:`register_build_check`)."""
+    for check in _BUILD_CHECKS:
+        check(param_groups)

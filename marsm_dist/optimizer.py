@@ -33,6 +33,7 @@ from ._validation import (
     check_param,
     resolve_dtype,
     restore_group_types,
+    run_build_checks,
     validate_hyperparameters,
     validate_options,
 )
@@ -172,6 +173,7 @@ class MARSM(StateMixin, Optimizer):
         self._context: ParamMap | None = None  # the one the last step used
         self._contexts: dict[tuple, ParamMap] = {}
         super().__init__(params, defaults)
+        run_build_checks(self.param_groups)
         # Sharded frameworks that keep their parameters (FSDP2) get every state key now, so
         # checkpoint helpers see rank-symmetric keys and never run a dummy step.
         if any(adapter_for(p).prepopulate_state for g in self.param_groups for p in g["params"]):
@@ -314,7 +316,7 @@ class MARSM(StateMixin, Optimizer):
             milliseconds=self._timer.milliseconds(), bytes_sent=sent - sent0,
             bytes_received=received - received0, clipped=stats.clipped,
             ns_flops_this_rank=stats.ns_flops, ns_flops_max_over_mean=ctx.distributor.flops_balance,
-            owned_matrices=ctx.distributor.owned_matrices,
+            owned_matrices=ctx.distributor.owned_matrices, sharded_matrices=len(ctx.distributor.shared),
         )
         # One training step may be several calls, one per set of groups (DeepSpeed's ZeRO): add
         # them up until a call steps a parameter this step has stepped already: the next step.

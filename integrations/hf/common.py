@@ -1,0 +1,87 @@
+"""What the three Trainer recipes share: a tiny GPT-2, a synthetic corpus, the command line, and
+the end of a run. Copy this folder; in your own job, your model and dataset replace these."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    """The recipes' flags (``--local_rank`` is what the deepspeed launcher appends)."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default="hf_marsm_run", help="checkpoints go here")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--save-steps", type=int, default=20)
+    p.add_argument("--resume", default=None, help="a checkpoint directory to resume from")
+    p.add_argument("--batch-size", type=int, default=8, help="per device")
+    p.add_argument("--lr", type=float, default=2e-2)
+    p.add_argument("--ns-dtype", default="bfloat16", help="Newton-Schulz dtype (float32 to compare runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deepspeed", default="ds_zero2.json", help="DeepSpeed JSON (train_deepspeed.py only)")
+    p.add_argument("--log-json", default=None, help="write each rank's losses and MARS-M figures here")
+    p.add_argument("--local_rank", type=int, default=-1)
+    return p.parse_args()
+
+
+def tiny_gpt2(seed: int) -> GPT2LMHeadModel:
+    """A 2-layer byte-level GPT-2 (tied head), no dropout, so runs compare exactly."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=256, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+class CountingSequences(Dataset):
+    """Sequences x[t+1] = (a x[t] + b) mod 256 with a, b drawn per sample: learnable, no download."""
+
+    def __init__(self, n: int = 4096, seq_len: int = 32, seed: int = 1234) -> None:
+        g = torch.Generator().manual_seed(seed)
+        a = torch.randint(1, 8, (n, 1), generator=g)
+        b = torch.randint(0, 256, (n, 1), generator=g)
+        x = torch.randint(0, 256, (n, 1), generator=g)
+        steps = [x]
+        for _ in range(seq_len - 1):
+            steps.append((a * steps[-1] + b) % 256)
+        self.tokens = torch.cat(steps, dim=1)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.tokens[i], "labels": self.tokens[i]}
+
+
+class LossLog(TrainerCallback):
+    """Keep each step's loss and MARS-M figures; :func:`finish` writes them per rank."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:  # noqa: D102
+        if logs and "loss" in logs:
+            self.rows.append({"step": state.global_step, "loss": logs["loss"]})
+
+
+def finish(args: argparse.Namespace, losses: LossLog, stats: Callable[[], dict] | None = None) -> None:
+    """Write ``--log-json`` (one file per rank), then leave the process group cleanly."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if args.log_json:
+        path = args.log_json if rank == 0 else f"{args.log_json}.rank{rank}"
+        with open(path, "w") as f:
+            json.dump({"rank": rank, "losses": losses.rows, "marsm": stats() if stats else None}, f)
+    if dist.is_initialized():  # gloo workers that skip this sometimes abort at exit
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
