@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.overrides import TorchFunctionMode
 from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -275,11 +275,11 @@ def test_replicated_step_memory_is_set_by_the_bucket(meta_world, rank, overlap):
 
 
 def test_unsupported_placements_are_refused_at_construction(meta_world):
-    """A Partial() DTensor, or one with two Replicate() mesh dims: refused when MARSM is built,
-    naming the placement."""
+    """A Partial() DTensor is refused when MARSM is built, naming the placement (two Replicate()
+    dims are served: HSDP x TP, ``tests/test_topologies.py``)."""
     meta_world(0, 4)
     mesh = init_device_mesh("meta", (2, 2), mesh_dim_names=("a", "b"))
-    for placements, match in [((Partial(), Shard(0)), "Partial"), ((Replicate(), Replicate()), "Replicate")]:
+    for placements, match in [((Partial(), Shard(0)), "Partial"), ((Shard(0), Partial()), "Partial")]:
         local = torch.empty(8, 4, device="meta")
         p = torch.nn.Parameter(DTensor.from_local(local, mesh, placements, run_check=False,
                                                   shape=(8, 4), stride=(4, 1)))

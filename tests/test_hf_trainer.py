@@ -62,6 +62,33 @@ def test_the_factory_routes_embeddings_and_head_to_adamw_as_param_groups_does(tm
         MARSMForTrainer()(model, process_group="world")
 
 
+def _process_groups_the_factory_picks(rank: int, world_size: int) -> dict:
+    import torch.distributed as dist
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import fully_shard
+
+    picked = {"ddp": MARSMForTrainer()(tiny_gpt2(0)).process_group is dist.group.WORLD,
+              "opted_out": MARSMForTrainer()(tiny_gpt2(0), process_group=None).process_group is None}
+    sharded = tiny_gpt2(0)
+    fully_shard(sharded)
+    picked["fsdp2"] = MARSMForTrainer()(sharded).process_group is None
+    state = PartialState(cpu=True)  # what the Trainer's DeepSpeed route leaves behind
+    state.distributed_type = DistributedType.DEEPSPEED
+    picked["deepspeed"] = MARSMForTrainer()(tiny_gpt2(0)).process_group is None
+    return picked
+
+
+@pytest.mark.distributed
+def test_the_factory_shares_newton_schulz_over_ddp_replicas_only():
+    """Plain replicated parameters (the Trainer's DDP) get the world group; FSDP2's DTensors and
+    DeepSpeed's partitions bring their own, so the factory leaves it unset there."""
+    from tests.distributed import run_distributed
+
+    for picked in run_distributed(_process_groups_the_factory_picks, 2, timeout=120):
+        assert picked == {"ddp": True, "opted_out": True, "fsdp2": True, "deepspeed": True}
+
+
 # ------------------------------------------------------------------- the recipes, at 2 ranks
 def _launch(script: str, out: Path, *extra: str, procs: int = 2, shim: str | None = None,
             batch: int = 8) -> dict:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -145,6 +145,42 @@ def test_a_matrix_left_out_of_the_tp_plan_is_lifted_to_the_2d_mesh():
     check(results, [])
     for r, peer in ((0, 1), (2, 3)):  # mesh [[0, 1], [2, 3]]: tp peers hold the same rows of c
         assert torch.equal(results[r]["local"]["c.weight"], results[peer]["local"]["c.weight"])
+
+
+def hsdp_x_tp_run(rank, world_size, c_on_tp: bool):
+    """HSDP x TP, torchtitan's (dp_replicate, dp_shard, tp) mesh: ``b``'s bias, replicated by the
+    TP plan, is Replicate() on two mesh dims. ``c`` is a copy per (replicate, tp) coordinate, 4
+    copies with one owner in the job: replicated over tp by ``distribute_module`` (Replicate() on
+    two dims of the 3-D mesh), or left out of the TP plan (on the dp mesh, lifted to the 3-D one)."""
+    model = fm.build(NAME)
+    mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("replicate", "shard", "tp"))
+    parallelize_module(model, mesh["tp"], {"a": ColwiseParallel(output_layouts=Replicate()),
+                                           "b": RowwiseParallel(input_layouts=Replicate())})
+    if c_on_tp:  # plain tensors in and out, replicated weight inside
+        distribute_module(model.c, mesh["tp"],
+                          input_fn=lambda mod, inputs, tp: tuple(DTensor.from_local(x, tp, [Replicate()])
+                                                                 for x in inputs),
+                          output_fn=lambda mod, out, tp: out.to_local())
+    for m in (model.a, model.b, model.c, model):
+        fully_shard(m, mesh=mesh["replicate", "shard"])
+    opt = fm.make_opt(model, ns_dtype=torch.float32)
+    out = result(model, opt, train(model, opt, mesh.get_local_rank("replicate"), 2))
+    return {**out, "placements": {n: str(p.placements) for n, p in model.named_parameters()},
+            "c_mesh": model.c.weight.device_mesh.ndim,
+            "owned": opt.last_step_stats.owned_matrices, "sharded": opt.last_step_stats.sharded_matrices}
+
+
+@pytest.mark.parametrize("c_on_tp", [True, False], ids=["c-replicated-over-tp", "c-left-out-of-tp"])
+def test_hsdp_x_tp_with_weights_replicated_on_two_mesh_dims(c_on_tp):
+    results = run_distributed(hsdp_x_tp_run, 4, c_on_tp)
+    assert results[0]["placements"]["b.bias"].count("Replicate()") == 2
+    assert results[0]["c_mesh"] == (3 if c_on_tp else 2)
+    if c_on_tp:
+        assert results[0]["placements"]["c.weight"].count("Replicate()") == 2
+    # mesh [[[0, 1]], [[2, 3]]]: ranks r and r + 2 are HSDP replicas; all four hold all of c.
+    check(results, [[0, 2], [1, 3]])
+    assert all(torch.equal(results[0]["local"]["c.weight"], r["local"]["c.weight"]) for r in results)
+    assert sum(r["owned"] for r in results) == results[0]["sharded"] == 3  # a, b, c: one owner each
 
 
 def ddp_team_run(rank, world_size):

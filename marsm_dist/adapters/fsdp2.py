@@ -66,10 +66,6 @@ def _check_placements(p: DTensor) -> None:
                 f"MARSM cannot step a DTensor parameter of shape {tuple(p.shape)} with placements "
                 f"{tuple(p.placements)}: {placement} is not supported (Shard, _StridedShard and "
                 f"Replicate are)")
-    if sum(pl.is_replicate() for pl in p.placements) > 1:
-        raise NotImplementedError(
-            f"MARSM supports at most one Replicate() mesh dim per DTensor parameter; a parameter of "
-            f"shape {tuple(p.shape)} has placements {tuple(p.placements)}")
 
 
 def job_group(mesh: DeviceMesh) -> dist.ProcessGroup:
@@ -98,10 +94,25 @@ def _coordinates(mesh: DeviceMesh) -> dict[int, tuple[int, ...]]:
     return coords
 
 
+@lru_cache(maxsize=16)
+def _copies_group(mesh: DeviceMesh, dims: tuple[int, ...]) -> dist.ProcessGroup:
+    """This rank's replica group for Replicate() on the mesh dims ``dims``: the ranks whose
+    coordinates differ from this rank's only there (they hold the same pieces, one per copy).
+    One dim: that dim's group. Several (HSDP x TP: a weight the TP plan replicates is a copy per
+    (replicate, tp) coordinate): a group made once per mesh, by its members only."""
+    if len(dims) == 1:
+        return mesh.get_group(dims[0])
+    coords = _coordinates(mesh)
+    mine = coords[dist.get_rank()]
+    kept = [m for m in range(mesh.ndim) if m not in dims]
+    members = [g for g, c in coords.items() if all(c[m] == mine[m] for m in kept)]
+    return dist.new_group(sorted(members), use_local_synchronization=True)
+
+
 def dtensor_layout(shape: tuple[int, ...], mesh: DeviceMesh, placements: tuple, group_ranks: list[int]
                    ) -> MatrixLayout:
     """The piece layout of a DTensor of ``shape`` over the ranks ``group_ranks`` (global ranks, in
-    the job group's order), with one copy per coordinate of its Replicate() mesh dim."""
+    the job group's order), with one copy per coordinate of its Replicate() mesh dims."""
     coords = _coordinates(mesh)
     replicate_dims = [m for m, pl in enumerate(placements) if pl.is_replicate()]
     runs, replicas = [], []
@@ -145,14 +156,14 @@ class FSDP2Adapter(ShardingAdapter):
         return job_group(p.device_mesh)
 
     def replica_group(self, p: Tensor) -> dist.ProcessGroup | None:
-        dims = [m for m, pl in enumerate(p.placements) if pl.is_replicate()]
-        return p.device_mesh.get_group(dims[0]) if dims else None
+        dims = tuple(m for m, pl in enumerate(p.placements) if pl.is_replicate())
+        return _copies_group(p.device_mesh, dims) if dims else None
 
     def widen(self, p: Tensor, group: dist.ProcessGroup
               ) -> tuple[MatrixLayout, dist.ProcessGroup | None] | None:
         """A parameter on a sub-mesh (FSDP2's dp mesh, for a module left out of the TP plan) is a
         copy per coordinate of the root mesh's other dim: lift it there when the root spans
-        ``group``. Needs named mesh dims and at most one Replicate() dim after lifting."""
+        ``group``. Needs named mesh dims."""
         mesh = p.device_mesh
         root = mesh._get_root_mesh()  # private in torch 2.6-2.14
         names, root_names = mesh.mesh_dim_names, root.mesh_dim_names
@@ -164,11 +175,9 @@ class FSDP2Adapter(ShardingAdapter):
         placements = [Replicate()] * root.ndim
         for name, placement in zip(names, p.placements, strict=True):
             placements[root_names.index(name)] = placement
-        copies = [m for m, pl in enumerate(placements) if pl.is_replicate()]
-        if len(copies) > 1:
-            return None
+        copies = tuple(m for m, pl in enumerate(placements) if pl.is_replicate())
         layout = dtensor_layout(tuple(p.shape), root, tuple(placements), ranks)
-        return layout, (root.get_group(copies[0]) if copies else None)
+        return layout, (_copies_group(root, copies) if copies else None)
 
     def layout(self, p: Tensor) -> MatrixLayout:
         self._check(p)

@@ -68,7 +68,7 @@ def _replicas_of(groups: list[dict[str, Any]]) -> Any:
     """The world group when the Trainer replicates plain parameters over it (DDP), else None."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+    if _deepspeed_in_use():
         return None  # DeepSpeed's adapter picks the group (ZeRO-0) or the partitions carry theirs
     params = [p for g in groups for _, p in g["params"]]
     if any(isinstance(p, DTensor) for p in params):
@@ -76,6 +76,16 @@ def _replicas_of(groups: list[dict[str, Any]]) -> Any:
     logger.info("MARSM: plain parameters in a %d-process job: each matrix gets one owner rank "
                 "(process_group=WORLD)", dist.get_world_size())
     return dist.group.WORLD
+
+
+def _deepspeed_in_use() -> bool:
+    """True when Accelerate runs this job under DeepSpeed. ``TrainingArguments`` sets
+    ACCELERATE_USE_DEEPSPEED only while it builds Accelerate's state, so that state is asked too."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return True
+    state = sys.modules.get("accelerate.state")
+    shared = getattr(getattr(state, "PartialState", None), "_shared_state", None) or {}
+    return str(shared.get("distributed_type", "")).endswith("DEEPSPEED")
 
 
 def _built_by_trainer() -> bool:
