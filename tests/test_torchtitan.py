@@ -374,6 +374,9 @@ def test_torchtitan_trainer_resumes_marsm_exactly(tmp_path):
     losses, log = torchtitan_train(tmp_path, "uninterrupted")
     assert "[Override] marsm_dist.adapters.torchtitan.marsm" in log
     assert "MARSM (model part 0): 30 params, use_marsm=True" in log
+    shown = re.search(r"MARS-M step 1 on this rank: orthogonalized (\d+) of 30 sharded matrices, "
+                      r"sent (\S+) MB", log)
+    assert shown and 0 < int(shown[1]) < 30 and float(shown[2]) > 0  # rank 0's share of a sharded step
     assert sorted(losses) == list(range(1, STEPS + 1)) and float(losses[STEPS]) < float(losses[1])
     # The restarted job: a fresh dump folder holding only the step-3 checkpoint.
     first = tmp_path / "uninterrupted" / "checkpoint"

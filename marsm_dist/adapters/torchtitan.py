@@ -35,6 +35,7 @@ from torchtitan.config.override import override
 
 from ..optimizer import MARSM
 from ..param_groups import param_groups
+from ..step_report import step_stats
 
 __all__ = ["MARSMContainer", "marsm"]
 
@@ -122,6 +123,20 @@ class MARSMContainer(OptimizersContainer):
                             len(self.optimizers) - 1, len(group["params"]), group["use_marsm"], group["lr"])
         self._validate_params(all_params)
         self._post_init(all_params)
+        self._reported = False
+
+    def step(self, closure: Any = None) -> Any:
+        """Step every part's MARSM; after the first step, log what this rank's share was (the
+        figures of any step: ``marsm_dist.step_stats(optimizers)``)."""
+        loss = super().step(closure)
+        if not self._reported:
+            self._reported = True
+            stats = step_stats(self)
+            if stats is not None:
+                logger.info("MARS-M step 1 on this rank: orthogonalized %d of %d sharded matrices, sent "
+                            "%.2f MB, received %.2f MB", stats.owned_matrices, stats.sharded_matrices,
+                            stats.bytes_sent / 1e6, stats.bytes_received / 1e6)
+        return loss
 
 
 def _marsm_options() -> list[str]:
