@@ -110,6 +110,10 @@ def megatron_run(rank, world_size, tp, distributed=False, bf16=False, overlap=Fa
     if overlap:  # the last step's all-gather would run in the next forward's pre-hooks
         ddp.start_param_sync(force_sync=True)
     inner = opt.chained_optimizers[0].optimizer
+    # What a user reads off Megatron's ChainedOptimizer: the one inner MARSM's figures of the step.
+    from marsm_dist import marsm_optimizers, step_stats
+
+    assert marsm_optimizers(opt) == [inner] and step_stats(opt) == inner.last_step_stats
     state_numel = sum(t.numel() for st in inner.state.values() for k, t in st.items() if k == "exp_avg")
     return (full_params(ddp, ps), type(inner).__name__, inner.last_step_stats.bytes_sent, state_numel,
             sum(p.numel() for p in ddp.parameters()))
