@@ -8,11 +8,15 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
-from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+from marsm_dist import step_stats
+from marsm_dist.adapters.hf import MARSMStatsCallback
 
 
 def parse_args(description: str) -> argparse.Namespace:
@@ -70,6 +74,16 @@ class LossLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:  # noqa: D102
         if logs and "loss" in logs:
             self.rows.append({"step": state.global_step, "loss": logs["loss"]})
+
+
+def train(args: argparse.Namespace, training: TrainingArguments, **trainer_kwargs) -> None:
+    """Train (or resume, ``--resume``) the tiny GPT-2 with the Trainer; ``trainer_kwargs`` carry
+    the recipe's MARS-M line. MARSMStatsCallback prints each logging step's sharding figures."""
+    losses = LossLog()
+    trainer = Trainer(model=tiny_gpt2(args.seed), args=training, train_dataset=CountingSequences(),
+                      callbacks=[MARSMStatsCallback(), losses], **trainer_kwargs)
+    trainer.train(resume_from_checkpoint=args.resume)
+    finish(args, losses, lambda: asdict(step_stats(trainer.optimizer)))
 
 
 def finish(args: argparse.Namespace, losses: LossLog, stats: Callable[[], dict] | None = None) -> None:

@@ -11,14 +11,11 @@ one owner rank for Newton-Schulz (the others receive the result).
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import torch
-from common import CountingSequences, LossLog, finish, parse_args, tiny_gpt2
-from transformers import Trainer, TrainingArguments
+from common import parse_args, train
+from transformers import TrainingArguments
 
-from marsm_dist import step_stats
-from marsm_dist.adapters.hf import MARSMForTrainer, MARSMStatsCallback
+from marsm_dist.adapters.hf import MARSMForTrainer
 
 
 def main() -> None:
@@ -28,14 +25,8 @@ def main() -> None:
         output_dir=args.output_dir, max_steps=args.steps, save_steps=args.save_steps,
         per_device_train_batch_size=args.batch_size, logging_steps=1, seed=args.seed,
         lr_scheduler_type="constant", report_to="none", use_cpu=not torch.cuda.is_available())
-    stats, losses = MARSMStatsCallback(), LossLog()
-    trainer = Trainer(
-        model=tiny_gpt2(args.seed), args=training, train_dataset=CountingSequences(),
-        optimizer_cls_and_kwargs=(MARSMForTrainer, {"lr": args.lr, "ns_dtype": args.ns_dtype}),
-        callbacks=[stats, losses])
-    trainer.train(resume_from_checkpoint=args.resume)
-    finish(args, losses, lambda: asdict(step_stats(trainer.optimizer)))
-
+    train(args, training,
+          optimizer_cls_and_kwargs=(MARSMForTrainer, {"lr": args.lr, "ns_dtype": args.ns_dtype}))
 
 if __name__ == "__main__":
     main()

@@ -13,14 +13,11 @@ some matrices' Newton-Schulz; checkpoints are DeepSpeed's own.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
-from common import CountingSequences, LossLog, finish, parse_args, tiny_gpt2
-from transformers import Trainer, TrainingArguments
+from common import parse_args, train
+from transformers import TrainingArguments
 
 import marsm_dist.adapters.deepspeed  # noqa: F401  (makes "type": "MARSM" known to DeepSpeed)
-from marsm_dist import step_stats
-from marsm_dist.adapters.hf import MARSMStatsCallback
 
 
 def main() -> None:
@@ -34,12 +31,7 @@ def main() -> None:
         per_device_train_batch_size=args.batch_size, logging_steps=1, seed=args.seed,
         learning_rate=args.lr, weight_decay=0.1, lr_scheduler_type="constant", report_to="none",
         deepspeed=config)
-    stats, losses = MARSMStatsCallback(), LossLog()
-    trainer = Trainer(model=tiny_gpt2(args.seed), args=training, train_dataset=CountingSequences(),
-                      callbacks=[stats, losses])
-    trainer.train(resume_from_checkpoint=args.resume)
-    finish(args, losses, lambda: asdict(step_stats(trainer.optimizer)))
-
+    train(args, training)  # the optimizer comes from the JSON
 
 if __name__ == "__main__":
     main()

@@ -12,13 +12,10 @@ gathered to one owner rank for Newton-Schulz. Checkpoints are Accelerate's shard
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from common import parse_args, train
+from transformers import TrainingArguments
 
-from common import CountingSequences, LossLog, finish, parse_args, tiny_gpt2
-from transformers import Trainer, TrainingArguments
-
-from marsm_dist import step_stats
-from marsm_dist.adapters.hf import MARSMForTrainer, MARSMStatsCallback
+from marsm_dist.adapters.hf import MARSMForTrainer
 
 
 def main() -> None:
@@ -30,14 +27,8 @@ def main() -> None:
         lr_scheduler_type="constant", report_to="none",
         fsdp=True, fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"],
                                         "state_dict_type": "SHARDED_STATE_DICT"})
-    stats, losses = MARSMStatsCallback(), LossLog()
-    trainer = Trainer(
-        model=tiny_gpt2(args.seed), args=training, train_dataset=CountingSequences(),
-        optimizer_cls_and_kwargs=(MARSMForTrainer, {"lr": args.lr, "ns_dtype": args.ns_dtype}),
-        callbacks=[stats, losses])
-    trainer.train(resume_from_checkpoint=args.resume)
-    finish(args, losses, lambda: asdict(step_stats(trainer.optimizer)))
-
+    train(args, training,
+          optimizer_cls_and_kwargs=(MARSMForTrainer, {"lr": args.lr, "ns_dtype": args.ns_dtype}))
 
 if __name__ == "__main__":
     main()
