@@ -37,50 +37,7 @@ from .sharding.plan import plan_buckets
 
 
 @dataclass
-class StepStats:
-    """What the last step did (``MARSM.last_step_stats``), as seen by this rank.
-
-    A framework that steps one param group at a time (DeepSpeed's ZeRO wrappers swap
-    ``param_groups`` for each call) makes one training step out of several ``step()`` calls; their
-    figures are added up until a call steps a parameter this training step has stepped already,
-    so these describe the whole training step however the calls were split.
-
-    Attributes:
-        milliseconds: wall time per phase: elementwise, communication, newton_schulz, apply.
-        bytes_sent, bytes_received: bytes exchanged with other ranks (gather + scatter).
-        clipped: matrices whose c_t was clipped to unit norm.
-        ns_flops_this_rank: predicted Newton-Schulz FLOPs this rank runs per step.
-        ns_flops_max_over_mean: the owner plan's load balance (1.0 is perfect).
-        owned_matrices: sharded matrices this rank orthogonalizes.
-        sharded_matrices: matrices held over several ranks, each orthogonalized by one owner rank
-            of the job (so ``owned_matrices`` summed over the ranks equals this).
-        calls: the ``step()`` calls these figures add up (1 unless the framework splits a step).
-    """
-
-    milliseconds: dict[str, float]
-    bytes_sent: int
-    bytes_received: int
-    clipped: int
-    ns_flops_this_rank: int
-    ns_flops_max_over_mean: float
-    owned_matrices: int
-    calls: int = 1
-    sharded_matrices: int = 0
-
-    def __add__(self, other: StepStats) -> StepStats:
-        """The figures of two calls of one training step, together."""
-        phases = {k: self.milliseconds.get(k, 0.0) + other.milliseconds.get(k, 0.0)
-                  for k in {**self.milliseconds, **other.milliseconds}}
-        return StepStats(phases, self.bytes_sent + other.bytes_sent,
-                         self.bytes_received + other.bytes_received, self.clipped + other.clipped,
-                         self.ns_flops_this_rank + other.ns_flops_this_rank,
-                         max(self.ns_flops_max_over_mean, other.ns_flops_max_over_mean),
-                         self.owned_matrices + other.owned_matrices, self.calls + other.calls,
-                         self.sharded_matrices + other.sharded_matrices)
-
-
-@dataclass
-class Statistics:
+class ReducedStatistics:
     """The reduced step statistics, one entry per matrix in work order (host values)."""
 
     sq_norms: list[float]
@@ -156,7 +113,7 @@ def _stack(values: list[Tensor], device: torch.device) -> Tensor:
 def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork],
                     state: Mapping, chunk_numel: int, timer: PhaseTimer, *, precise: bool = False,
                     param_groups: list[dict[str, Any]], problem: str | None = None,
-                    screened_state: bool = False) -> Statistics:
+                    screened_state: bool = False) -> ReducedStatistics:
     """Reduce the statistics over the job group and read them on the host, once.
 
     ``precise`` accumulates the norms in float64; the step retries with it only when the fast
@@ -208,7 +165,7 @@ def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork
         sq[k] = values[2 * n + 1 + m + i]
     finite = all(math.isfinite(x) for x in sq) and math.isfinite(values[2 * n])
     if refusal is not None:
-        return Statistics(sq, lambda: [], active, finite, [], 0, 0, index, [], refusal)
+        return ReducedStatistics(sq, lambda: [], active, finite, [], 0, 0, index, [], refusal)
     stats = _finish_statistics(distributor, matrix, index, sq, active, finite,
                                lambda: _stack(norms, device).tolist())
     stats.kept = kept
@@ -237,7 +194,7 @@ def _group_refusal(param_groups: list[dict[str, Any]], agree: list[float], summe
 
 def _finish_statistics(distributor, matrix: list[GroupWork], index: list[int], sq: list[float],
                        active: list[bool], finite: bool, local_sq_norms: Callable[[], list[float]]
-                       ) -> Statistics:
+                       ) -> ReducedStatistics:
     factors = F.clip_factors(sq) if finite else []
     clipped = sum(1 for k, f in enumerate(factors) if active[k] and f < 1.0)
     configs: list[NSConfig | None] = [None] * len(distributor.matrices)
@@ -247,7 +204,7 @@ def _finish_statistics(distributor, matrix: list[GroupWork], index: list[int], s
         for _ in work.params:
             configs[index[k]], on[index[k]] = cfg, active[k]
             k += 1
-    return Statistics(sq, local_sq_norms, active, finite, factors, clipped,
+    return ReducedStatistics(sq, local_sq_norms, active, finite, factors, clipped,
                       distributor.ns_flops(on, configs), index, configs)
 
 
@@ -293,7 +250,7 @@ def adamw_step(work: GroupWork, state: Mapping, chunk_numel: int) -> None:
         )
 
 
-def _active_slices(matrix: list[GroupWork], stats: Statistics):
+def _active_slices(matrix: list[GroupWork], stats: ReducedStatistics):
     """Per work: the flat offset and the positions of the matrices that are active this step."""
     k = 0
     for work in matrix:
@@ -302,7 +259,8 @@ def _active_slices(matrix: list[GroupWork], stats: Statistics):
         k += n
 
 
-def update_momenta(matrix: list[GroupWork], stats: Statistics, state: Mapping, chunk_numel: int) -> None:
+def update_momenta(matrix: list[GroupWork], stats: ReducedStatistics, state: Mapping,
+                   chunk_numel: int) -> None:
     """M <- beta M + (1 - beta) clip(c) for active matrices (c_t recomputed chunk by chunk); in
     approximate mode P <- g right after, as c_t was its last use this step."""
     kept = stats.kept or {}
@@ -325,7 +283,7 @@ def update_momenta(matrix: list[GroupWork], stats: Statistics, state: Mapping, c
     kept.clear()
 
 
-def orthogonalize_and_apply(pm: ParamMap, matrix: list[GroupWork], stats: Statistics,
+def orthogonalize_and_apply(pm: ParamMap, matrix: list[GroupWork], stats: ReducedStatistics,
                             state: Mapping, timer: PhaseTimer) -> None:
     """NS of every active matrix through the distributor; W <- W (1 - lr wd) - lr s O as each
     bucket's results arrive."""
@@ -350,7 +308,7 @@ def orthogonalize_and_apply(pm: ParamMap, matrix: list[GroupWork], stats: Statis
         del o
 
 
-def finish_matrices(matrix: list[GroupWork], stats: Statistics, state: Mapping) -> None:
+def finish_matrices(matrix: list[GroupWork], stats: ReducedStatistics, state: Mapping) -> None:
     """Count the step, and in exact mode make the stored look-ahead the next step's P."""
     for work, (_, sel) in zip(matrix, _active_slices(matrix, stats), strict=True):
         # Per container, not per slot: a flat ZeRO partition holds many slots but counts one

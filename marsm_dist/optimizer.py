@@ -13,7 +13,6 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from ._optimizer_state import StateMixin
 from ._param_map import ParamMap
 from ._step import (
-    StepStats,
     adamw_step,
     finish_matrices,
     orthogonalize_and_apply,
@@ -39,6 +38,7 @@ from ._validation import (
 )
 from .newton_schulz import NS_COEFFICIENTS
 from .sharding.adapter import adapter_for
+from .stats import StepStats
 
 __all__ = ["MARSM", "NonFiniteGradError", "StepStats"]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from functools import reduce
 from typing import Any
 
-from ._step import StepStats
 from .optimizer import MARSM
+from .stats import StepStats
 
 __all__ = ["marsm_optimizers", "step_stats"]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..._step import StepStats
+from ...stats import StepStats
 from ...step_report import step_stats
 
 __all__ = ["MARSMStatsCallback"]
