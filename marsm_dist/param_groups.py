@@ -15,7 +15,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["DEFAULT_HEAD_NAMES", "RoutingDecision", "explain_routing", "param_groups", "routing_report"]
+__all__ = ["DEFAULT_HEAD_NAMES", "RoutingDecision", "explain_routing", "param_decisions", "param_groups",
+           "routing_report", "split_by_route"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,10 +171,35 @@ def param_groups(
     if report:
         print(text)
     params = dict(model.named_parameters())
-    groups = []
-    for use, options in ((True, marsm_options), (False, adamw_options)):
-        chosen = [d.name for d in decisions if d.use_marsm is use]
+    use_of = {id(params[d.name]): d.use_marsm for d in decisions}
+    items = [(n, p) if named else p for n, p in params.items()]
+    return split_by_route({"params": items}, lambda item: use_of[id(item[1] if named else item)],
+                          {True: marsm_options, False: adamw_options})
+
+
+def param_decisions(model: nn.Module, *, shape_of: Callable[[Tensor], tuple[int, ...]] | None = None
+                    ) -> list[tuple[Tensor, RoutingDecision]]:
+    """Every parameter of ``model`` with its :func:`explain_routing` decision, in the model's order.
+
+    What an adapter builds its route map from (``{id(p): decision}``) when a framework hands it
+    bare tensors, not names.
+    """
+    params = dict(model.named_parameters())
+    return [(params[d.name], d) for d in explain_routing(model, shape_of=shape_of)]
+
+
+def split_by_route(group: Mapping[str, Any], route: Callable[[Any], bool | None],
+                   options: Mapping[bool, Mapping[str, Any] | None] | None = None) -> list[dict[str, Any]]:
+    """``group`` cut into its MARS-M part and its AdamW part: ``use_marsm=True`` first, then False.
+
+    ``route(item)`` says where each item of ``group["params"]`` goes: True, False, or None to leave
+    it out (a frozen parameter). Both parts keep ``group``'s other keys, then add
+    ``options[use_marsm]``; an empty part is left out.
+    """
+    options = options or {}
+    parts = []
+    for use in (True, False):
+        chosen = [item for item in group["params"] if route(item) is use]
         if chosen:
-            items = [(n, params[n]) if named else params[n] for n in chosen]
-            groups.append({"params": items, "use_marsm": use, **dict(options or {})})
-    return groups
+            parts.append({**group, "params": chosen, "use_marsm": use, **dict(options.get(use) or {})})
+    return parts

@@ -16,7 +16,7 @@ pytest.importorskip("megatron.core")
 from megatron.core.dist_checkpointing.mapping import ShardedTensor  # noqa: E402
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory  # noqa: E402
 
-from marsm_dist.adapters.megatron_sharded_checkpoint import flat_range_boxes, flat_range_pieces  # noqa: E402
+from marsm_dist.adapters.megatron import flat_range_boxes, flat_range_pieces  # noqa: E402
 
 PREFIX = "optimizer.state.exp_avg"
 

@@ -57,8 +57,7 @@ def build_on_meta(rank, world_size):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from marsm_dist.adapters.megatron import marsm_routes
-    from marsm_dist.adapters.megatron_sharded import ShardedMARSMOptimizer
+    from marsm_dist.adapters.megatron import ShardedMARSMOptimizer, marsm_routes
     from tests.megatron_cpu_shim import CpuCudaShim
 
     CpuCudaShim(device="meta").install()  # Megatron's CUDA tensors (parameters, buffers) go to meta

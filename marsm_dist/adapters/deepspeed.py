@@ -40,47 +40,45 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..optimizer import MARSM
-from ..param_groups import explain_routing
-from ..sharding.adapter import ShardingAdapter, Slot, check_group_serves, register_adapter
-from ..sharding.layout import MatrixLayout, Piece
+from ..param_groups import param_decisions, split_by_route
+from ..sharding.adapter import SideTableAdapter, Slot, check_group_serves, register_adapter
+from ..sharding.layout import MatrixLayout, Piece, flat_overlap
+from ._common import refuse_exact_mode
 
 __all__ = ["DeepSpeedAdapter", "build_marsm", "describe_partitions"]
 
 _OPTIONS = set(inspect.signature(MARSM.__init__).parameters) - {"self", "params"}
 
 
-class DeepSpeedAdapter(ShardingAdapter):
-    """ZeRO flat fp32 partitions (described by :func:`describe_partitions`) and ZeRO-3
-    placeholders (1-D until gathered; the real shape is ``ds_shape``)."""
+_EXACT_MODE = ("MARSM(approx=False) is not supported under DeepSpeed ZeRO/bf16 wrappers: the exact mode "
+               "needs the look-ahead gradient before the step, and DeepSpeed only hands reduced "
+               "gradients to the optimizer inside engine.step(). Use approx=True (the default).")
+
+
+class DeepSpeedAdapter(SideTableAdapter):
+    """ZeRO flat fp32 partitions (registered by :func:`describe_partitions` with their slots and
+    process group) and ZeRO-3 placeholders (1-D until gathered; the real shape is ``ds_shape``)."""
 
     name = "deepspeed"
     prepopulate_state = False  # ZeRO replaces the parameters after the optimizer is built
 
     def handles(self, p: Tensor) -> bool:
-        return _partition(p) is not None or hasattr(p, "ds_shape")
+        return super().handles(p) or hasattr(p, "ds_shape")
 
     def process_group(self, p: Tensor) -> dist.ProcessGroup | None:
-        known = _partition(p)
+        known = self.info(p)  # (slots, group) of a flat partition
         return known[1] if known is not None else None
 
     def slots(self, p: Tensor) -> list[Slot]:
-        known = _partition(p)
+        known = self.info(p)
         if known is not None:
             return known[0]
         return [Slot(tuple(p.ds_shape))]
 
 
-# Flat partition -> (slots, process group). Kept beside the tensors, not on them: DeepSpeed's
-# ZeRO-3 checkpoint pickles the flat tensors, and a process group cannot be pickled.
-# Weakly keyed by identity: entries of engines that are gone disappear with their tensors.
-_PARTITIONS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # flat -> (slots, group)
-
-
-def _partition(p: Tensor) -> tuple[list[Slot], dist.ProcessGroup] | None:
-    return _PARTITIONS.get(p)
+_ADAPTER = DeepSpeedAdapter()
 
 
 def _shape_of(p: Tensor) -> tuple[int, ...]:
@@ -97,20 +95,16 @@ def build_marsm(module: torch.nn.Module, model_parameters: Iterable[Any], option
     if unknown:
         raise ValueError(f"Unknown MARSM option(s) {unknown} in the DeepSpeed config's optimizer.params; "
                          f"valid options: {sorted(_OPTIONS)}")
-    routes = {id(p): d.use_marsm for d, p in zip(explain_routing(module, shape_of=_shape_of),
-                                                  dict(module.named_parameters()).values(), strict=True)}
+    routes = {id(p): d.use_marsm for p, d in param_decisions(module, shape_of=_shape_of)}
     items = list(model_parameters)
     groups = items if items and isinstance(items[0], dict) else [{"params": items}]
     routed = []
     for group in groups:
-        params = list(group["params"])
+        group = {**group, "params": list(group["params"])}
         if "use_marsm" in group:
-            routed.append({**group, "params": params})
+            routed.append(group)
             continue
-        for use in (True, False):
-            chosen = [p for p in params if routes.get(id(p), len(_shape_of(p)) >= 2) is use]
-            if chosen:
-                routed.append({**group, "params": chosen, "use_marsm": use})
+        routed += split_by_route(group, lambda p: routes.get(id(p), len(_shape_of(p)) >= 2))
     return MARSM(routed, **options)
 
 
@@ -122,8 +116,8 @@ def _flat_slots(params, offsets, partition_size: int, group, names) -> list[Slot
     for p, off in zip(params, offsets, strict=True):
         n, pieces = p.numel(), []
         for q in range(world):
-            a, b = max(off, q * partition_size), min(off + n, (q + 1) * partition_size)
-            pieces.append((Piece(0, a - off, b - off),) if b > a else ())
+            held = flat_overlap((off, off + n), (q * partition_size, (q + 1) * partition_size))
+            pieces.append((Piece(0, *held),) if held else ())
         local = max(off, me * partition_size) - me * partition_size
         mine = sum(pc.numel for pc in pieces[me])
         slots.append(Slot(tuple(p.shape), MatrixLayout(tuple(p.shape), tuple(pieces)), local if mine else 0,
@@ -138,8 +132,8 @@ def _stage3_slots(params, group, names) -> list[Slot]:
     slots, offset = [], 0
     for p in params:
         n, shape, chunk = p.ds_numel, tuple(p.ds_shape), p.partition_numel()
-        pieces = tuple((Piece(0, q * chunk, min((q + 1) * chunk, n)),) if q * chunk < n else ()
-                       for q in range(world))
+        held = [flat_overlap((0, n), (q * chunk, (q + 1) * chunk)) for q in range(world)]
+        pieces = tuple((Piece(0, *h),) if h else () for h in held)
         mine = sum(pc.numel for pc in pieces[me])
         # Only the real elements: the padding of the last chunk holds uninitialised memory.
         slots.append(Slot(shape, MatrixLayout(shape, pieces), offset, mine, names.get(p)))
@@ -150,16 +144,12 @@ def _stage3_slots(params, group, names) -> list[Slot]:
 def _tag(flat: Tensor, slots: list[Slot], group) -> None:
     # Refused here, when the engine is built: with offload_optimizer the partitions live on the CPU.
     check_group_serves(group, flat.device, f"a ZeRO partition of {flat.numel()} elements")
-    _PARTITIONS[flat] = (slots, group)
+    _ADAPTER.register(flat, (slots, group))
 
 
 def describe_partitions(wrapper: Any, names: dict[Tensor, str]) -> None:
     """Tag the flat fp32 partitions a DeepSpeed optimizer wrapper feeds MARSM with their slots."""
-    if any(not g["approx"] for g in wrapper.optimizer.param_groups):
-        raise NotImplementedError(
-            "MARSM(approx=False) is not supported under DeepSpeed ZeRO/bf16 wrappers: the exact mode "
-            "needs the look-ahead gradient before the step, and DeepSpeed only hands reduced "
-            "gradients to the optimizer inside engine.step(). Use approx=True (the default).")
+    refuse_exact_mode((g["approx"] for g in wrapper.optimizer.param_groups), _EXACT_MODE)
     if hasattr(wrapper, "fp32_partitioned_groups_flat"):  # ZeRO-3
         for sg, flat in enumerate(wrapper.fp32_partitioned_groups_flat):
             pg = (wrapper._get_sub_group_process_group(sg)
@@ -202,7 +192,7 @@ def _share_newton_schulz(engine: Any) -> None:
         return
     if engine.zero_optimization() or getattr(engine, "has_moe_layers", False):
         return
-    if any(_partition(p) is not None for g in opt.param_groups for p in g["params"]):
+    if any(_ADAPTER.info(p) is not None for g in opt.param_groups for p in g["params"]):
         return  # a partitioning wrapper (the BF16_Optimizer of a pipeline engine)
     group = _replicated_group(engine)
     if group is not None and dist.get_world_size(group) > 1:
@@ -254,4 +244,4 @@ if MARSM not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
     zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(MARSM)
 torch.optim.MARSM = MARSM  # the name DeepSpeed's own fallback looks up
 _patch_engine()
-register_adapter(DeepSpeedAdapter())
+register_adapter(_ADAPTER)

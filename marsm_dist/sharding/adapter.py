@@ -9,14 +9,17 @@ register themselves (``marsm_dist.adapters.*``); a plain tensor is a world of on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .layout import MatrixLayout, whole
 
-__all__ = ["ShardingAdapter", "Slot", "adapter_for", "check_group_serves", "register_adapter", "slot_view"]
+__all__ = ["ShardingAdapter", "SideTableAdapter", "Slot", "adapter_for", "check_group_serves",
+           "register_adapter", "slot_view"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,31 @@ class ShardingAdapter:
             return [Slot(tuple(p.shape))]
         layout = self.layout(p)
         return [Slot(layout.shape, layout)]  # the full logical shape, not the local one
+
+
+class SideTableAdapter(ShardingAdapter):
+    """An adapter for tensors that carry no mark of their own: the framework glue registers each one
+    with what it knows of it (its slots and group, a split to apply, ...), and the adapter reads that.
+
+    The table is kept beside the tensors, not on them: an attribute would travel into pickles
+    (DeepSpeed's ZeRO-3 checkpoint pickles its flat tensors, and a process group cannot be pickled).
+    It is weakly keyed by identity: entries go with their tensors (an engine that is gone leaves
+    nothing behind), and a tensor's ``==`` is elementwise, not identity.
+    """
+
+    def __init__(self) -> None:
+        self._table: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def register(self, t: Tensor, info: Any) -> None:
+        """Remember ``info`` for ``t`` (replacing what was registered for it before)."""
+        self._table[t] = info
+
+    def info(self, t: Tensor) -> Any:
+        """What was registered for ``t``, or None."""
+        return self._table.get(t)
+
+    def handles(self, p: Tensor) -> bool:
+        return p in self._table
 
 
 _PLAIN = ShardingAdapter()

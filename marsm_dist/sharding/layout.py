@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["MatrixLayout", "Piece", "Runs", "assemble", "cut", "from_runs", "replicated", "row_chunks",
-           "whole"]
+__all__ = ["MatrixLayout", "Piece", "Runs", "assemble", "cut", "flat_overlap", "from_runs", "replicated",
+           "row_chunks", "whole"]
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,17 @@ class MatrixLayout:
 
     def local_numel(self, rank: int) -> int:
         return sum(p.numel for p in self.pieces[rank])
+
+
+def flat_overlap(span: tuple[int, int], window: tuple[int, int]) -> tuple[int, int] | None:
+    """The part of flat range ``window`` that lies in flat range ``span``, counted from ``span``'s start.
+
+    None when they do not meet. The one rule behind every "which part of this is that rank's"
+    question of flat buffers: a parameter against a rank's partition (ZeRO, Megatron's bucket
+    shards), a rank's range against a tensor-parallel block or a checkpoint target.
+    """
+    a, b = max(span[0], window[0]), min(span[1], window[1])
+    return (a - span[0], b - span[0]) if b > a else None
 
 
 def whole(shape: tuple[int, ...], world_size: int = 1, holder: int = 0) -> MatrixLayout:

@@ -17,7 +17,7 @@ only for the main shards: 1/DP of what a replicated optimizer keeps.
 Checkpoints (``sharded_state_dict``): each rank writes its own ranges of every parameter's state as
 pieces of the same global tensors the non-distributed MARS-M optimizer writes, so they load at any
 TP/DP size, with or without the distributed optimizer, and no rank ever holds more than its shard
-(:mod:`marsm_dist.adapters.megatron_sharded_checkpoint`).
+(:mod:`marsm_dist.adapters.megatron.checkpoint`).
 """
 
 from __future__ import annotations
@@ -34,15 +34,16 @@ from megatron.core.optimizer.grad_scaler import MegatronGradScaler
 from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
 from megatron.core.tensor_parallel import copy_tensor_model_parallel_attributes
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
-from ..optimizer import MARSM
-from ..sharding.adapter import ShardingAdapter, Slot, register_adapter
-from ..sharding.layout import MatrixLayout, Piece
-from .megatron import match_param_groups, tp_block_count
-from .megatron_sharded_checkpoint import load_flat_state, sharded_flat_state
+from ...optimizer import MARSM
+from ...sharding.adapter import SideTableAdapter, Slot, register_adapter
+from ...sharding.layout import flat_overlap
+from . import tp_adapter  # noqa: F401  (registered before this module's adapter: see MegatronDPShardAdapter)
+from .checkpoint import load_flat_state, sharded_flat_state
+from .routing import match_param_groups
+from .tp_layout import group_coordinates, tensor_and_data_parallel_group, tp_layout
 
-__all__ = ["ShardedMARSMOptimizer", "dp_shard_ranges"]
+__all__ = ["MegatronDPShardAdapter", "ShardedMARSMOptimizer", "dp_shard_ranges"]
 
 
 @dataclass
@@ -84,29 +85,12 @@ def dp_shard_ranges(model_chunks: list[torch.nn.Module], dp_size: int) -> dict[T
                             f"got {type(chunk).__name__}")
         for buffer in buffers:
             for bucket in buffer.buckets:
-                shard = bucket.grad_data.numel() // dp_size
+                size = bucket.grad_data.numel() // dp_size
+                shards = [(bucket.offset + d * size, bucket.offset + (d + 1) * size) for d in range(dp_size)]
                 for p in bucket.params:
                     start, end, _ = buffer.param_index_map[p]
-                    ranges = []
-                    for d in range(dp_size):
-                        lo, hi = bucket.offset + d * shard, bucket.offset + (d + 1) * shard
-                        a, b = max(start, lo), min(end, hi)
-                        ranges.append((a - start, b - start) if b > a else (0, 0))
-                    out[p] = ranges
+                    out[p] = [flat_overlap((start, end), shard) or (0, 0) for shard in shards]
     return out
-
-
-def _group_coordinates(group: dist.ProcessGroup, device: torch.device) -> list[tuple[int, int]]:
-    """(tp rank, dp rank) of every rank of ``group``, in group-rank order.
-
-    ``device`` is where the optimizer's tensors live: the device ``group``'s backend serves (NCCL
-    serves CUDA tensors only, so a CPU tensor would fail there).
-    """
-    mine = torch.tensor([parallel_state.get_tensor_model_parallel_rank(),
-                         parallel_state.get_data_parallel_rank()], dtype=torch.int64, device=device)
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, mine, group=group)
-    return [(tp, dp) for tp, dp in torch.stack(everyone).tolist()]  # one host read, not 2 per rank
 
 
 def _params_device(param_groups: list[dict[str, Any]], model_chunks: list[torch.nn.Module]) -> torch.device:
@@ -118,43 +102,22 @@ def _params_device(param_groups: list[dict[str, Any]], model_chunks: list[torch.
     raise ValueError("use_distributed_optimizer: the model chunks have no parameters")
 
 
-def _matrix_layout(p: Tensor, ranges: list[tuple[int, int]], coords: list[tuple[int, int]],
-                   tp_size: int) -> MatrixLayout:
-    """Pieces of the full logical matrix: per (tp, dp) rank, its DP range of its TP block(s)."""
-    dim, stride = p.partition_dim, tp_block_count(p)
-    full = list(p.shape)
-    full[dim] *= tp_size
-    block = p.numel() // stride  # the local tensor holds `stride` whole blocks, one after another
-    pieces = []
-    for tp_rank, dp_rank in coords:
-        lo, hi = ranges[dp_rank]
-        mine = []
-        for j in range(stride):
-            a, b = max(lo, j * block), min(hi, (j + 1) * block)
-            if b > a:
-                mine.append(Piece(j * tp_size + tp_rank, a - j * block, b - j * block))
-        pieces.append(tuple(mine))
-    return MatrixLayout(tuple(full), tuple(pieces), split_dim=dim, num_blocks=tp_size * stride)
-
-
-class MegatronDPShardAdapter(ShardingAdapter):
-    """Main shards of :class:`ShardedMARSMOptimizer` (registered when they are created)."""
+class MegatronDPShardAdapter(SideTableAdapter):
+    """Main shards of :class:`ShardedMARSMOptimizer`, registered with their (slot, group) when they
+    are created. Registered after the TP adapter (this module imports it first), so it is asked
+    first: a main shard carries its parameter's TP attributes, which the TP adapter would claim."""
 
     name = "megatron-dp-shard"
     prepopulate_state = False  # Megatron calls init_state_fn when it needs state templates
 
-    def handles(self, p: Tensor) -> bool:
-        return p in _SHARD_SLOTS
-
     def process_group(self, p: Tensor) -> dist.ProcessGroup | None:
-        return _SHARD_SLOTS[p][1]
+        return self.info(p)[1]
 
     def slots(self, p: Tensor) -> list[Slot]:
-        return [_SHARD_SLOTS[p][0]]
+        return [self.info(p)[0]]
 
 
-# main shard -> (slot, group), weakly keyed by identity: kept beside the tensors, not on them.
-_SHARD_SLOTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_ADAPTER = MegatronDPShardAdapter()
 
 
 class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
@@ -184,9 +147,8 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
         dp_size = parallel_state.get_data_parallel_world_size()
         dp_rank = parallel_state.get_data_parallel_rank()
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        group = parallel_state.get_tensor_and_data_parallel_group()
-        group = group if dist.get_world_size(group) > 1 else None
-        coords = (_group_coordinates(group, _params_device(param_groups, model_chunks))
+        group = tensor_and_data_parallel_group()
+        coords = (group_coordinates(group, _params_device(param_groups, model_chunks))
                   if group is not None else [(0, 0)])
         ranges = dp_shard_ranges(model_chunks, dp_size)
         names = {p: n for chunk in model_chunks for n, p in chunk.named_parameters()}
@@ -203,7 +165,7 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
                 # Megatron's grad-norm and zero-count helpers read these from the tensors they see.
                 copy_tensor_model_parallel_attributes(shard.main, p)
                 shard.main.shared = getattr(p, "shared", False)
-                _SHARD_SLOTS[shard.main] = (self._slot(shard, g, coords, tp_size, group), group)
+                _ADAPTER.register(shard.main, (self._slot(shard, g, coords, tp_size, group), group))
                 self._shards.append(shard)
                 mains.append(shard.main)
             groups.append({**g, "params": mains})
@@ -223,7 +185,7 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
                                       f"TP ranks, e.g. a MoE router) cannot take the MARS-M update under "
                                       f"the distributed optimizer yet; train without "
                                       f"use_distributed_optimizer")
-        layout = _matrix_layout(p, shard.ranges, coords, tp_size)
+        layout = tp_layout(p, coords, tp_size, shard.ranges)
         return Slot(layout.shape, layout, 0, numel, shard.name)
 
     @property
@@ -289,7 +251,7 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
                            metadata: dict | None = None, **kwargs: Any) -> dict[str, Any]:
         """Megatron dist-checkpointing form: this rank's ranges of the parameters' global state tensors.
 
-        Views of the live state, no copies: see :mod:`.megatron_sharded_checkpoint`. ``metadata``
+        Views of the live state, no copies: see :mod:`.checkpoint`. ``metadata``
         (Megatron's ``distrib_optim_sharding_type``) is ignored: there is one format.
         """
         if is_loading:
@@ -300,4 +262,4 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
         return sd
 
 
-register_adapter(MegatronDPShardAdapter())
+register_adapter(_ADAPTER)

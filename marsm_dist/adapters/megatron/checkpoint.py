@@ -1,4 +1,4 @@
-"""Dist-checkpointing of :class:`~.megatron_sharded.ShardedMARSMOptimizer`: each rank writes its own ranges.
+"""Dist-checkpointing of :class:`~.sharded.ShardedMARSMOptimizer`: each rank writes its own ranges.
 
 A data-parallel (DP) rank holds a flat range ``[start, stop)`` of every (TP-local) parameter's
 state. It saves that range, and nothing else, as pieces of the same global tensors the
@@ -31,10 +31,11 @@ from megatron.core.dist_checkpointing.mapping import (
 from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
 from torch import Tensor
 
-from .megatron import match_param_groups
+from ...sharding.layout import flat_overlap
+from .routing import match_param_groups
 
 if TYPE_CHECKING:
-    from .megatron_sharded import ShardedMARSMOptimizer
+    from .sharded import ShardedMARSMOptimizer
 
 __all__ = ["flat_range_boxes", "flat_range_pieces", "load_flat_state", "sharded_flat_state"]
 
@@ -117,11 +118,11 @@ def flat_range_pieces(entry: ShardedTensor | ShardedTensorFactory, state: Tensor
         return []
     pieces, pos = [], 0
     for target, lo, hi in _targets(entry, prefix, replica_id):
-        a, b = max(start, lo), min(stop, hi)
-        if a >= b:
+        held = flat_overlap((lo, hi), (start, stop))
+        if held is None:
             continue
         n = target.prepend_axis_num  # folded into the box: irregular pieces carry no prepended axes
-        for offset, size in flat_range_boxes(target.local_shape, a - lo, b - lo):
+        for offset, size in flat_range_boxes(target.local_shape, *held):
             shape = (1,) * n + size
             data = state[pos:pos + math.prod(size)].view(shape)
             pos += data.numel()
