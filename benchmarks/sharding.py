@@ -100,12 +100,11 @@ def topology_table(worlds=(8, 64, 512), sample_ranks: int = 64) -> list[dict]:
 
 def step_time_run(rank, world_size, d, layers, steps, threads):
     from marsm_dist import MARSM, param_groups
-    from marsm_dist.demo.model import TinyGPT
-    from tests import fsdp2_models as fm
+    from tests import fsdp2_models as fm  # the FSDP2 tests' GPT and their way of sharding it
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = fm.shard(TinyGPT(d=d, layers=layers, heads=4, seq_len=64), world_size)
+    model = fm.shard(fm.GPT(d=d, layers=layers, heads=4, seq_len=64), world_size)
     opt = MARSM(param_groups(model), lr=1e-3)
     gen = torch.Generator().manual_seed(rank)
     times, moved = [], []

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Train the demo GPT with DeepSpeed and MARS-M ("type": "MARSM" in the JSON config), started by
-# the deepspeed launcher. Environment: NUM_PROCS (default 2), DS_CONFIG (default
+# Train a small byte-level GPT (integrations/deepspeed/model.py) with DeepSpeed and MARS-M
+# ("type": "MARSM" in the JSON config), started by the deepspeed launcher. Environment:
+# NUM_PROCS (default 2), DS_CONFIG (default
 # integrations/deepspeed/zero2.json), MASTER_PORT (default 29500). Other arguments go to
 # integrations/deepspeed/train.py (--steps, --d-model, --layers, --log-every, ...).
 # On a machine without GPUs the processes run on the CPU (gloo).

@@ -1,10 +1,16 @@
-"""Models and data for the FSDP2 tests, and the single-process reference run."""
+"""Models and data for the FSDP2 tests, and the single-process reference run.
+
+The GPT here is the tests' own (the benchmarks borrow it too): the demo is a leaf that nothing
+outside its own package imports, and test_planted_errors.py runs these tests on a copy of the
+package and ``tests`` alone.
+"""
 
 from __future__ import annotations
 
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -12,7 +18,6 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from marsm_dist import MARSM, param_groups
-from marsm_dist.demo.model import TinyGPT
 
 GLOBAL_BATCH = 12  # divisible by every world size the tests use (1, 2, 3, 4)
 
@@ -40,6 +45,52 @@ class Awkward(nn.Module):
         return self.loss_scale * nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
+class GPTBlock(nn.Module):
+    """Pre-norm block: causal attention through a fused QKV matrix, then a GELU MLP."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norms = nn.ModuleList([nn.LayerNorm(d), nn.LayerNorm(d)])
+        # No QKV bias: the key part of one has an exactly zero gradient (softmax ignores a shift
+        # shared by all keys), so its gradient is pure rounding noise, which Adam normalizes into
+        # O(lr) steps: two exact runs that sum gradients in another order then drift apart there
+        # by ~1e-5 in 10 steps. Without it the comparisons stay about the optimizer.
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(self.norms[0](x)).unflatten(-1, (3, self.heads, -1))  # (b, t, 3, heads, d/heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2))
+        return x + self.mlp(self.norms[1](x))
+
+
+class GPT(nn.Module):
+    """Byte-level GPT with every kind of parameter ``param_groups`` routes: hidden matrices, token
+    and position embeddings, a head tied to the token embedding, LayerNorm gains and biases."""
+
+    def __init__(self, d: int = 32, layers: int = 2, heads: int = 2, seq_len: int = 16) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(256, d), nn.Embedding(seq_len, d)
+        self.blocks = nn.ModuleList(GPTBlock(d, heads) for _ in range(layers))
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 256, bias=False)
+        self.head.weight = self.tok.weight  # tied: FSDP2 and ZeRO see one tensor under two names
+        with torch.no_grad():
+            for name, p in self.named_parameters():  # the tied weight is listed once
+                if p.ndim == 2:
+                    p.normal_(std=0.02)
+                elif name.endswith("bias"):
+                    p.zero_()
+
+    def forward(self, idx: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return F.cross_entropy(self.head(self.norm(x)).flatten(0, 1), target.flatten())
+
+
 def build(name: str) -> nn.Module:
     torch.manual_seed(0)
     if name == "awkward":
@@ -49,14 +100,7 @@ def build(name: str) -> nn.Module:
     if name == "awkward-sometimes-clipped":  # c_t norms near 1: clipped on some steps, not others
         return Awkward(loss_scale=8.0)
     if name == "gpt":
-        model = TinyGPT(d=32, layers=2, heads=2, seq_len=16)
-        # The key part of a QKV bias has an exactly zero gradient (softmax ignores a shift shared
-        # by all keys), so its gradient is pure rounding noise, which Adam normalizes into O(lr)
-        # steps: two exact runs that sum gradients in another order then drift apart there by
-        # ~1e-5 in 10 steps. Freezing the bias keeps the comparison about the optimizer.
-        for block in model.blocks:
-            block.qkv.bias.requires_grad_(False)
-        return model
+        return GPT(d=32, layers=2, heads=2, seq_len=16)
     raise ValueError(name)
 
 

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 from marsm_dist import MARSM, param_groups
-from marsm_dist.demo.model import TinyGPT
 
 from .optim import full_fp32
 
@@ -33,13 +32,12 @@ def _batch(t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _gpt(device: torch.device) -> torch.nn.Module:
+    # The FSDP2 tests' GPT: its QKV has no bias, whose key part would get an exactly zero gradient
+    # that Adam turns into rounding-noise steps, different in two exact runs (tests/fsdp2_models.py).
+    from tests.fsdp2_models import GPT
+
     torch.manual_seed(0)
-    model = TinyGPT(d=64, layers=2, heads=4, seq_len=SEQ).to(device)
-    # The key part of a QKV bias has an exactly zero gradient; Adam turns its rounding noise into
-    # O(lr) steps that differ between two exact runs (see tests/fsdp2_models.py). Frozen here.
-    for block in model.blocks:
-        block.qkv.bias.requires_grad_(False)
-    return model
+    return GPT(d=64, layers=2, heads=4, seq_len=SEQ).to(device)
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

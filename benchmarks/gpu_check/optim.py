@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from marsm_dist import MARSM, param_groups
-from marsm_dist.demo.model import TinyGPT
 from marsm_dist.diagnostics import HostReads
 
 from .core import Ctx, Skip, log, run_checks
@@ -128,8 +127,12 @@ def _matrices_only(device: torch.device):
 
 
 def _mixed_groups(device: torch.device):
+    try:
+        from tests.fsdp2_models import GPT  # every parameter kind: matrices, embeddings, tied head, 1-D
+    except ImportError as err:
+        raise Skip(f"tests/fsdp2_models.py not importable ({err}); run from the repository root") from err
     torch.manual_seed(0)
-    model = TinyGPT(d=64, layers=2, heads=4, seq_len=32).to(device)
+    model = GPT(d=64, layers=2, heads=4, seq_len=32).to(device)
     opt = MARSM(param_groups(model), lr=0.01)
     x = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1)).to(device)
     return list(model.parameters()), opt, lambda: model(x[:, :-1], x[:, 1:]).backward()

@@ -1,26 +1,29 @@
-"""Train the demo byte-level GPT with DeepSpeed and MARS-M chosen in the JSON config.
+"""Train a small byte-level GPT with DeepSpeed and MARS-M chosen in the JSON config.
 
-    deepspeed --num_gpus 2 integrations/deepspeed/train.py \
-        --deepspeed_config integrations/deepspeed/zero2.json
+    deepspeed --num_gpus 2 train.py --deepspeed_config zero2.json
 
-(or ``bash launch/deepspeed.sh``). The only MARS-M-specific line is the import below; the rest
-is a plain DeepSpeed training loop. The corpus is the Python standard library's source.
+(from this folder; or ``bash launch/deepspeed.sh`` from the repository). Copy this folder and
+``pip install "marsm-dist[deepspeed]"``: nothing else is needed. The only MARS-M-specific line is
+the ``marsm_dist.adapters.deepspeed`` import below; the rest is a plain DeepSpeed training loop.
+``model.py`` beside it holds the model and the data (the Python standard library's source, as
+bytes); replace them with yours.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+import traceback
+from typing import NoReturn
 
 import deepspeed
 import torch
 import torch.distributed as dist
+from model import ByteGPT, rank_batch, stdlib_bytes  # model.py, beside this script
 
 import marsm_dist.adapters.deepspeed  # noqa: F401  (makes "type": "MARSM" known to DeepSpeed)
-from marsm_dist.demo.data import Batches, stdlib_corpus
-from marsm_dist.demo.dist_env import run_rank
-from marsm_dist.demo.model import TinyGPT
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,17 +45,16 @@ def main() -> None:
     args = parse_args()
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(args.seed)
-    model = TinyGPT(args.d_model, args.layers, heads=4, seq_len=args.seq_len)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = ByteGPT(args.d_model, args.layers, heads=4, seq_len=args.seq_len)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=args.deepspeed_config)
     micro = engine.train_micro_batch_size_per_gpu()
-    train, val = stdlib_corpus()
-    batches = Batches(train, val, micro * world, args.seq_len, args.seed)
+    data = stdlib_bytes()
     start = time.perf_counter()
     for step in range(args.steps):
-        x, y = batches.batch(step)
-        x, y = x[rank * micro:(rank + 1) * micro], y[rank * micro:(rank + 1) * micro]
+        x, y = rank_batch(data, step, rank=rank, world=world, rows=micro, seq_len=args.seq_len,
+                          seed=args.seed)
         loss = engine(x.to(engine.device), y.to(engine.device))
         engine.backward(loss)
         engine.step()
@@ -62,5 +64,28 @@ def main() -> None:
                   f"{tokens / (time.perf_counter() - start):,.0f} tok/s", flush=True)
 
 
+def leave(code: int) -> NoReturn:
+    """End this rank's process with exit code ``code``, on purpose without the interpreter's teardown.
+
+    torch 2.13's gloo processes (DeepSpeed on the CPU) now and then abort at interpreter exit
+    ("terminate called without an active exception", SIGABRT) unless they barrier and destroy the
+    process group first; ``os._exit`` then skips the teardown that triggers it. A failed rank
+    leaves at once (the others would wait for it in the barrier in vain: the launcher stops them).
+    """
+    if code == 0 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    run_rank(main)  # barrier, destroy, os._exit: see marsm_dist.demo.dist_env
+    try:
+        main()
+    except SystemExit as stop:  # --help, a usage error: argparse printed why
+        leave(stop.code if isinstance(stop.code, int) else 1)
+    except BaseException:
+        traceback.print_exc()
+        leave(1)
+    leave(0)

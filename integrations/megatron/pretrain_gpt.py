@@ -1,14 +1,15 @@
 """Pretrain a small Megatron-core GPT with MARS-M: tensor, data parallelism, distributed optimizer.
 
-    torchrun --nproc-per-node 4 integrations/megatron/pretrain_gpt.py \
+    torchrun --nproc-per-node 4 pretrain_gpt.py \
         --tensor-model-parallel-size 2 --use-distributed-optimizer --bf16
 
-(or ``bash launch/megatron.sh``). This is a plain megatron-core training loop: Megatron's
-``GPTModel``, its ``DistributedDataParallel``, its LR/weight-decay scheduler and its
-``dist_checkpointing``. The one MARS-M line is the optimizer builder:
+(from this folder; or ``bash launch/megatron.sh`` from the repository). Copy this folder and
+``pip install "marsm-dist[megatron]"``: nothing else is needed. This is a plain megatron-core
+training loop: Megatron's ``GPTModel``, its ``DistributedDataParallel``, its LR/weight-decay
+scheduler and its ``dist_checkpointing``. The one MARS-M line is the optimizer builder:
 ``get_megatron_marsm_optimizer`` where Megatron has ``get_megatron_optimizer``, with the
-``--marsm-*`` flags from ``add_marsm_args``. The corpus is the Python standard library's source,
-as bytes (vocabulary 256), so nothing is downloaded.
+``--marsm-*`` flags from ``add_marsm_args``. ``corpus.py`` beside it holds the data: the Python
+standard library's source, as bytes (vocabulary 256), so nothing is downloaded.
 
 Needs CUDA GPUs (NCCL): megatron-core's GPT and DDP code paths call ``torch.cuda``.
 """
@@ -16,25 +17,31 @@ Needs CUDA GPUs (NCCL): megatron-core's GPT and DDP code paths call ``torch.cuda
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import sys
 import time
+import traceback
+from collections.abc import Callable
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+from corpus import Windows, causal_mask, stdlib_bytes  # corpus.py, beside this script
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from marsm_dist.adapters.megatron import add_marsm_args, get_megatron_marsm_optimizer, marsm_kwargs_from_args
-from marsm_dist.demo.data import Batches, share, stdlib_corpus
-from marsm_dist.demo.dist_env import run_rank
-from marsm_dist.demo.megatron_setup import causal_mask, gpt_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,11 +71,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return add_marsm_args(p).parse_args(argv)
 
 
-def build_model(args: argparse.Namespace):
-    """A byte-level GPT with Megatron's local (no Transformer Engine) layer spec, the demo's model."""
-    return gpt_model(args.hidden_size, args.num_layers, args.num_attention_heads, args.seq_length,
-                     tensor_parallel=args.tensor_model_parallel_size, bf16=args.bf16,
-                     num_query_groups=args.num_query_groups, ffn_hidden_size=args.ffn_hidden_size)
+def build_model(args: argparse.Namespace) -> GPTModel:
+    """A byte-level GPT (vocabulary 256, RoPE, no dropout) with Megatron's local layer spec (no
+    Transformer Engine). Weights are initialized on the CPU from torch's seed, so they are the
+    same at every tensor-parallel size (a checkpoint resumes at another TP size)."""
+    config = TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+        tensor_model_parallel_size=args.tensor_model_parallel_size, bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32, use_cpu_initialization=True,
+        gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
+        # The fused kernels come with Apex / Transformer Engine, which this recipe does not need.
+        bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
+        persist_layer_norm=False)
+    return GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=256,
+                    max_sequence_length=args.seq_length, position_embedding_type="rope")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,13 +120,20 @@ def main(argv: list[str] | None = None) -> None:
     first = 0
     if args.load:
         first = load_checkpoint(args.load, ddp, optimizer, scheduler)
+    train(args, ddp, optimizer, scheduler, first, device)
+    if args.save:
+        save_checkpoint(args.save, ddp, optimizer, scheduler, args.train_iters)
 
+
+def train(args: argparse.Namespace, ddp: DistributedDataParallel, optimizer, scheduler, first: int,
+          device: torch.device) -> None:
+    """Iterations ``first`` to ``--train-iters``: Megatron's forward, backward, gradient
+    all-reduce (``finalize_model_grads``), optimizer and scheduler step; rank 0 logs."""
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     if args.global_batch_size % dp:
         raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by DP={dp}")
     micro = args.global_batch_size // dp
-    train, val = stdlib_corpus()
-    batches = Batches(train, val, args.global_batch_size, args.seq_length, args.seed)
+    windows = Windows(stdlib_bytes(), args.seq_length, args.seed)
     mask = causal_mask(args.seq_length, device)
     position_ids = torch.arange(args.seq_length, device=device).unsqueeze(0).expand(micro, -1)
     rank0 = dist.get_rank() == 0
@@ -119,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
 
     start, step_ms = time.perf_counter(), 0.0
     for it in range(first, args.train_iters):
-        x, y = share(batches.batch(it), dp_rank, dp)
+        x, y = windows.batch(it, args.global_batch_size, dp_rank, dp)
         x = x.to(device)
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
@@ -139,8 +163,6 @@ def main(argv: list[str] | None = None) -> None:
                   f"lr {optimizer.param_groups[0]['lr']:.2e} grad_norm {float(grad_norm or 0.0):.3f} "
                   f"{tokens / (time.perf_counter() - start):,.0f} tok/s optimizer {step_ms / n:.1f} ms/step",
                   flush=True)
-    if args.save:
-        save_checkpoint(args.save, ddp, optimizer, scheduler, args.train_iters)
 
 
 def save_checkpoint(path: str, ddp: DistributedDataParallel, optimizer, scheduler, iteration: int) -> None:
@@ -166,5 +188,38 @@ def load_checkpoint(path: str, ddp: DistributedDataParallel, optimizer, schedule
     return int(loaded["iteration"])
 
 
+def run_and_exit(body: Callable[[], None]) -> NoReturn:
+    """Run ``body``, then leave: exit code 0, or 1 with the traceback printed.
+
+    The ending is deliberate. torch 2.13's gloo processes now and then abort at interpreter exit
+    ("terminate called without an active exception", SIGABRT) unless they barrier and destroy the
+    process group first; ``os._exit`` then skips the teardown that triggers it. Before that,
+    helper processes are stopped: Megatron's checkpoint writer starts a multiprocessing manager,
+    which would outlive ``os._exit`` and hold torchrun's pipes open.
+    """
+    code = 1
+    try:
+        body()
+        code = 0
+    except SystemExit as stop:  # --help, a usage error or a refusal of the flags: no traceback
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    except BaseException:
+        traceback.print_exc()
+    try:
+        if dist.is_initialized():
+            if code == 0:  # a failed rank skips the barrier: the others would wait for it in vain
+                dist.barrier()
+            dist.destroy_process_group()
+    except Exception as err:  # a peer already gone: nothing left to synchronize with
+        print(f"process-group teardown failed: {err}", file=sys.stderr)
+    for child in multiprocessing.active_children():
+        child.terminate()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    run_rank(main)  # barrier, destroy, os._exit: see marsm_dist.demo.dist_env
+    run_and_exit(main)

@@ -45,7 +45,7 @@ def ds_config(cfg: Config, world_size: int) -> dict:
 
 
 class DeepSpeedStepper:
-    """Forward, backward and step through ``deepspeed.initialize``'s engine."""
+    """Forward, backward and step through ``deepspeed.initialize``'s engine; a :class:`~.stepper.Stepper`."""
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         if env.device.type == "cpu":

@@ -7,14 +7,10 @@ own fork/spawn launcher sets them per child, and ``marsm_dist.demo.mpi`` fills t
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
-import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -143,23 +139,3 @@ def finish(ok: bool) -> None:
             print(f"marsm demo: process-group teardown failed: {err}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-
-
-def run_rank(main: Callable[[], None]) -> NoReturn:
-    """Run one rank's ``main`` and leave the process: exit code 0, or 1 with the traceback printed.
-
-    For training scripts started by a launcher (``integrations/``): :func:`finish`, then stop any
-    helper processes this rank started (Megatron's checkpoint writer starts a multiprocessing
-    manager, which would outlive ``os._exit`` and keep the launcher's pipes open), then ``os._exit``.
-    """
-    ok = False
-    try:
-        main()
-        ok = True
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        finish(ok)
-        for child in multiprocessing.active_children():
-            child.terminate()
-        os._exit(0 if ok else 1)

@@ -13,7 +13,8 @@ from .train import Config
 
 
 class FSDP2Stepper:
-    """Forward, backward and step of a ``fully_shard``-ed TinyGPT (gradients are reduced in backward)."""
+    """Forward, backward and step of a ``fully_shard``-ed TinyGPT (gradients are reduced in backward);
+    a :class:`~.stepper.Stepper`."""
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         torch.manual_seed(cfg.seed)  # every rank builds the same full model, then keeps its rows

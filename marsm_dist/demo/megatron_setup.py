@@ -26,9 +26,8 @@ from .train import Config
 
 
 def gpt_model(hidden_size: int, num_layers: int, num_attention_heads: int, seq_length: int, *,
-              tensor_parallel: int = 1, bf16: bool = False, num_query_groups: int | None = None,
-              ffn_hidden_size: int | None = None):
-    """A byte-level (vocabulary 256) megatron-core ``GPTModel`` with the local (no Transformer
+              tensor_parallel: int = 1):
+    """A byte-level (vocabulary 256) fp32 megatron-core ``GPTModel`` with the local (no Transformer
     Engine) layer spec, RoPE, and no dropout. Weights are initialized on the CPU from torch's seed,
     so they are the same for every tensor-parallel size."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -37,9 +36,7 @@ def gpt_model(hidden_size: int, num_layers: int, num_attention_heads: int, seq_l
 
     config = TransformerConfig(
         num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
-        num_query_groups=num_query_groups, ffn_hidden_size=ffn_hidden_size,
-        tensor_model_parallel_size=tensor_parallel, bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32, use_cpu_initialization=True,
+        tensor_model_parallel_size=tensor_parallel, use_cpu_initialization=True,
         gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
         bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
         persist_layer_norm=False)
@@ -79,7 +76,8 @@ def _muon(config, ddp, cfg: Config):
 
 
 class MegatronStepper:
-    """Forward, backward (Megatron DDP's gradient all-reduce) and step of a megatron-core GPT.
+    """Forward, backward (Megatron DDP's gradient all-reduce) and step of a megatron-core GPT; a
+    :class:`~.stepper.Stepper`.
 
     The first stepper in a process sets up Megatron's parallel state (tensor-parallel groups of
     ``cfg.tensor_parallel`` ranks, data-parallel over the rest); later ones reuse it.

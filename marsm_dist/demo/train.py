@@ -11,6 +11,7 @@ import torch
 
 from .data import Batches
 from .dist_env import DistEnv
+from .stepper import Stepper
 
 OPTIMIZERS = ("marsm", "muon", "adamw")
 
@@ -99,7 +100,8 @@ def lr_factor(step: int, cfg: Config) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train(cfg: Config, batches: Batches, env: DistEnv, stepper, on_step: Callable | None = None) -> Result:
+def train(cfg: Config, batches: Batches, env: DistEnv, stepper: Stepper,
+          on_step: Callable | None = None) -> Result:
     """``cfg.steps`` steps of ``stepper`` (fsdp2_setup, deepspeed_setup, megatron_setup) on its
     ``data_parallel = (rank, size)`` share of each global batch. ``on_step(step, result,
     opt_seconds)`` is called after every step (rank 0's bar)."""

@@ -17,10 +17,12 @@ from .data import Batches, stdlib_corpus
 from .dist_env import DistEnv, finish, init_from_env
 from .ns_dtype import resolve_ns_dtype
 from .progress import ProgressBar
+from .stepper import Stepper
 from .train import Config, Result, train
 
 
-def _stepper(cfg: Config, env: DistEnv):
+def _stepper(cfg: Config, env: DistEnv) -> Stepper:
+    """The framework's :class:`Stepper` for ``cfg`` (imported here: each needs its framework)."""
     if cfg.framework == "megatron":
         from .megatron_setup import MegatronStepper
 
