@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--ns-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = ap.parse_args()
-    from tests.distributed import run_distributed
+    from tests.helpers.distributed import run_distributed
 
     shape = tuple(int(x) for x in args.shape.split("x"))
     res = run_distributed(rank_run, 2, shape, args.matrices, args.repeats, args.ns_dtype,

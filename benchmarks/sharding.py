@@ -100,7 +100,7 @@ def topology_table(worlds=(8, 64, 512), sample_ranks: int = 64) -> list[dict]:
 
 def step_time_run(rank, world_size, d, layers, steps, threads):
     from marsm_dist import MARSM, param_groups
-    from tests import fsdp2_models as fm  # the FSDP2 tests' GPT and their way of sharding it
+    from tests.helpers import fsdp2_models as fm  # the FSDP2 tests' GPT and their way of sharding it
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -121,7 +121,7 @@ def step_time_run(rank, world_size, d, layers, steps, threads):
 
 
 def step_times(d: int, layers: int, steps: int) -> list[dict]:
-    from tests.distributed import run_distributed
+    from tests.helpers.distributed import run_distributed
 
     shapes = gpt_matrices(d, layers)
     rows = []

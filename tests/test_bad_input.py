@@ -14,10 +14,10 @@ import math
 import pytest
 import torch
 
-from tests import fsdp2_models as fm
-from tests import problem
-from tests.distributed import run_distributed
-from tests.test_optimizer_api import assert_same, make, snapshot, train
+from tests.helpers import fsdp2_models as fm
+from tests.helpers import problem
+from tests.helpers.distributed import run_distributed
+from tests.helpers.optimizer_runs import assert_same, make, snapshot, train
 
 # name -> (group key, value written into param group 0 after two steps, error type, words)
 GROUP_VALUES = {

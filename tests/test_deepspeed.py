@@ -17,8 +17,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 deepspeed = pytest.importorskip("deepspeed")
 
 import marsm_dist.adapters.deepspeed  # noqa: E402,F401  (the one import users add)
-from tests import fsdp2_models as fm  # noqa: E402
-from tests.distributed import run_distributed  # noqa: E402
+from tests.helpers import fsdp2_models as fm  # noqa: E402
+from tests.helpers.distributed import run_distributed  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 STEPS = 10

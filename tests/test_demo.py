@@ -3,43 +3,16 @@
 from __future__ import annotations
 
 import json
-import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from marsm_dist.demo.__main__ import main
+from tests.helpers.demo_runs import TINY, check_summary
+from tests.helpers.launch_env import launcher_env
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--d-model", "32", "--heads", "2", "--layers", "1", "--batch-size", "8", "--seq-len", "32",
-        "--log-every", "20"]
-
-
-def _launch_env() -> dict:
-    env = dict(os.environ, MARSM_SKIP_SETUP="1")
-    if (Path(sys.prefix) / "bin" / "python").exists():  # the scripts use the venv running the tests
-        env["MARSM_VENV"] = sys.prefix
-    return env
-
-
-def _check_summary(path: Path, optimizers: list[str], steps: int, world_size: int = 2) -> None:
-    summary = json.loads(path.read_text())
-    assert summary["world_size"] == world_size
-    assert [r["optimizer"] for r in summary["results"]] == optimizers
-    for r in summary["results"]:
-        losses = r["losses"]
-        assert len(losses) == steps and all(math.isfinite(x) for x in losses), r["optimizer"]
-        # Bytes start near ln(256) = 5.55; the runs must make clear progress. (AdamW at its
-        # default 1e-3, best for the full-size demo model, drops about 0.7 in 30 steps of the tiny
-        # model here; MARS-M and Muon about 2.5.)
-        assert sum(losses[-5:]) / 5 < losses[0] - 0.5, (r["optimizer"], losses)
-        assert math.isfinite(r["val_loss"]) and r["val_loss"] < losses[0] - 0.5
-        assert r["opt_step_ms"] > 0 and r["tokens_per_s"] > 0
-
-
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_demo_script_trains_every_optimizer(tmp_path):
@@ -48,13 +21,13 @@ def test_demo_script_trains_every_optimizer(tmp_path):
     out = subprocess.run(
         ["bash", "launch/demo.sh", "--steps", "40", *TINY, "--json", str(tmp_path / "s.json"),
          "--png", str(tmp_path / "loss.png")],
-        cwd=ROOT, env=_launch_env(), capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "fsdp2 on 2 rank(s)" in out.stdout and "train loss" in out.stdout
     for name in ("marsm", "muon", "adamw"):
         assert any(line.startswith(name) for line in out.stdout.splitlines()), out.stdout
         assert f"{name} [" in out.stderr  # its progress bar
-    _check_summary(tmp_path / "s.json", ["marsm", "muon", "adamw"], 40)
+    check_summary(tmp_path / "s.json", ["marsm", "muon", "adamw"], 40)
     png = (tmp_path / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
@@ -66,7 +39,7 @@ def test_demo_exact_mode_in_process(tmp_path):
     code = main(["--optimizers", "marsm", "--mode", "exact", "--steps", "30", *TINY,
                  "--json", str(tmp_path / "s.json"), "--png", str(tmp_path / "loss.png")])
     assert code == 0
-    _check_summary(tmp_path / "s.json", ["marsm"], 30)
+    check_summary(tmp_path / "s.json", ["marsm"], 30)
 
 
 @pytest.mark.distributed
@@ -78,7 +51,7 @@ def test_demo_deepspeed_framework_uses_the_json_route(tmp_path):
                  "--steps", "30", *TINY, "--json", str(tmp_path / "s.json"),
                  "--png", str(tmp_path / "l.png")])
     assert code == 0
-    _check_summary(tmp_path / "s.json", ["marsm", "adamw"], 30)
+    check_summary(tmp_path / "s.json", ["marsm", "adamw"], 30)
     assert json.loads((tmp_path / "s.json").read_text())["config"]["framework"] == "deepspeed"
 
 

@@ -1,5 +1,5 @@
 """The demo's --framework megatron: real megatron-core (GPTModel, DDP, its optimizer wrappers) under
-torchrun. megatron-core's GPT needs CUDA; tests/megatron_cpu_site puts the test-only CPU shim into
+torchrun. megatron-core's GPT needs CUDA; tests/helpers/megatron_cpu_site puts the test-only CPU shim into
 the ranks torchrun starts, so the demo itself runs unchanged. The independent check: Megatron's CPU
 initialization and MARS-M's gathered Newton-Schulz make the loss curves at tensor-parallel size 2,
 and with the optimizer state sharded over data-parallel ranks, the same as at size 1 unsharded."""
@@ -7,15 +7,14 @@ and with the optimizer state sharded over data-parallel ranks, the same as at si
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.distributed import _free_port
-from tests.test_demo import TINY, _check_summary, _launch_env
+from tests.helpers.demo_runs import TINY, check_summary
+from tests.helpers.launch_env import launcher_env, megatron_cpu_env
 
 pytest.importorskip("megatron.core")
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,9 +23,7 @@ STEPS = 30
 
 
 def _torchrun_demo(tmp_path: Path, name: str, *args: str) -> tuple[str, dict]:
-    env = dict(_launch_env(), NUM_PROCS="2", MASTER_PORT=str(_free_port()), MARSM_TEST_MEGATRON_CPU="1",
-               OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "megatron_cpu_site")]))
+    env = megatron_cpu_env(NUM_PROCS="2")
     summary = tmp_path / f"{name}.json"
     out = subprocess.run(["bash", "launch/torchrun.sh", "--framework", "megatron", "--steps", str(STEPS),
                           *TINY, *args, "--json", str(summary), "--png", str(tmp_path / f"{name}.png")],
@@ -39,7 +36,7 @@ def test_megatron_demo_compares_optimizers_and_parallelism_changes_nothing(tmp_p
     """TP=1 with all three optimizers; TP=2 and the distributed optimizer must give the same curves."""
     log1, tp1 = _torchrun_demo(tmp_path, "tp1")
     assert "megatron-core GPTModel" in log1 and "tensor-parallel size 1" in log1
-    _check_summary(tmp_path / "tp1.json", ["marsm", "muon", "adamw"], STEPS)
+    check_summary(tmp_path / "tp1.json", ["marsm", "muon", "adamw"], STEPS)
     log2, tp2 = _torchrun_demo(tmp_path, "tp2", "--tensor-parallel", "2", "--optimizers", "marsm,adamw")
     assert "tensor-parallel size 2" in log2
     assert tp2["config"]["tensor_parallel"] == 2
@@ -54,7 +51,7 @@ def test_megatron_demo_compares_optimizers_and_parallelism_changes_nothing(tmp_p
 
 def test_megatron_demo_on_a_cpu_says_it_needs_gpus():
     out = subprocess.run([sys.executable, "-m", "marsm_dist.demo", "--framework", "megatron", "--world-size",
-                          "1", "--steps", "1", *TINY], cwd=ROOT, env=_launch_env(), capture_output=True,
+                          "1", "--steps", "1", *TINY], cwd=ROOT, env=launcher_env(), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode != 0
     assert "--framework megatron needs CUDA GPUs" in out.stderr and "--framework fsdp2" in out.stderr

@@ -11,7 +11,7 @@ from marsm_dist.newton_schulz import NS_COEFFICIENTS, newton_schulz
 from marsm_dist.orthogonalize import NSConfig
 from marsm_dist.sharding import MatrixLayout, Piece, ShardingEngine, cut, row_chunks
 from marsm_dist.sharding.exchange import ReplicaGroup
-from tests.distributed import run_distributed
+from tests.helpers.distributed import run_distributed
 
 pytestmark = pytest.mark.distributed
 FP32 = NSConfig(5, torch.float32, NS_COEFFICIENTS)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests import fsdp2_models as fm
-from tests.distributed import run_distributed
+from tests.helpers import fsdp2_models as fm
+from tests.helpers.distributed import run_distributed
 
 pytestmark = pytest.mark.distributed
 STEPS = 10

@@ -16,8 +16,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from tests import fsdp2_models as fm
-from tests.distributed import run_distributed
+from tests.helpers import fsdp2_models as fm
+from tests.helpers.distributed import run_distributed
 
 pytestmark = pytest.mark.distributed
 KW = dict(ns_dtype=torch.float32)

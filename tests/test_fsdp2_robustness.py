@@ -9,8 +9,8 @@ from torch import nn
 
 from marsm_dist import NonFiniteGradError
 from marsm_dist.newton_schulz import newton_schulz_flops
-from tests import fsdp2_models as fm
-from tests.distributed import run_distributed
+from tests.helpers import fsdp2_models as fm
+from tests.helpers.distributed import run_distributed
 
 pytestmark = pytest.mark.distributed
 

@@ -6,7 +6,6 @@ engaged, and the losses of a single-process run."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from marsm_dist import MARSM, param_groups  # noqa: E402
 from marsm_dist.adapters.hf import MARSMForTrainer  # noqa: E402
+from tests.helpers.launch_env import launcher_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "integrations" / "hf"
@@ -80,12 +80,10 @@ def _process_groups_the_factory_picks(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.distributed
-def test_the_factory_shares_newton_schulz_over_ddp_replicas_only():
+def test_the_factory_shares_newton_schulz_over_ddp_replicas_only(run_ranks):
     """Plain replicated parameters (the Trainer's DDP) get the world group; FSDP2's DTensors and
     DeepSpeed's partitions bring their own, so the factory leaves it unset there."""
-    from tests.distributed import run_distributed
-
-    for picked in run_distributed(_process_groups_the_factory_picks, 2, timeout=120):
+    for picked in run_ranks(_process_groups_the_factory_picks, 2, timeout=120):
         assert picked == {"ddp": True, "opted_out": True, "fsdp2": True, "deepspeed": True}
 
 
@@ -94,11 +92,11 @@ def _launch(script: str, out: Path, *extra: str, procs: int = 2, shim: str | Non
             batch: int = 8) -> dict:
     """torchrun the recipe; return rank 0's JSON with the other ranks' MARS-M figures added."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-    cmd += [str(ROOT / "tests" / "hf_cpu_run.py")] if shim else []
+    cmd += [str(ROOT / "tests" / "helpers" / "hf_cpu_run.py")] if shim else []
     log = out.parent / f"{out.name}.json"
     cmd += [str(RECIPES / script), "--output-dir", str(out), "--steps", str(STEPS), "--save-steps",
             str(SAVE_AT), "--ns-dtype", "float32", "--batch-size", str(batch), "--log-json", str(log), *extra]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    env = launcher_env(DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
     if shim:
         env["HF_CPU_DISTRIBUTED_TYPE"] = shim
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

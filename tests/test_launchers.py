@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.distributed import _free_port
+from tests.helpers.launch_env import launcher_env
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -19,11 +18,7 @@ TINY = ["--steps", "4", "--d-model", "32", "--heads", "2", "--layers", "1", "--b
 
 
 def _env(**extra: str) -> dict:
-    env = dict(os.environ, MARSM_SKIP_SETUP="1", NUM_PROCS="2", MASTER_PORT=str(_free_port()), **extra)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    if (Path(sys.prefix) / "bin" / "python").exists():  # the scripts use the venv running the tests
-        env["MARSM_VENV"] = sys.prefix
-    return env
+    return launcher_env(NUM_PROCS="2", **extra)
 
 
 def _run_demo_launcher(cmd: list[str], tmp_path: Path, env: dict) -> subprocess.CompletedProcess:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from marsm_dist import MARSM, param_groups
-from tests.distributed import _free_port
+from tests.helpers.launch_env import launcher_env
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +51,7 @@ def _recipe_model():
 def _train(tmp: Path, name: str, strategy: str, *extra: str) -> tuple[dict, str]:
     """Run the recipe at 2 ranks; returns rank 0's JSON log and the combined output."""
     # One thread per rank (2 cores); MASTER_PORT: Lightning's launcher takes it from the environment.
-    env = dict(os.environ, MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    env = launcher_env(OMP_NUM_THREADS="1")
     log = tmp / f"{name}.json"
     out = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--strategy", strategy, *FLAGS,
                           "--ckpt-dir", str(tmp / name), "--log-json", str(log), *extra],

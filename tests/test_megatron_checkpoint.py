@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from tests.distributed import run_distributed  # noqa: E402
-from tests.test_megatron import batch, build_gpt, full_params, setup  # noqa: E402
+from tests.helpers.distributed import run_distributed  # noqa: E402
+from tests.helpers.megatron_gpt import batch, build_gpt, full_params, setup  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 HALF = 4

@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 pytest.importorskip("megatron.core")
 
-from tests.distributed import run_with_fake_group  # noqa: E402
+from tests.helpers.distributed import run_with_fake_group  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 TP = 2
@@ -58,7 +58,7 @@ def build_on_meta(rank, world_size):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from marsm_dist.adapters.megatron import ShardedMARSMOptimizer, marsm_routes
-    from tests.megatron_cpu_shim import CpuCudaShim
+    from tests.helpers.megatron_cpu_shim import CpuCudaShim
 
     CpuCudaShim(device="meta").install()  # Megatron's CUDA tensors (parameters, buffers) go to meta
     ps.initialize_model_parallel(tensor_model_parallel_size=TP, create_gloo_process_groups=False)

@@ -1,20 +1,18 @@
 """launch/megatron.sh runs the real integrations/megatron/pretrain_gpt.py under torchrun: train and
 save a dist-checkpoint with the distributed optimizer at TP=1/DP=2, then resume it at TP=2/DP=1.
-megatron-core's GPT needs CUDA; tests/megatron_cpu_site puts the test-only CPU shim into the
+megatron-core's GPT needs CUDA; tests/helpers/megatron_cpu_site puts the test-only CPU shim into the
 ranks torchrun starts (the script and the launcher are unchanged)."""
 
 from __future__ import annotations
 
 import math
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.distributed import _free_port
+from tests.helpers.launch_env import megatron_cpu_env
 
 pytest.importorskip("megatron.core")
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,10 +22,7 @@ MODEL = ["--hidden-size", "32", "--num-layers", "1", "--seq-length", "32", "--gl
 
 
 def launch(*args: str) -> str:
-    env = dict(os.environ, MARSM_SKIP_SETUP="1", NUM_PROCS="2", MASTER_PORT=str(_free_port()),
-               MARSM_TEST_MEGATRON_CPU="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests" / "megatron_cpu_site")]),
-               MARSM_VENV=str(Path(sys.executable).parents[1]))
+    env = megatron_cpu_env(NUM_PROCS="2")
     out = subprocess.run(["bash", "launch/megatron.sh", *MODEL, *args], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -11,8 +11,8 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from tests.distributed import run_distributed  # noqa: E402
-from tests.test_megatron import batch, build_gpt, full_params, setup, single_process_groups  # noqa: E402
+from tests.helpers.distributed import run_distributed  # noqa: E402
+from tests.helpers.megatron_gpt import batch, build_gpt, full_params, setup, single_process_groups  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 STEPS = 8

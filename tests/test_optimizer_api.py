@@ -2,41 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from marsm_dist import MARSM, NonFiniteGradError
-from tests import problem
-
-
-def make(approx=True, **kw):
-    params = problem.leaf_params()
-    kw.setdefault("ns_dtype", torch.float32)
-    return params, MARSM(problem.groups(params), lr=problem.BASE_LR, approx=approx, **kw)
-
-
-def train(params, opt, steps, start=0, approx=True):
-    problem.train(params, opt, start, start + steps, approx=approx)
-
-
-def snapshot(params, opt):
-    return copy.deepcopy({n: p.detach() for n, p in params.items()}), copy.deepcopy(opt.state_dict())
-
-
-def assert_same(a, b):
-    pa, sa = a
-    pb, sb = b
-    for n in pa:
-        assert torch.equal(pa[n], pb[n]), n
-    assert sa["state"].keys() == sb["state"].keys()
-    for i, st in sa["state"].items():
-        assert st.keys() == sb["state"][i].keys()
-        for k, v in st.items():
-            other = sb["state"][i][k]
-            assert torch.equal(v, other) if torch.is_tensor(v) else v == other, (i, k)
-
+from tests.helpers import problem
+from tests.helpers.optimizer_runs import assert_same, make, snapshot, train
 
 BAD_ARGS = [
     ("lr", -1e-3), ("weight_decay", -0.1), ("momentum", 1.0), ("momentum", -0.1),

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
-from tests import resume_worker
+from tests.helpers import resume_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_worker(*args: str) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    subprocess.run([sys.executable, "-m", "tests.resume_worker", *args], cwd=ROOT, env=env,
+    subprocess.run([sys.executable, "-m", "tests.helpers.resume_worker", *args], cwd=ROOT, env=env,
                    check=True, timeout=120)
 
 

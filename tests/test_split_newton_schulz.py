@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from marsm_dist.newton_schulz import newton_schulz
 from marsm_dist.sharding.split_newton_schulz import split_newton_schulz
-from tests.distributed import run_distributed
+from tests.helpers.distributed import run_distributed
 
 
 def full_matrix(shape):

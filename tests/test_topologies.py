@@ -21,8 +21,8 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.utils.flop_counter import FlopCounterMode
 
-from tests import fsdp2_models as fm
-from tests.distributed import run_distributed
+from tests.helpers import fsdp2_models as fm
+from tests.helpers.distributed import run_distributed
 
 pytestmark = pytest.mark.distributed
 STEPS = 10

@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.distributed import run_distributed
+from tests.helpers.distributed import run_distributed
 
 pytest.importorskip("torchtitan")
 

@@ -1,4 +1,4 @@
-"""MARSM against the independent reference (tests/reference_marsm.py) over whole trajectories.
+"""MARSM against the independent reference (tests/helpers/reference_marsm.py) over whole trajectories.
 
 Each side computes its own gradients on its own weights, so a wrong update anywhere feeds back
 into every later gradient. With fp32 Newton-Schulz the optimizer must match an fp32 evaluation
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from marsm_dist import MARSM
-from tests import problem
-from tests.reference_marsm import ReferenceMARSM
+from tests.helpers import problem
+from tests.helpers.reference_marsm import ReferenceMARSM
 
 STEPS = 20
 

@@ -33,8 +33,8 @@ def _batch(t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _gpt(device: torch.device) -> torch.nn.Module:
     # The FSDP2 tests' GPT: its QKV has no bias, whose key part would get an exactly zero gradient
-    # that Adam turns into rounding-noise steps, different in two exact runs (tests/fsdp2_models.py).
-    from tests.fsdp2_models import GPT
+    # that Adam turns into rounding-noise steps, different in two exact runs (tests/helpers/fsdp2_models.py).
+    from tests.helpers.fsdp2_models import GPT
 
     torch.manual_seed(0)
     return GPT(d=64, layers=2, heads=4, seq_len=SEQ).to(device)
@@ -114,7 +114,7 @@ def megatron(rank: int, world: int, device: torch.device) -> dict:
     """megatron-core GPTModel in Megatron's DDP with the distributed optimizer, MARSM from
     get_megatron_marsm_optimizer: steps run, the loss stays finite and falls on a repeated batch."""
     if device.type == "cpu":  # dry mode: megatron-core's GPT and DDP call torch.cuda
-        from tests.megatron_cpu_shim import CpuCudaShim
+        from tests.helpers.megatron_cpu_shim import CpuCudaShim
 
         CpuCudaShim().install()
     from megatron.core import parallel_state as ps

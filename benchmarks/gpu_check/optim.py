@@ -45,14 +45,14 @@ def full_fp32() -> Iterator[None]:
 
 def _problem():
     try:
-        from tests import problem
+        from tests.helpers import problem
     except ImportError as err:
-        raise Skip(f"tests/problem.py not importable ({err}); run from the repository root") from err
+        raise Skip(f"tests/helpers/problem.py not importable ({err}); run from the repository root") from err
     return problem
 
 
 def _trajectory(device: torch.device, dtype: torch.dtype, approx: bool) -> dict[str, torch.Tensor]:
-    """tests/problem.py's problem (every parameter kind, three group styles, an LR schedule)
+    """tests/helpers/problem.py's problem (every parameter kind, three group styles, an LR schedule)
     stepped by MARSM on ``device`` in ``dtype`` with Newton-Schulz in ``dtype``; final weights."""
     problem = _problem()
     params = {n: p.to(device).requires_grad_() for n, p in problem.initial_params(dtype).items()}
@@ -128,9 +128,9 @@ def _matrices_only(device: torch.device):
 
 def _mixed_groups(device: torch.device):
     try:
-        from tests.fsdp2_models import GPT  # every parameter kind: matrices, embeddings, tied head, 1-D
+        from tests.helpers.fsdp2_models import GPT  # every parameter kind: matrices, embeddings, tied head, 1-D
     except ImportError as err:
-        raise Skip(f"tests/fsdp2_models.py not importable ({err}); run from the repository root") from err
+        raise Skip(f"tests/helpers/fsdp2_models.py not importable ({err}); run from the repository root") from err
     torch.manual_seed(0)
     model = GPT(d=64, layers=2, heads=4, seq_len=32).to(device)
     opt = MARSM(param_groups(model), lr=0.01)

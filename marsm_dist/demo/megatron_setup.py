@@ -10,7 +10,7 @@ optimizers built the way a Megatron training script builds them.
   tensor-parallel block on its own, so the command line allows Muon only at tensor-parallel size 1.
 
 ``--distributed-optimizer`` shards the optimizer state over the data-parallel ranks: MARS-M's own
-sharding (``megatron_sharded``) and Megatron's ``DistributedOptimizer`` for AdamW.
+sharding (``marsm_dist.adapters.megatron.sharded``) and Megatron's ``DistributedOptimizer`` for AdamW.
 Weight decay follows Megatron's rule for every optimizer: none on biases and 1-D parameters.
 megatron-core's GPT forward and DDP buffers assume CUDA, so this needs GPUs.
 """

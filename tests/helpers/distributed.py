@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -65,7 +65,7 @@ def _worker(fn, rank: int, world_size: int, port: int | None, out: Path, args: t
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 180.0) -> list:
     """``fn(rank, world_size, *args)`` on every rank; returns the ranks' results in rank order."""
-    return _run(fn, world_size, range(world_size), _free_port(), args, timeout)
+    return _run(fn, world_size, range(world_size), free_port(), args, timeout)
 
 
 def run_with_fake_group(fn, world_size: int, *args, rank: int = 0, timeout: float = 180.0):

@@ -1,6 +1,6 @@
 """Run an ``integrations/hf`` recipe on CPU ranks through the framework's real distributed path.
 
-    torchrun --standalone --nproc_per_node 2 tests/hf_cpu_run.py SCRIPT [ARGS...]
+    torchrun --standalone --nproc_per_node 2 tests/helpers/hf_cpu_run.py SCRIPT [ARGS...]
 
 On a machine without GPUs, Accelerate gives a torchrun job ``DistributedType.NO`` (each process
 thinks it is alone) unless the Trainer runs with ``use_cpu=True``, which turns FSDP and DeepSpeed

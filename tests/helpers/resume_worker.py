@@ -8,7 +8,7 @@ import sys
 import torch
 
 from marsm_dist import MARSM
-from tests import problem
+from tests.helpers import problem
 
 
 def build(approx: bool):
