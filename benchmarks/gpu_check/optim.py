@@ -128,9 +128,11 @@ def _matrices_only(device: torch.device):
 
 def _mixed_groups(device: torch.device):
     try:
-        from tests.helpers.fsdp2_models import GPT  # every parameter kind: matrices, embeddings, tied head, 1-D
+        # every parameter kind: matrices, embeddings, tied head, 1-D
+        from tests.helpers.fsdp2_models import GPT
     except ImportError as err:
-        raise Skip(f"tests/helpers/fsdp2_models.py not importable ({err}); run from the repository root") from err
+        raise Skip(f"tests/helpers/fsdp2_models.py not importable ({err}); run from the repository "
+                   "root") from err
     torch.manual_seed(0)
     model = GPT(d=64, layers=2, heads=4, seq_len=32).to(device)
     opt = MARSM(param_groups(model), lr=0.01)
