@@ -16,7 +16,6 @@ from ._step import (
     adamw_step,
     finish_matrices,
     orthogonalize_and_apply,
-    step_statistics,
     update_momenta,
 )
 from ._step_checks import UNTOUCHED, local_problem, warn_no_gradients
@@ -26,6 +25,7 @@ from ._step_inputs import (
     describe_nonfinite,
     param_name,
 )
+from ._step_statistics import step_statistics
 from ._timing import PhaseTimer
 from ._validation import (
     check_no_duplicates,

@@ -39,7 +39,7 @@ MUTANTS = {
         '                    state[work.params[j]]["last_grad"] = g_\n',
     ),
     "exact mode uses the new look-ahead at once": (
-        "marsm_dist/_step.py",
+        "marsm_dist/_step_statistics.py",
         '        prev = work.local_state(state, "last_grad")\n',
         '        prev = work.local_state(state, "last_grad" if work.group["approx"] else "lookahead_grad")\n',
     ),
@@ -75,7 +75,7 @@ MUTANTS = {
         ["tests/test_fsdp2.py"],
     ),
     "every replica adds its norm (replicated matrices clipped by sqrt(copies) x their norm)": (
-        "marsm_dist/_step.py",
+        "marsm_dist/_step_statistics.py",
         "shared_sq = [norms[k] if distributor.counts_here(index[k]) else norms[k] * 0.0 for k in shared]",
         "shared_sq = [norms[k] for k in shared]",
         ["tests/test_topologies.py"],
@@ -100,7 +100,7 @@ MUTANTS = {
         ["tests/test_split_newton_schulz.py"],
     ),
     "a host read per matrix": (
-        "marsm_dist/_step.py",
+        "marsm_dist/_step_statistics.py",
         "    clipped = sum(1 for k, f in enumerate(factors) if active[k] and f < 1.0)\n",
         "    clipped = sum(1 for k, f in enumerate(factors) if active[k] and f < 1.0)\n"
         "    clipped += sum(int(bool(x > 1.0)) * 0 for x in norms)\n",
