@@ -106,8 +106,9 @@ def _built_by_trainer() -> bool:
 def refuse_unrouted_trainer_groups(groups: list[dict[str, Any]]) -> None:
     """Refuse ``optimizer_cls_and_kwargs=(MARSM, ...)``: the Trainer's groups would send its
     embeddings and head (2-D) to MARS-M. Groups that say ``use_marsm`` are the user's choice."""
-    unrouted = [p for g in groups if g.get("use_marsm") is None for p in g["params"] if p.dim() >= 2]
-    if not unrouted or not _built_by_trainer():
+    if not _built_by_trainer():  # one dict lookup when transformers' Trainer is not even imported
+        return
+    if not any(p.dim() >= 2 for g in groups if g.get("use_marsm") is None for p in g["params"]):
         return
     raise TypeError(
         "MARSM was built by the Hugging Face Trainer from its own param groups, which carry no "
