@@ -7,6 +7,13 @@ fails makes the parent stop the others at once, and a hang fails after ``timeout
 ``run_with_fake_group`` plays one rank of a larger world in a single forked process, over torch's
 fake backend registered for the meta device only: like NCCL on a GPU, that group refuses CPU
 tensors ("No backend type associated with device type cpu"); meta tensors pass and move no data.
+``run_fake_ranks`` plays every rank that way, each in its own process.
+
+Every rank records the collectives it issues (``collective_order.CollectiveLog``), and when all
+ranks succeed their records are checked against NCCL's ordering rules
+(``check_collective_order``): a run whose ranks would hang on NCCL fails here, on gloo or on the
+fake group, even where gloo itself copes. A test of deliberately mismatched ranks passes
+``check_order=False``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tests.helpers.collective_order import CollectiveLog, check_collective_order
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -33,6 +42,7 @@ def free_port() -> int:
 
 def _worker(fn, rank: int, world_size: int, port: int | None, out: Path, args: tuple) -> None:
     code = 0
+    log = CollectiveLog()
     try:
         torch.set_num_threads(1)
         if port is None:  # a fake meta-only group: this process alone plays `rank`
@@ -42,8 +52,9 @@ def _worker(fn, rank: int, world_size: int, port: int | None, out: Path, args: t
         else:
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                     world_size=world_size, timeout=timedelta(seconds=60))
-        result = fn(rank, world_size, *args)
-        torch.save({"ok": True, "result": result}, out / f"{rank}.pt")
+        with log:
+            result = fn(rank, world_size, *args)
+        torch.save({"ok": True, "result": result, "log": log.events}, out / f"{rank}.pt")
         if port is not None:
             dist.barrier()
     except BaseException:
@@ -63,17 +74,32 @@ def _worker(fn, rank: int, world_size: int, port: int | None, out: Path, args: t
         os._exit(code)
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 180.0) -> list:
-    """``fn(rank, world_size, *args)`` on every rank; returns the ranks' results in rank order."""
-    return _run(fn, world_size, range(world_size), free_port(), args, timeout)
+def run_distributed(fn, world_size: int, *args, timeout: float = 180.0, check_order: bool = True) -> list:
+    """``fn(rank, world_size, *args)`` on every rank; returns the ranks' results in rank order.
+    ``check_order``: check the collectives the ranks issued against NCCL's ordering rules."""
+    return _run(fn, world_size, range(world_size), free_port(), args, timeout, check_order)
 
 
 def run_with_fake_group(fn, world_size: int, *args, rank: int = 0, timeout: float = 180.0):
     """``fn(rank, world_size, *args)`` in one process whose default group is a fake meta-only one."""
-    return _run(fn, world_size, [rank], None, args, timeout)[0]
+    return _run(fn, world_size, [rank], None, args, timeout, False)[0]
 
 
-def _run(fn, world_size: int, ranks, port: int | None, args: tuple, timeout: float) -> list:
+def run_fake_ranks(fn, world_size: int, *args, timeout: float = 180.0, check_order: bool = True) -> list:
+    """``fn(rank, world_size, *args)`` for every rank, each alone in a process over the fake
+    meta-only group (no data moves); the collectives they issue are checked as a whole."""
+    return _run(fn, world_size, range(world_size), None, args, timeout, check_order)
+
+
+def collective_logs(fn, world_size: int, *args, fake: bool = False, timeout: float = 180.0) -> dict:
+    """Run as :func:`run_distributed` (or :func:`run_fake_ranks`) without the order check and
+    return every rank's log of collectives, for a test that checks it itself."""
+    port = None if fake else free_port()
+    return dict(enumerate(_run(fn, world_size, range(world_size), port, args, timeout, False, logs=True)))
+
+
+def _run(fn, world_size: int, ranks, port: int | None, args: tuple, timeout: float, check_order: bool,
+         logs: bool = False) -> list:
     ctx = mp.get_context("fork")
     ranks = list(ranks)
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,4 +130,8 @@ def _run(fn, world_size: int, ranks, port: int | None, args: tuple, timeout: flo
             codes = [procs[ranks.index(r)].exitcode for r in missing]
             raise AssertionError(f"ranks {missing} of {world_size} produced no result (exit codes "
                                  f"{codes}; timeout {timeout}s?)")
+        if logs:
+            return [records[r]["log"] for r in ranks]
+        if check_order:
+            check_collective_order({r: records[r]["log"] for r in ranks})
         return [records[r]["result"] for r in ranks]
