@@ -3,9 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str:
+    """The tree's git commit (with "+changes" when tracked files differ from it), or why it is unknown."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"unknown ({type(err).__name__})"
+    return head + ("+changes" if dirty else "")
+
+
+def now() -> str:
+    """The date and time, UTC, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def save_results(path: Path, key: str, args: argparse.Namespace, machine: dict[str, Any],
@@ -13,7 +34,8 @@ def save_results(path: Path, key: str, args: argparse.Namespace, machine: dict[s
     """Write ``rows`` under ``key`` into the JSON at ``path``, keeping the file's other entries
     (so, e.g., the GPT-2 and demo runs sit side by side)."""
     results = json.loads(path.read_text()) if path.exists() else {}
-    results[key] = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine, "rows": rows}
+    results[key] = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine,
+                    "commit": git_commit(), "date": now(), "rows": rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
     print(f"wrote {path} [{key}]")

@@ -113,6 +113,10 @@ class ParamMap:
             f"in the job needs all matrices on one mesh (e.g. apply the same parallelize/fully_shard "
             f"mesh to every module whose weights take the MARS-M update)")
 
+    def close(self) -> None:
+        """Release the process groups this map's plan made (see ``Distributor.close``)."""
+        self.distributor.close()
+
     @staticmethod
     def key_of(param_groups: list[Group]) -> tuple:
         return tuple((id(p), g["use_marsm"]) for g in param_groups for p in g["params"])

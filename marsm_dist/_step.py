@@ -19,6 +19,7 @@ model.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,7 +54,8 @@ def _pieces(columns: list[list[Tensor]], limit: int) -> tuple[list[list[Tensor]]
     return out, rows
 
 
-def adamw_step(work: GroupWork, state: Mapping, chunk_numel: int) -> None:
+def adamw_step(work: GroupWork, state: Mapping, chunk_numel: int, values: Mapping[str, Any]) -> None:
+    """The AdamW branch of one group. ``values``: its numbers this step (``ReducedStatistics.values``)."""
     g = work.group
     containers = work.containers()  # one count per container, however many slots it holds
     counters = [state[p]["step"] for p in containers]
@@ -68,8 +70,8 @@ def adamw_step(work: GroupWork, state: Mapping, chunk_numel: int) -> None:
             [params[j] for j in js], list(torch._foreach_neg(gs)) if g["maximize"] else gs,
             [exp_avgs[j] for j in js], [exp_avg_sqs[j] for j in js],
             [step_of[id(work.params[rows[j]])] for j in js],
-            lr=float(g["lr"]), betas=g["adamw_betas"], eps=float(g["adamw_eps"]),
-            weight_decay=float(g["weight_decay"]),
+            lr=values["lr"], betas=values["adamw_betas"], eps=values["adamw_eps"],
+            weight_decay=values["weight_decay"],
         )
 
 
@@ -98,7 +100,7 @@ def update_momenta(matrix: list[GroupWork], stats: ReducedStatistics, state: Map
             else:
                 gs, cs = variance_reduced(work, prev, js)
             F.update_momentum_([exp_avgs[j] for j in js], cs, [stats.factors[k + j] for j in js],
-                               momentum=float(g["momentum"]))
+                               momentum=stats.values(g)["momentum"])
             if g["approx"]:
                 # A copy, never an alias of .grad: zero_grad(set_to_none=False) zeroes .grad in place.
                 torch._foreach_copy_([prev[j] for j in js], gs)
@@ -123,10 +125,10 @@ def orthogonalize_and_apply(pm: ParamMap, matrix: list[GroupWork], stats: Reduce
             k += 1
     for i, o in distributor.results(momenta, stats.configs):
         w, j = where[i]
-        g = w.group
+        g, values = w.group, stats.values(w.group)
         with timer.phase("apply"):
-            F.apply_matrix_update_([w.local_params[j]], [o], lr=float(g["lr"]),
-                                   weight_decay=float(g["weight_decay"]),
+            F.apply_matrix_update_([w.local_params[j]], [o], lr=values["lr"],
+                                   weight_decay=values["weight_decay"],
                                    scales=[scale_for(w.slots[j].shape, g["flatten"])])
         del o
 
@@ -137,6 +139,8 @@ def finish_matrices(matrix: list[GroupWork], stats: ReducedStatistics, state: Ma
         # Per container, not per slot: a flat ZeRO partition holds many slots but counts one
         # step, and swapping its buffers once per slot would undo an even number of swaps.
         containers = list({id(work.params[j]): work.params[j] for j in sel}.values())
+        if not containers:  # a group none of whose matrices got a gradient anywhere: nothing to count
+            continue
         torch._foreach_add_([state[p]["step"] for p in containers], 1.0)
         if not work.group["approx"]:
             for p in containers:

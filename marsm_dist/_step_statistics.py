@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import functional as F
 from ._param_map import ParamMap
-from ._step_checks import agreement_terms, disagreement
+from ._step_checks import HyperValues, disagreement, host_tensor, on_device
 from ._step_inputs import GroupWork, loaded_state, nonfinite_flag, pending_lookaheads
 from ._timing import PhaseTimer
 from ._validation import check_ns_form
@@ -42,6 +42,13 @@ class ReducedStatistics:
     configs: list[NSConfig | None]  # NS config per distributor index (None: not in this step)
     refusal: str | None = None  # why every rank refuses this step (a group value), if it does
     kept: dict[tuple[int, int], Tensor] | None = None  # c_t per (work, entry) when it fit one chunk
+    numbers: dict[int, dict[str, Any]] | None = None  # per group (by id): the numbers the update reads
+
+    def values(self, group: dict[str, Any]) -> dict[str, Any]:
+        """``group``'s numbers for this step (``lr``, ``weight_decay``, ``momentum``, ``gamma``,
+        ``adamw_eps``, ``adamw_betas``), device tensors already read."""
+        assert self.numbers is not None
+        return self.numbers[id(group)]
 
 
 def chunks(numels: list[int], limit: int) -> Iterator[list[int]]:
@@ -56,8 +63,13 @@ def grads_of(work: GroupWork, js: list[int]) -> list[Tensor]:
     return list(torch._foreach_neg(gs)) if work.group["maximize"] else gs
 
 
-def _kappa(group: dict[str, Any]) -> float:
-    return F.marsm_kappa(float(group["momentum"]), float(group["gamma"]))
+def _kappa(group: dict[str, Any]) -> float | Tensor:
+    """kappa as a number, or as a device tensor when momentum or gamma is one (reading it here
+    would be a device-to-host read before the step's one)."""
+    momentum, gamma = group["momentum"], group["gamma"]
+    if on_device(momentum) or on_device(gamma):
+        return gamma * momentum / (1.0 - momentum)
+    return F.marsm_kappa(float(momentum), float(gamma))
 
 
 def variance_reduced(work: GroupWork, prev: list[Tensor],
@@ -121,9 +133,10 @@ def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork
     device = first.device if first is not None else (pm.device or torch.device("cpu"))
     shared = [n for n, i in enumerate(index) if distributor.is_shared(i)]
     local = [n for n, i in enumerate(index) if not distributor.is_shared(i)]
-    # Checked where ranks hold real values: not alone (a problem raised already), not on meta.
-    checking = distributor.group is not None and device.type != "meta"
-    agree = agreement_terms(param_groups) if checking else []
+    # Values are compared under a job group; on meta the terms are reduced but hold no values.
+    grouped = distributor.group is not None
+    judge = grouped and device.type != "meta"
+    hyper = HyperValues(param_groups, device, agree=grouped)
     # c_t of every matrix fits one chunk: keep it for the momentum update (one pass fewer).
     kept = {} if sum(g.numel() for w in matrix for g in w.grads) <= chunk_numel else None
     with timer.phase("elementwise"):
@@ -141,14 +154,21 @@ def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork
         # A shared matrix's norm is the sum over one copy's parts; other copies add theirs times
         # zero (which keeps a NaN of theirs visible). Which shared matrices have a gradient here.
         shared_sq = [norms[k] if distributor.counts_here(index[k]) else norms[k] * 0.0 for k in shared]
-        counts = _on_device([1.0 if has[k] else 0.0 for k in shared], device, fill=1.0)
-        checks = _on_device(agree + ([float(problem is not None)] if checking else []), device)
+        counts = host_tensor([1.0 if has[k] else 0.0 for k in shared], device)
+        checks = (torch.cat([hyper.terms(), host_tensor([float(problem is not None)], device)]) if grouped
+                  else torch.zeros(0, dtype=torch.float64, device=device))
     with timer.phase("communication"):
         vec = distributor.sum_over_ranks(torch.cat([_stack(shared_sq, device), counts, flag, checks]))
-        values = torch.cat([vec.to(device), local_sq]).tolist()  # the step's one device-to-host read
-    n, m = len(shared), len(agree) + checking
-    refusal = problem or (_group_refusal(param_groups, agree, values[2 * n + 1:2 * n + 1 + m], distributor)
-                          if checking else None)
+        # The step's one device-to-host read: the sums, this rank's own norms, hyperparameters
+        # held in device tensors.
+        values = torch.cat([vec.to(device), local_sq, hyper.values_to_read()]).tolist()
+    n, m = len(shared), checks.numel()
+    hyper.set_read(values[len(values) - len(hyper.tensors):])
+    refusal = problem
+    if refusal is None and judge:
+        refusal = _group_refusal(param_groups, hyper.mine(), values[2 * n + 1:2 * n + 1 + m], distributor)
+    if refusal is None and device.type != "meta":  # (meta: the read values are stand-ins)
+        refusal = hyper.invalid_read()
     sq, active = [0.0] * len(index), [True] * len(index)
     for i, k in enumerate(shared):
         sq[k], active[k] = values[i], values[n + i] > 0
@@ -160,18 +180,8 @@ def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork
     stats = _finish_statistics(distributor, matrix, index, sq, active, finite,
                                lambda: _stack(norms, device).tolist())
     stats.kept = kept
+    stats.numbers = {id(g): v for g, v in zip(param_groups, hyper.numbers(), strict=True)}
     return stats
-
-
-def _on_device(values: list[float], device: torch.device, fill: float = 0.0) -> Tensor:
-    """A float64 vector of host values made on the device: ``fill`` everywhere, then only the
-    other values written one by one (a list turned into a tensor there would be a host-to-device
-    copy, which waits for the device's queue)."""
-    out = torch.full((len(values),), fill, dtype=torch.float64, device=device)
-    for i, v in enumerate(values):
-        if v != fill:
-            out[i] = v
-    return out
 
 
 def _group_refusal(param_groups: list[dict[str, Any]], agree: list[float], summed: list[float],

@@ -55,10 +55,21 @@ def restore_group_types(group: dict[str, Any]) -> None:
         group["ns_dtype"] = resolve_dtype(group["ns_dtype"])
 
 
-def _number(value: Any) -> float:
+def on_device(value: Any) -> bool:
+    """True for a tensor whose value would take a device-to-host read to know (not on the CPU)."""
+    return isinstance(value, torch.Tensor) and value.device.type != "cpu"
+
+
+def _number(value: Any, read: bool = True) -> float | None:
+    """The value as a float; None for a device tensor when ``read`` is False (reading it would
+    wait for the device: a step checks it after its one read instead)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError("Tensor hyperparameters must have exactly one element")
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise ValueError(f"Tensor hyperparameters must be real numbers, got dtype {value.dtype}")
+        if (not read and on_device(value)) or value.device.type == "meta":  # (meta: no value at all)
+            return None
         return float(value.item())
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"expected a number, got {type(value).__name__}")
@@ -75,23 +86,29 @@ def check_ns_form(form: Any, where: str = "") -> None:
     _check(form in NS_FORMS, "ns_form", form, where, f"must be one of {', '.join(NS_FORMS)}")
 
 
-def _check_number(group: Mapping[str, Any], name: str, where: str, lo: float, hi_open: float | None):
+def _check_number(group: Mapping[str, Any], name: str, where: str, lo: float, hi_open: float | None,
+                  read: bool = True):
     value = group[name]
     try:
-        x = _number(value)
+        x = _number(value, read)
     except (TypeError, ValueError) as err:
         raise ValueError(f"Invalid {name}{where}: {value!r} ({err})") from None
+    if x is None:
+        return
     rng = f"must be in [{lo}, {hi_open})" if hi_open is not None else f"must be >= {lo}"
     _check(math.isfinite(x) and x >= lo and (hi_open is None or x < hi_open), name, value, where, rng)
 
 
-def validate_hyperparameters(group: Mapping[str, Any], where: str = "") -> None:
-    """Raise ``ValueError`` naming the first invalid hyperparameter of ``group`` (or the defaults)."""
-    _check_number(group, "lr", where, 0.0, None)
-    _check_number(group, "weight_decay", where, 0.0, None)
-    _check_number(group, "momentum", where, 0.0, 1.0)
-    _check_number(group, "gamma", where, 0.0, None)
-    _check_number(group, "adamw_eps", where, 0.0, None)
+def validate_hyperparameters(group: Mapping[str, Any], where: str = "", *, read_tensors: bool = True) -> None:
+    """Raise ``ValueError`` naming the first invalid hyperparameter of ``group`` (or the defaults).
+    ``read_tensors=False``: values held in device tensors are checked for shape only (a step
+    checks their values after its one device-to-host read)."""
+    r = read_tensors
+    _check_number(group, "lr", where, 0.0, None, r)
+    _check_number(group, "weight_decay", where, 0.0, None, r)
+    _check_number(group, "momentum", where, 0.0, 1.0, r)
+    _check_number(group, "gamma", where, 0.0, None, r)
+    _check_number(group, "adamw_eps", where, 0.0, None, r)
     steps = group["ns_steps"]
     _check(
         isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= 100,
@@ -103,7 +120,7 @@ def validate_hyperparameters(group: Mapping[str, Any], where: str = "") -> None:
         "adamw_betas", betas, where, "must be a pair (beta1, beta2)",
     )
     for i, beta in enumerate(betas):
-        _check_number({f"adamw_betas[{i}]": beta}, f"adamw_betas[{i}]", where, 0.0, 1.0)
+        _check_number({f"adamw_betas[{i}]": beta}, f"adamw_betas[{i}]", where, 0.0, 1.0, r)
     coeffs = group["ns_coefficients"]
     _check(
         isinstance(coeffs, (tuple, list)) and len(coeffs) == 3

@@ -36,15 +36,21 @@ def update_scale(shape: Sequence[int]) -> float:
 
 
 def variance_reduced_grads(
-    grads: list[Tensor], prev_grads: list[Tensor], *, kappa: float
+    grads: list[Tensor], prev_grads: list[Tensor], *, kappa: float | Tensor
 ) -> list[Tensor]:
     """Return new tensors c = g + kappa (g - P), one per gradient.
 
     One pass: lerp(P, g, w) with w = 1 + kappa >= 0.5 is evaluated as g - (g - P)(1 - w), i.e.
-    g + kappa (g - P), the spec's own expression (two foreach ops took two passes).
+    g + kappa (g - P), the spec's own expression (two foreach ops took two passes). A tensor
+    ``kappa`` (momentum or gamma held in device tensors) takes three passes and no host read.
     """
     if not grads:
         return []
+    if isinstance(kappa, Tensor):
+        cs = list(torch._foreach_sub(grads, prev_grads))
+        torch._foreach_mul_(cs, kappa.to(grads[0].dtype))
+        torch._foreach_add_(cs, grads)
+        return cs
     return list(torch._foreach_lerp(prev_grads, grads, 1.0 + kappa))
 
 

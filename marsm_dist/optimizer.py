@@ -18,7 +18,7 @@ from ._step import (
     orthogonalize_and_apply,
     update_momenta,
 )
-from ._step_checks import UNTOUCHED, local_problem, warn_no_gradients
+from ._step_checks import UNTOUCHED, local_problem, stale_shards, warn_no_gradients
 from ._step_inputs import (
     GroupWork,
     collect,
@@ -216,6 +216,7 @@ class MARSM(StateMixin, Optimizer):
     def process_group(self, group: Any) -> None:
         # Frameworks set it after construction (DeepSpeed ZeRO-0): plans made so far are stale.
         self._process_group = group
+        self._drop_contexts(list(self._contexts.values()))
         self._contexts, self._context = {}, None
 
     # ------------------------------------------------------------------------------------- step
@@ -226,18 +227,29 @@ class MARSM(StateMixin, Optimizer):
         key = ParamMap.key_of(self.param_groups)
         ctx = self._contexts.get(key)
         if ctx is None or not ctx.serves(self.param_groups):
+            stale = [ctx] if ctx is not None else []
             if len(self._contexts) >= _MAX_CONTEXTS:  # groups were rebuilt; forget old layouts
+                stale = list(self._contexts.values())
                 self._contexts.clear()
             ctx = self._contexts[key] = ParamMap(
                 self.param_groups, process_group=self.process_group, owner_policy=self.owner_policy,
                 bucket_numel=self._bucket_numel, timer=self._timer, overlap=self.overlap,
                 max_team=self.ns_team_max)
+            # Dropped after the new map exists, so the sub-groups both use are kept, not remade.
+            self._drop_contexts(stale)
             # Parameters swapped in after construction (accelerate's prepare puts FSDP2's DTensors
             # into the groups): every state key now, on every rank, as at construction.
             if any(adapter.prepopulate_state for adapter in ctx.adapters.values()):
                 self.init_state()
         self._context = ctx
         return ctx
+
+    @staticmethod
+    def _drop_contexts(stale: list[ParamMap]) -> None:
+        """Release the process groups of maps no step will use again (every rank of their job
+        groups gets here at the same point: a step, or a framework setting ``process_group``)."""
+        for ctx in stale:
+            ctx.close()
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -258,7 +270,7 @@ class MARSM(StateMixin, Optimizer):
                     self._ensure_state(work.group, p)
         # Writes nothing: the group values' checks and the statistics, with the step's one
         # device-to-host read. A refusal there stops every rank (it rides on the all-reduce).
-        problem = local_problem(self.param_groups, matrix, self.state)
+        problem = local_problem(self.param_groups, matrix, self.state) or stale_shards(ctx, matrix)
         if problem is not None and ctx.distributor.group is None:
             raise problem
         stepped = [p for work in matrix + adamw for p in work.containers()]
@@ -284,7 +296,7 @@ class MARSM(StateMixin, Optimizer):
             return loss
         with timer.phase("elementwise"):
             for work in adamw:
-                adamw_step(work, self.state, chunk)
+                adamw_step(work, self.state, chunk, stats.values(work.group))
             update_momenta(matrix, stats, self.state, chunk)
         orthogonalize_and_apply(ctx, matrix, stats, self.state, timer)
         finish_matrices(matrix, stats, self.state)

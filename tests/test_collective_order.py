@@ -80,7 +80,7 @@ def two_team_plans(rank, world_size, device: str = "cpu"):
         engines.append(engine)
     teams = [e.plan.teams for e in engines]
     for e in engines:
-        getattr(e, "close", lambda: None)()
+        e.close()
     return teams
 
 

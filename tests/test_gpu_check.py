@@ -17,7 +17,7 @@ from benchmarks.gpu_check.core import Skip, record
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ["env", "matmul", "newton_schulz", "correctness", "host_syncs", "step_time", "memory",
-            "distributed"]
+            "distributed", "shared_gpu"]
 
 
 def _check_record(name: str, rec: dict, section: bool = True) -> None:
@@ -36,7 +36,7 @@ def test_dry_run_writes_every_section(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = dict(os.environ, PY=sys.executable)
     proc = subprocess.run(["bash", "launch/gpu_check.sh", "--dry", "--json", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     doc = json.loads(out.read_text())
     assert doc["mode"] == "dry" and doc["ok"] and doc["failed"] == []
@@ -46,7 +46,8 @@ def test_dry_run_writes_every_section(tmp_path):
         assert f"\n{name} " in proc.stdout  # its row in the closing table
     s = doc["sections"]
     # What must really run on the CPU (a skip here would hide a broken driver):
-    for name in ("env", "matmul", "newton_schulz", "correctness", "host_syncs", "step_time", "distributed"):
+    for name in ("env", "matmul", "newton_schulz", "correctness", "host_syncs", "step_time", "distributed",
+                 "shared_gpu"):
         assert s[name]["status"] == "ok", (name, s[name])
     assert s["matmul"]["tflops"] > 0
     assert s["newton_schulz"]["models"]["llama3-8b"]["marsm"]["tflops"] > 0
@@ -57,6 +58,12 @@ def test_dry_run_writes_every_section(tmp_path):
     fsdp2 = s["distributed"]["checks"]["fsdp2"]
     assert fsdp2["status"] == "ok" and fsdp2["float32"]["shadow_max_abs_diff"] < 1e-5
     assert fsdp2["devices"] == ["cpu", "cpu"]
+    # W > 1 ranks on one device over gloo: every configuration ran, matched one process and issued
+    # its collectives in one order; the teams configuration really had a team.
+    shared = s["shared_gpu"]["checks"]
+    assert set(shared) == {"fsdp2_w2", "fsdp2_w4", "hsdp_w4", "ddp_w2", "ddp_w4", "teams_w4"}
+    assert all(c["status"] == "ok" and c["max_abs_diff_vs_single_process"] < 1e-5 for c in shared.values())
+    assert shared["teams_w4"]["teams"] and doc["commit"] and doc["started"]
 
 
 def test_section_outcomes_are_recorded_never_hidden():

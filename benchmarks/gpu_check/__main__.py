@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from . import compute, external, optim
+from benchmarks.results_file import git_commit
+
+from . import compute, external, optim, shared_gpu
 from .core import ROOT, Ctx, log, record
 
 SECTIONS: dict[str, Callable[[Ctx], dict]] = {
@@ -29,6 +31,7 @@ SECTIONS: dict[str, Callable[[Ctx], dict]] = {
     "step_time": optim.step_time,
     "memory": external.memory,
     "distributed": external.distributed,
+    "shared_gpu": shared_gpu.section,
 }
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -95,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write(path: Path, args: argparse.Namespace, started: str, sections: dict[str, dict]) -> None:
     failed = [n for n, r in sections.items() if r["status"] == "failed"]
-    doc = {"mode": "dry" if args.dry else "gpu", "started": started, "argv": sys.argv[1:],
-           "ok": not failed, "failed": failed, "sections": sections}
+    doc = {"mode": "dry" if args.dry else "gpu", "started": started, "commit": git_commit(),
+           "argv": sys.argv[1:], "ok": not failed, "failed": failed, "sections": sections}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1, default=str))
 

@@ -1,7 +1,8 @@
 """One rank of a section-h check: ``python -m benchmarks.gpu_check.dist_worker CHECK OUT_DIR``.
 
-The parent (``distributed.py``) starts one process per rank with RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR/PORT and GPU_CHECK_BACKEND (nccl: rank r on cuda:r; gloo: CPU) set. Each rank writes
+The parent (``external.py``, ``shared_gpu.py``) starts one process per rank with RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR/PORT and GPU_CHECK_BACKEND (nccl: rank r on cuda:r; gloo: CPU; gloo-cuda:
+every rank on cuda:0, gloo carrying the CUDA tensors) set. Each rank writes
 ``OUT_DIR/CHECK-RANK.json`` (its figures, or its traceback) *before* leaving the process group, so
 a crash at exit (torch's gloo processes abort now and then at interpreter exit) loses nothing.
 """
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from marsm_dist import MARSM, param_groups
 
+from . import shared_worker
 from .optim import full_fp32
 
 GLOBAL_BATCH, SEQ, STEPS = 8, 32, 5
@@ -162,8 +164,12 @@ def megatron(rank: int, world: int, device: torch.device) -> dict:
     return {"losses": losses, "optimizer": type(opt.chained_optimizers[0].optimizer).__name__}
 
 
+def _shared(config: str):
+    return lambda rank, world, device: shared_worker.run(config, rank, world, device)
+
+
 CHECKS = {"fsdp2": fsdp2, "deepspeed_zero2": deepspeed_stage(2), "deepspeed_zero3": deepspeed_stage(3),
-          "megatron_distopt": megatron}
+          "megatron_distopt": megatron, **{f"shared_{c}": _shared(c) for c in shared_worker.SHAPES}}
 
 
 def main() -> None:
@@ -176,6 +182,10 @@ def main() -> None:
         if backend == "nccl":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
+        elif backend == "gloo-cuda":  # every rank on the one GPU; gloo moves its CUDA tensors
+            device = torch.device("cuda", 0)
+            torch.cuda.set_device(device)
+            backend = "gloo"
         else:
             device = torch.device("cpu")
             torch.set_num_threads(1)

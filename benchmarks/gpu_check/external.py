@@ -70,7 +70,7 @@ def launch_ranks(ctx: Ctx, check: str, world: int, backend: str, timeout: float)
     Raises with the failing rank's traceback, or after ``timeout`` seconds (a hung collective),
     having killed every rank.
     """
-    out_dir = ctx.tmp / check
+    out_dir = ctx.tmp / f"{check}-w{world}"
     out_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     procs, logs = [], []

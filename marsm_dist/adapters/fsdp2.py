@@ -26,6 +26,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from ..sharding.adapter import ShardingAdapter, check_group_serves, register_adapter
 from ..sharding.layout import MatrixLayout, Runs, from_runs
+from ..sharding.subgroups import GroupRequest
 
 __all__ = ["FSDP2Adapter", "dtensor_layout"]
 
@@ -95,18 +96,19 @@ def _coordinates(mesh: DeviceMesh) -> dict[int, tuple[int, ...]]:
 
 
 @lru_cache(maxsize=16)
-def _copies_group(mesh: DeviceMesh, dims: tuple[int, ...]) -> dist.ProcessGroup:
+def _copies_group(mesh: DeviceMesh, dims: tuple[int, ...]) -> dist.ProcessGroup | GroupRequest:
     """This rank's replica group for Replicate() on the mesh dims ``dims``: the ranks whose
     coordinates differ from this rank's only there (they hold the same pieces, one per copy).
     One dim: that dim's group. Several (HSDP x TP: a weight the TP plan replicates is a copy per
-    (replicate, tp) coordinate): a group made once per mesh, by its members only."""
+    (replicate, tp) coordinate): a request for one group per coordinate of the other dims, which
+    the optimizer makes on every rank of the mesh once its plan is checked."""
     if len(dims) == 1:
         return mesh.get_group(dims[0])
-    coords = _coordinates(mesh)
-    mine = coords[dist.get_rank()]
     kept = [m for m in range(mesh.ndim) if m not in dims]
-    members = [g for g, c in coords.items() if all(c[m] == mine[m] for m in kept)]
-    return dist.new_group(sorted(members), use_local_synchronization=True)
+    sets: dict[tuple[int, ...], list[int]] = {}
+    for g, c in sorted(_coordinates(mesh).items()):
+        sets.setdefault(tuple(c[m] for m in kept), []).append(g)
+    return GroupRequest(job_group(mesh), tuple(tuple(s) for _, s in sorted(sets.items())))
 
 
 def dtensor_layout(shape: tuple[int, ...], mesh: DeviceMesh, placements: tuple, group_ranks: list[int]
@@ -155,12 +157,12 @@ class FSDP2Adapter(ShardingAdapter):
         self._check(p)
         return job_group(p.device_mesh)
 
-    def replica_group(self, p: Tensor) -> dist.ProcessGroup | None:
+    def replica_group(self, p: Tensor) -> dist.ProcessGroup | GroupRequest | None:
         dims = tuple(m for m, pl in enumerate(p.placements) if pl.is_replicate())
         return _copies_group(p.device_mesh, dims) if dims else None
 
     def widen(self, p: Tensor, group: dist.ProcessGroup
-              ) -> tuple[MatrixLayout, dist.ProcessGroup | None] | None:
+              ) -> tuple[MatrixLayout, dist.ProcessGroup | GroupRequest | None] | None:
         """A parameter on a sub-mesh (FSDP2's dp mesh, for a module left out of the TP plan) is a
         copy per coordinate of the root mesh's other dim: lift it there when the root spans
         ``group``. Needs named mesh dims."""

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .layout import MatrixLayout, whole
+from .subgroups import GroupRequest
 
 __all__ = ["ShardingAdapter", "SideTableAdapter", "Slot", "adapter_for", "check_group_serves",
            "register_adapter", "slot_view"]
@@ -78,13 +79,14 @@ class ShardingAdapter:
         """The group ``p``'s shards are spread over, or None when this process holds all of it."""
         return None
 
-    def replica_group(self, p: Tensor) -> dist.ProcessGroup | None:
+    def replica_group(self, p: Tensor) -> dist.ProcessGroup | GroupRequest | None:
         """For a layout with replicas: the group of ranks that hold the same pieces as this rank
-        (one per copy), over which results reach the other copies. None: no replicas."""
+        (one per copy), over which results reach the other copies, or a request for groups the
+        optimizer makes (on every rank, after its plan check). None: no replicas."""
         return None
 
     def widen(self, p: Tensor, group: dist.ProcessGroup
-              ) -> tuple[MatrixLayout, dist.ProcessGroup | None] | None:
+              ) -> tuple[MatrixLayout, dist.ProcessGroup | GroupRequest | None] | None:
         """``p``'s layout over ``group``, a wider group than :meth:`process_group` (the ranks
         outside it hold copies), and the replica group; None if this adapter cannot tell."""
         return None

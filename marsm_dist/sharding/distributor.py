@@ -31,6 +31,7 @@ from .engine import ShardingEngine
 from .exchange import ReplicaGroup
 from .layout import MatrixLayout
 from .plan import plan_buckets
+from .subgroups import GroupRequest
 
 __all__ = ["Distributor", "MatrixSpec"]
 
@@ -43,7 +44,7 @@ class MatrixSpec:
         shape: the full logical shape.
         layout: the pieces every rank of the job group holds; None for this process's own tensor.
         replica_group: for a layout with replicas, this rank's replica group (the ranks holding
-            the same pieces as this rank, one per copy).
+            the same pieces as this rank, one per copy), or a ``GroupRequest`` that makes it.
         name: for messages.
     """
 
@@ -53,11 +54,12 @@ class MatrixSpec:
     name: str = ""
 
 
-def _replica_group(layout: MatrixLayout, pg: dist.ProcessGroup | None, job_ranks: list[int], me: int,
-                   name: str) -> ReplicaGroup:
+def _replica_group(layout: MatrixLayout, pg: dist.ProcessGroup | GroupRequest | None, job_ranks: list[int],
+                   me: int, name: str) -> ReplicaGroup:
     if pg is None:
         raise ValueError(f"MARSM: {name} has {layout.num_replicas} copies but no replica group")
-    members = dist.get_process_group_ranks(pg)
+    members = (list(pg.set_of(job_ranks[me]) or ()) if isinstance(pg, GroupRequest)
+               else dist.get_process_group_ranks(pg))
     source: dict[int, int] = {}
     for k, g in enumerate(members):
         if g not in job_ranks:
@@ -111,6 +113,11 @@ class Distributor:
             if m.layout.num_replicas > 1 and m.layout.replicas not in out:
                 out[m.layout.replicas] = _replica_group(m.layout, m.replica_group, job, me, m.name)
         return out
+
+    def close(self) -> None:
+        """Release the process groups the plan made (every rank of the job group, at one point)."""
+        if self.engine is not None:
+            self.engine.close()
 
     @property
     def world_size(self) -> int:

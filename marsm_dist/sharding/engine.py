@@ -15,6 +15,7 @@ from ..orthogonalize import NSConfig, orthogonalize
 from .exchange import Exchange, Pending, ReplicaGroup, Spreading
 from .layout import MatrixLayout
 from .plan import make_plan
+from .subgroups import GroupRequest, OpenGroups, open_groups
 from .team_runner import TeamRunner
 
 __all__ = ["ShardingEngine"]
@@ -32,7 +33,9 @@ class ShardingEngine:
         device: where this rank's shards live; the collectives' tensors are made there (the
             CPU when not given).
         replica_groups: for layouts with replicas, this rank's replica group per replica pattern
-            (``layout.replicas``), over which results reach the other copies.
+            (``layout.replicas``), over which results reach the other copies. A group still to be
+            made (a :class:`~marsm_dist.sharding.subgroups.GroupRequest`) is made here, after
+            the plan check, by every rank alike.
         overlap: pipeline the rounds (see :meth:`results`).
         max_team: up to this many ranks (a power of two) split one matrix's Newton-Schulz where
             ranks would otherwise sit idle (:mod:`marsm_dist.sharding.teams`); 1: never.
@@ -54,21 +57,40 @@ class ShardingEngine:
         self.overlap, self.bucket_numel = overlap, bucket_numel
         self.plan = make_plan([lay.shape for lay in layouts], world, policy, bucket_numel, max_team=max_team)
         self.exchange = Exchange(group, rank, world)
-        self.teams = TeamRunner(self.plan.teams, group, rank, self.exchange.counters)
         self.timer = timer or PhaseTimer()
         self.device = device or torch.device("cpu")
-        if world > 1 and self.device.type != "meta":  # meta tensors (dry runs) hold no values to compare
+        if world > 1:
             self._verify_same_on_every_rank()
+        # Only now, with the plan the same everywhere, the groups it needs (NCCL: made by every
+        # rank of the job group, in one order).
+        self._opened: list[OpenGroups] = []
+        for rg in self.replica_groups.values():
+            if isinstance(rg.group, GroupRequest):
+                self._opened.append(open_groups(rg.group, self.device))
+                rg.group = self._opened[-1].group_of(rg.group.set_of(dist.get_rank()))
+        self.teams = TeamRunner(self.plan.teams, group, rank, self.exchange.counters, self.device)
+
+    def close(self) -> None:
+        """Release the process groups this plan made (each is destroyed when no plan uses it).
+        Every rank of the job group calls it at the same point, as it built the engine."""
+        self.teams.close()
+        for opened in self._opened:
+            opened.close()
+        self._opened = []
 
     def _verify_same_on_every_rank(self) -> None:
-        """One all-reduce at start-up: every rank must hold the same plan and layouts, or the
-        exchanges would pair up wrongly (or hang)."""
-        text = repr((self.plan.digest(), [(lay.shape, lay.pieces, lay.replicas) for lay in self.layouts]))
+        """One all-reduce at start-up: every rank must hold the same plan, layouts and sub-groups
+        to make, or the exchanges would pair up wrongly (or hang). On ``meta`` (a dry run) the
+        all-reduce runs but holds no values to compare."""
+        requests = [(pattern, rg.group.sets if isinstance(rg.group, GroupRequest) else None)
+                    for pattern, rg in self.replica_groups.items()]
+        text = repr((self.plan.digest(), [(lay.shape, lay.pieces, lay.replicas) for lay in self.layouts],
+                     requests))
         digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
         # On the shards' device: a process group serves only its own devices (NCCL: no CPU).
         t = torch.tensor([digest, -digest], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        if t.tolist() != [digest, -digest]:
+        if self.device.type != "meta" and t.tolist() != [digest, -digest]:
             raise RuntimeError(
                 "MARSM: ranks disagree on the matrices to orthogonalize (shapes, order or sharding "
                 "differ between ranks); every rank must build the optimizer from the same model"

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.autograd.profiler import record_function
 
 from .layout import MatrixLayout, assemble, cut
+from .subgroups import GroupRequest
 
 __all__ = ["Exchange", "ExchangeCounters", "Pending", "ReplicaGroup", "Spreading"]
 
@@ -42,9 +43,10 @@ class ExchangeCounters:
 @dataclass
 class ReplicaGroup:
     """This rank's replica group for one replica pattern: the ranks that hold the same pieces as
-    this rank, one per copy. ``source[c]`` is the group rank of the member in copy ``c``."""
+    this rank, one per copy. ``source[c]`` is the group rank of the member in copy ``c``. ``group``
+    may be a request for groups not made yet; the engine makes them after its plan check."""
 
-    group: dist.ProcessGroup
+    group: dist.ProcessGroup | GroupRequest
     source: dict[int, int] = field(default_factory=dict)
 
 
@@ -190,7 +192,15 @@ class Exchange:
         broadcast their pieces (``local``) over their replica groups. Iterating the result yields
         ``(k, this rank's flat pieces)`` as each broadcast lands. Broadcasts are started ahead while
         their buffers total at most ``window`` elements (always one): a caller that applies and
-        drops each result holds about ``window`` elements, not every copy's results at once."""
+        drops each result holds about ``window`` elements, not every copy's results at once.
+
+        Every rank walks the same list of the round's broadcasts (each replica group's, in one
+        order) and counts each at the same size, the most any rank holds of it, so every rank
+        posts each broadcast at the same point: a rank takes part in those of its own replica
+        groups and skips the others. A window counted from this rank's own pieces posted a
+        broadcast before a job-group collective on one member of its group and after it on another
+        (their pieces of *other* patterns differ), which NCCL, which needs one order of operations
+        across communicators, answers with a hang."""
         me = self.rank
         patterns: dict[tuple[int, ...], list[int]] = {}
         for k, (lay, _, _) in enumerate(items):
@@ -201,9 +211,10 @@ class Exchange:
             lay0 = items[ks[0]][0]
             for copy in sorted(set(lay0.replicas)):
                 owned = [k for k in ks if items[k][0].replica_of(items[k][1]) == copy]
-                sizes = [items[k][0].local_numel(me) for k in owned]
-                if sum(sizes):  # (so for every member of this replica group: same pieces)
-                    sends.append(_Broadcast(owned, sizes, items[ks[0]][2], copy, lay0.num_replicas,
+                schedule = sum(items[k][0].max_local_numel for k in owned)  # the same on every rank
+                if schedule:
+                    sizes = [items[k][0].local_numel(me) for k in owned]
+                    sends.append(_Broadcast(owned, sizes, schedule, items[ks[0]][2], copy, lay0.num_replicas,
                                             lay0.replica_of(me) == copy))
         return Spreading(self, sends, local, dtype, device, window)
 
@@ -223,14 +234,21 @@ class Exchange:
 
 @dataclass
 class _Broadcast:
-    """One broadcast of a round: the items copy ``copy`` owns, this rank's pieces of them."""
+    """One broadcast of a round: the items copy ``copy`` owns, this rank's pieces of them, and the
+    size every rank counts it at (``schedule``: the most any rank holds of them)."""
 
     owned: list[int]
     sizes: list[int]
+    schedule: int
     replica_group: ReplicaGroup | None
     copy: int
     copies: int
     sender: bool
+
+    @property
+    def takes_part(self) -> bool:
+        """True if this rank holds pieces of these items (so do the rest of its replica group)."""
+        return sum(self.sizes) > 0
 
 
 class Spreading:
@@ -242,33 +260,35 @@ class Spreading:
         self._exchange, self._sends, self._local = exchange, sends, local
         self._dtype, self._device, self._window = dtype, device, window
         self._next = 0
-        self._posted: deque[tuple[_Broadcast, Tensor, dist.Work]] = deque()
+        self._posted: deque[tuple[_Broadcast, Tensor | None, dist.Work | None]] = deque()
         self._held = 0
         self._post_ahead()
 
     def _post_ahead(self) -> None:
+        # Decided from ``schedule`` sizes only, which every rank shares (see Exchange.spread).
         while self._next < len(self._sends):
             b = self._sends[self._next]
-            size = sum(b.sizes)
-            if self._posted and self._held + size > self._window:
+            if self._posted and self._held + b.schedule > self._window:
                 return
-            buf = (torch.cat([self._local[k].reshape(-1) for k in b.owned]) if b.sender else
-                   torch.empty(size, dtype=self._dtype, device=self._device))
-            work = self._exchange._broadcast(buf, b.replica_group, b.copy, b.copies, b.sender)
+            buf = work = None
+            if b.takes_part:
+                buf = (torch.cat([self._local[k].reshape(-1) for k in b.owned]) if b.sender else
+                       torch.empty(sum(b.sizes), dtype=self._dtype, device=self._device))
+                work = self._exchange._broadcast(buf, b.replica_group, b.copy, b.copies, b.sender)
             self._posted.append((b, buf, work))
-            self._held += size
+            self._held += b.schedule
             self._next += 1
 
     def __iter__(self) -> Iterator[tuple[int, Tensor]]:
         while self._posted:
             b, buf, work = self._posted.popleft()
-            work.wait()
-            self._held -= sum(b.sizes)
+            if work is not None:
+                work.wait()
+            self._held -= b.schedule
             self._post_ahead()
-            if not b.sender:
+            if buf is not None and not b.sender:
                 offset = 0
                 for k, n in zip(b.owned, b.sizes, strict=True):
                     yield k, buf[offset:offset + n]
                     offset += n
             del buf
-

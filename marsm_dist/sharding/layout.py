@@ -15,6 +15,7 @@ same values (data-parallel replicas: DDP, HSDP's replicate dimension, Megatron's
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,6 +122,13 @@ class MatrixLayout:
 
     def local_numel(self, rank: int) -> int:
         return sum(p.numel for p in self.pieces[rank])
+
+    @functools.cached_property
+    def max_local_numel(self) -> int:
+        """The most elements any one rank holds: the same number on every rank (a decision every
+        rank must take alike, such as when to post a collective, may use it; its own
+        ``local_numel`` differs between ranks)."""
+        return max((self.local_numel(r) for r in range(self.world_size)), default=0)
 
 
 def flat_overlap(span: tuple[int, int], window: tuple[int, int]) -> tuple[int, int] | None:

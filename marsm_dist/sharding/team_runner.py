@@ -5,6 +5,10 @@ The owner gathers the matrix as for any other (the exchange does not change); in
 matrix goes out once by broadcast and the columns come back by one gather, on the team's own
 process group (its ranks are consecutive: one node when the team fits in one). Padding makes the
 columns equal for the gather; nothing else is padded.
+
+The teams' groups are made together by every rank of the job group, members or not, once the
+plan has been checked the same on every rank (:mod:`marsm_dist.sharding.subgroups`), and shared
+with any other plan that has the same teams.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import Tensor
 from ..orthogonalize import NSConfig
 from .exchange import ExchangeCounters
 from .split_newton_schulz import split_newton_schulz
+from .subgroups import GroupRequest, OpenGroups, open_groups
 
 __all__ = ["TeamRunner"]
 
@@ -28,17 +33,30 @@ class TeamRunner:
         group: the job group (None: a world of one, which has no teams).
         rank: this rank in the job group.
         counters: where the team's bytes are added (the exchange's).
+        device: where the job group's collectives take their tensors.
+
+    Every rank of the job group builds it at the same point (it makes the teams' groups).
     """
 
     def __init__(self, teams: tuple[tuple[int, ...], ...], group: dist.ProcessGroup | None, rank: int,
-                 counters: ExchangeCounters) -> None:
+                 counters: ExchangeCounters, device: torch.device) -> None:
         self.teams, self.rank, self.counters = teams, rank, counters
         self.groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
-        mine = sorted({t for t in teams if rank in t})
-        if mine and group is not None:
+        self._open: OpenGroups | None = None
+        every = sorted({t for t in teams if t})
+        if every and group is not None:
             job = dist.get_process_group_ranks(group)
-            for team in mine:  # only the members create it: local synchronization
-                self.groups[team] = dist.new_group([job[r] for r in team], use_local_synchronization=True)
+            in_job = {team: tuple(job[r] for r in team) for team in every}
+            self._open = open_groups(GroupRequest(group, tuple(in_job.values())), device)
+            for team in every:
+                if rank in team:
+                    self.groups[team] = self._open.group_of(in_job[team])
+
+    def close(self) -> None:
+        """Release the teams' groups (destroyed when no other plan uses them)."""
+        if self._open is not None:
+            self._open.close()
+            self._open, self.groups = None, {}
 
     def member_of(self, i: int) -> bool:
         """True if this rank is in matrix ``i``'s team."""
