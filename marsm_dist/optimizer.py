@@ -12,6 +12,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from ._optimizer_state import StateMixin
 from ._param_map import ParamMap
+from ._plan_cache import PlanCacheMixin
 from ._step import (
     adamw_step,
     finish_matrices,
@@ -44,7 +45,6 @@ __all__ = ["MARSM", "NonFiniteGradError", "StepStats"]
 
 logger = logging.getLogger(__name__)
 
-_MAX_CONTEXTS = 64  # sharding contexts kept per optimizer (one per set of stepped groups)
 
 
 
@@ -52,7 +52,7 @@ class NonFiniteGradError(RuntimeError):
     """A gradient holds NaN or Inf; the step was refused and nothing was changed."""
 
 
-class MARSM(StateMixin, Optimizer):
+class MARSM(PlanCacheMixin, StateMixin, Optimizer):
     """MARS-M: variance-reduced momentum with Newton-Schulz orthogonalized updates for matrices.
 
     Matrix parameters (``use_marsm=True`` groups, or ``ndim >= 2`` in groups without the key)::
@@ -206,50 +206,6 @@ class MARSM(StateMixin, Optimizer):
         except ValueError:
             self.param_groups.pop()  # a refused group must not stay half-added
             raise
-
-    @property
-    def process_group(self) -> Any:
-        """The group plain parameters are replicated over (see the class docstring), or None."""
-        return self._process_group
-
-    @process_group.setter
-    def process_group(self, group: Any) -> None:
-        # Frameworks set it after construction (DeepSpeed ZeRO-0): plans made so far are stale.
-        self._process_group = group
-        self._drop_contexts(list(self._contexts.values()))
-        self._contexts, self._context = {}, None
-
-    # ------------------------------------------------------------------------------------- step
-    def _sharding(self) -> ParamMap:
-        """The parameter map for the current param groups. DeepSpeed's ZeRO wrappers step one
-        group at a time (param_groups is swapped per call), so maps are kept per set of groups: a
-        rebuild would re-plan and re-verify the plan with a collective on every call."""
-        key = ParamMap.key_of(self.param_groups)
-        ctx = self._contexts.get(key)
-        if ctx is None or not ctx.serves(self.param_groups):
-            stale = [ctx] if ctx is not None else []
-            if len(self._contexts) >= _MAX_CONTEXTS:  # groups were rebuilt; forget old layouts
-                stale = list(self._contexts.values())
-                self._contexts.clear()
-            ctx = self._contexts[key] = ParamMap(
-                self.param_groups, process_group=self.process_group, owner_policy=self.owner_policy,
-                bucket_numel=self._bucket_numel, timer=self._timer, overlap=self.overlap,
-                max_team=self.ns_team_max)
-            # Dropped after the new map exists, so the sub-groups both use are kept, not remade.
-            self._drop_contexts(stale)
-            # Parameters swapped in after construction (accelerate's prepare puts FSDP2's DTensors
-            # into the groups): every state key now, on every rank, as at construction.
-            if any(adapter.prepopulate_state for adapter in ctx.adapters.values()):
-                self.init_state()
-        self._context = ctx
-        return ctx
-
-    @staticmethod
-    def _drop_contexts(stale: list[ParamMap]) -> None:
-        """Release the process groups of maps no step will use again (every rank of their job
-        groups gets here at the same point: a step, or a framework setting ``process_group``)."""
-        for ctx in stale:
-            ctx.close()
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:

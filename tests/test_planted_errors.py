@@ -106,6 +106,37 @@ MUTANTS = {
         "    clipped += sum(int(bool(x > 1.0)) * 0 for x in norms)\n",
         ["tests/test_device_paths.py"],
     ),
+    "a frozen group counts its steps after the first write (and crashes there)": (
+        "marsm_dist/_step.py",
+        "        if not containers:  # a group none of whose matrices got a gradient anywhere: nothing to count\n"
+        "            continue\n",
+        "",
+        ["tests/test_no_half_done_step.py::test_fsdp2_frozen_group"],
+    ),
+    "a stale plan found only by the exchange, after the first write": (
+        "marsm_dist/optimizer.py",
+        "local_problem(self.param_groups, matrix, self.state) or stale_shards(ctx, matrix)",
+        "local_problem(self.param_groups, matrix, self.state)",
+        ["tests/test_no_half_done_step.py::test_a_stale_plan_is_refused_before_the_first_write"],
+    ),
+    "replica broadcasts posted by this rank's own bytes": (
+        "marsm_dist/sharding/exchange.py",
+        "schedule = sum(items[k][0].max_local_numel for k in owned)",
+        "schedule = sum(items[k][0].local_numel(me) for k in owned)",
+        ["tests/test_collective_order.py::test_replica_broadcasts_are_posted_in_the_same_order_on_every_rank"],
+    ),
+    "team groups made by their members only": (
+        "marsm_dist/sharding/subgroups.py",
+        "            g = dist.new_group(list(s))\n",
+        "            g = dist.new_group(list(s), use_local_synchronization=True) if me in s else None\n",
+        ["tests/test_collective_order.py::test_two_team_plans_on_the_fake_group"],
+    ),
+    "hyperparameters compared by their repr": (
+        "marsm_dist/_step_checks.py",
+        "    if isinstance(value, Tensor) and value.numel() == 1:\n        value = float(value)",
+        "    if isinstance(value, Tensor):\n        value = repr(value)",
+        ["tests/test_hyperparameter_tensors.py::test_values_are_compared_exactly"],
+    ),
     "FSDP2 state as plain local tensors": (
         "marsm_dist/adapters/fsdp2.py",
         "        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,\n"
