@@ -108,8 +108,8 @@ MUTANTS = {
     ),
     "a frozen group counts its steps after the first write (and crashes there)": (
         "marsm_dist/_step.py",
-        "        if not containers:  # a group none of whose matrices got a gradient anywhere: nothing to count\n"
-        "            continue\n",
+        "        if not containers:  # a group none of whose matrices got a gradient anywhere: nothing "
+        "to count\n            continue\n",
         "",
         ["tests/test_no_half_done_step.py::test_fsdp2_frozen_group"],
     ),
