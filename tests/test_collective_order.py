@@ -93,6 +93,27 @@ def test_two_team_plans_on_the_fake_group():
     run_fake_ranks(two_team_plans, 4, "meta")
 
 
+def stage_team_plans(rank, world_size):
+    """Two pipeline stages, each its own job group ({0, 1} and {2, 3}, smaller than the world, no
+    device bound): a team in each stage's plan, made by each rank for its own set, twice (the
+    first plan closed before the second: the group is destroyed and made again)."""
+    stages = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    job = stages[rank // 2]
+    layout = [row_chunks((64, 512), 2)]
+    cfg = NSConfig(5, torch.float32, NS_COEFFICIENTS)
+    teams = []
+    for _ in range(2):
+        engine = ShardingEngine(layout, job, "balanced", 1 << 20, max_team=2)
+        engine.orthogonalize([torch.randn(layout[0].local_numel(rank % 2))], [cfg])
+        teams.append(engine.plan.teams)
+        engine.close()
+    return teams
+
+
+def test_team_groups_inside_a_job_group_smaller_than_the_world():
+    assert run_distributed(stage_team_plans, 4, timeout=90) == [[((0, 1),), ((0, 1),)]] * 4
+
+
 # --------------------------------------------------------------- reproduction 2: replica broadcasts
 
 def meta_dtensor(mesh, shape: tuple[int, ...], placements) -> torch.nn.Parameter:

@@ -16,7 +16,7 @@ from tests.helpers.megatron_gpt import (  # noqa: E402
     build_gpt,
     full_params,
     setup,
-    single_process_groups,
+    single_process_params,
 )
 
 pytestmark = pytest.mark.distributed
@@ -69,17 +69,7 @@ def megatron_run(rank, world_size, tp, distributed=False, bf16=False, overlap=Fa
 
 def reference_run(rank, world_size):
     """Single-process MARSM (no Megatron wrappers, no DDP) on the TP=1 model and the full batch."""
-    from marsm_dist import MARSM
-
-    ps = setup(1)
-    model = build_gpt(1)
-    opt = MARSM(single_process_groups(model), lr=0.02, weight_decay=0.1, ns_dtype=torch.float32)
-    for t in range(STEPS):
-        tokens, pos, mask, labels = batch(t)
-        model(tokens, pos, mask, labels=labels).float().mean().backward()
-        opt.step()
-        opt.zero_grad()
-    return full_params(model, ps)
+    return single_process_params(STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -174,8 +174,7 @@ def megatron_run(rank, world_size, distributed):
 
     ps = setup(1)
     model = build_gpt(1)
-    frozen = model.decoder.layers[0].mlp.linear_fc1.weight
-    frozen.requires_grad_(False)
+    model.get_parameter(FROZEN).requires_grad_(False)
     ddp = DistributedDataParallel(config=model.config, module=model,
                                   ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=distributed))
     config = OptimizerConfig(optimizer="adam", lr=0.02, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
@@ -193,30 +192,23 @@ def megatron_run(rank, world_size, distributed):
     return full_params(ddp, ps)
 
 
-def megatron_reference(rank, world_size):
-    from tests.helpers.megatron_gpt import batch, build_gpt, full_params, setup, single_process_groups
+FROZEN = "decoder.layers.0.mlp.linear_fc1.weight"
 
-    ps = setup(1)
-    model = build_gpt(1)
-    model.decoder.layers[0].mlp.linear_fc1.weight.requires_grad_(False)
-    opt = MARSM(single_process_groups(model), lr=0.02, weight_decay=0.1, ns_dtype=torch.float32)
-    for t in range(STEPS):
-        tokens, pos, mask, labels = batch(t)
-        model(tokens, pos, mask, labels=labels).float().mean().backward()
-        opt.step()
-        opt.zero_grad()
-    return full_params(model, ps)
+
+def megatron_reference(rank, world_size):
+    from tests.helpers.megatron_gpt import single_process_params
+
+    return single_process_params(STEPS, frozen=(FROZEN,))
 
 
 @pytest.mark.parametrize("distributed", [False, True], ids=["replicated", "distributed-optimizer"])
 def test_megatron_frozen_layer(distributed):
     pytest.importorskip("megatron.core")
     want = run_distributed(megatron_reference, 1)[0]
-    frozen = "decoder.layers.0.mlp.linear_fc1.weight"
     for got in run_distributed(megatron_run, 2, distributed):
         for n in want:
             assert (got[n] - want[n]).abs().max().item() < 1e-5, n
-        assert torch.equal(got[frozen], want[frozen])
+        assert torch.equal(got[FROZEN], want[FROZEN])
 
 
 def resized_run(rank, world_size):

@@ -78,3 +78,23 @@ def single_process_groups(model) -> list[dict]:
             p, "is_embedding_or_output_parameter", False)
         groups[0 if matrix else 1]["params"].append(p)
     return groups
+
+
+def single_process_params(steps: int, frozen: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The reference: single-process MARSM (no Megatron wrappers, no DDP) on the TP=1 model and
+    the full batch, ``steps`` steps, with the parameters named in ``frozen`` frozen. Call it on
+    a rank of a 1-process group (it sets up Megatron's parallel state)."""
+    from marsm_dist import MARSM
+
+    ps = setup(1)
+    model = build_gpt(1)
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    opt = MARSM(single_process_groups(model), lr=0.02, weight_decay=0.1, ns_dtype=torch.float32)
+    for t in range(steps):
+        tokens, pos, mask, labels = batch(t)
+        model(tokens, pos, mask, labels=labels).float().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return full_params(model, ps)
