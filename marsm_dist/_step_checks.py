@@ -85,6 +85,12 @@ def _device_terms(value: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
     return torch.stack([digits, digits * digits], dim=1).reshape(-1), v.reshape(1)
 
 
+def value_device(value: Any) -> str:
+    """Where a value (or the first tensor of a pair) lives, for messages."""
+    items = value if isinstance(value, (tuple, list)) else [value]
+    return next((str(v.device) for v in items if isinstance(v, Tensor)), "the host")
+
+
 def _atoms(group: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """(key, value) of every number the step uses (a pair or triple counts as 2 or 3): the same
     count on every rank, whatever the values (a malformed tuple is one repr and padding)."""
@@ -181,6 +187,17 @@ class HyperValues:
             out.append(values)
         return out
 
+    def shown(self, gi: int, key: str) -> str:
+        """Group ``gi``'s ``key`` as this rank holds it, exactly (a device tensor by the value read:
+        a tensor's repr rounds)."""
+        read = [v for (g, k, _, _), v in zip(self.tensors, self.read, strict=True) if (g, k) == (gi, key)]
+        value = self.param_groups[gi].get(key)
+        if read:
+            return f"{read[0] if len(read) == 1 else tuple(read)!r} in a tensor on {value_device(value)}"
+        if isinstance(value, Tensor) and value.numel() == 1:
+            return f"{float(value)!r} in a tensor"
+        return repr(value)
+
     def invalid_read(self) -> str | None:
         """The first device-held value that is invalid, now that it has been read (None: all valid)."""
         if not self.tensors:
@@ -194,17 +211,17 @@ class HyperValues:
         return None
 
 
-def disagreement(param_groups: Sequence[dict[str, Any]], mine: list[float], summed: list[float],
-                 world_size: int) -> str | None:
+def disagreement(hyper: HyperValues, summed: list[float], world_size: int) -> str | None:
     """Which value differs between ranks (from this rank's terms and their sums), or None."""
-    keys = [(i, key) for i, group in enumerate(param_groups) for key, _ in _atoms(group)]
+    mine, groups = hyper.mine(), hyper.param_groups
+    keys = [(i, key) for i, group in enumerate(groups) for key, _ in _atoms(group)]
     width = 2 * _DIGITS
     for n, (i, key) in enumerate(keys):
         for k in range(n * width, (n + 1) * width, 2):
             d, total, squares = mine[k], summed[k], summed[k + 1]
             if total != world_size * d or squares != world_size * d * d:
                 return (f"param group {i}'s {key!r} differs between ranks (this rank has "
-                        f"{param_groups[i].get(key)!r}); every rank must step with the same values")
+                        f"{hyper.shown(i, key)}); every rank must step with the same values")
     return None
 
 

@@ -166,7 +166,7 @@ def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork
     hyper.set_read(values[len(values) - len(hyper.tensors):])
     refusal = problem
     if refusal is None and judge:
-        refusal = _group_refusal(param_groups, hyper.mine(), values[2 * n + 1:2 * n + 1 + m], distributor)
+        refusal = _group_refusal(hyper, values[2 * n + 1:2 * n + 1 + m], distributor)
     if refusal is None and device.type != "meta":  # (meta: the read values are stand-ins)
         refusal = hyper.invalid_read()
     sq, active = [0.0] * len(index), [True] * len(index)
@@ -184,13 +184,12 @@ def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork
     return stats
 
 
-def _group_refusal(param_groups: list[dict[str, Any]], agree: list[float], summed: list[float],
-                   distributor) -> str | None:
+def _group_refusal(hyper: HyperValues, summed: list[float], distributor) -> str | None:
     """Why every rank must refuse this step: a rank refused it (an invalid value, a missing
     look-ahead: the last summed term counts those ranks), or a value differs between ranks."""
     if summed[-1] > 0:
         return "another rank refused this step (its error says why)"
-    return disagreement(param_groups, agree, summed[:-1], distributor.world_size)
+    return disagreement(hyper, summed[:-1], distributor.world_size)
 
 
 def _finish_statistics(distributor, matrix: list[GroupWork], index: list[int], sq: list[float],
