@@ -2,7 +2,8 @@
 
     python benchmarks/scale_model.py [--json benchmarks/results/scale_model.json] [--tflops 989]
         [--ns-efficiency 0.6] [--hbm-gbs 3350] [--nvlink-gbs 450] [--internode-gbs 50]
-        [--gpus-per-node 8] [--sample-ranks 64]
+        [--gpus-per-node 8] [--sample-ranks 64] [--models NAME ...] [--moe-layers N]
+        [--moe-bucket-numel 67108864] [--launch-us 5]
 
 Llama-3-8B and Llama-3-70B shapes (benchmarks/shapes.py) at W = 8, 64, 512, 1024 under FSDP,
 HSDP and DDP (piece layouts of benchmarks/topology_layouts.py; ranks r are grouped into nodes of
@@ -48,6 +49,38 @@ m^3 product and the all-reduce), see :func:`split_bound`. Both assume the rest p
 that a split matrix's gather and scatter cost what they cost whole; the critical path with
 splitting is the bound plus what the rounds cost now (critical path -
 ``ExchangePlan.lower_bound_flops``), which splitting does not remove. Savings use the capacity one.
+
+Third table, mixture of experts (``MOE_MODELS`` of benchmarks/shapes.py: a DeepSeek-V3-like and a
+Qwen3-30B-A3B-like model, see there for the shapes and what was simplified) at EP = 8, 16, 32, 64 and
+W = 64, 256, 1024 (W a multiple of EP). Rank r = edp * EP + c: an EP group is EP consecutive ranks,
+and the experts of EP coordinate c (E / EP consecutive ones per layer) are held WHOLE by the W / EP
+ranks r = c mod EP, one copy per EP group (:func:`expert_layout`); the dense matrices (attention,
+shared expert, dense layers) are FSDP rows over all W ranks. The plan is the engine's:
+``make_plan(shapes, W, "balanced", --moe-bucket-numel, candidates=[layout.preferred_owners ...])``,
+so an expert's owner is one of its holders and nothing is gathered for it (a dense matrix with at
+most W / 2 rows, Qwen's k and v at W = 1024, gets its row holders as candidates). Per row:
+
+- NS critical path (``ExchangePlan.critical_path_flops``) against the lower bound
+  (:func:`candidate_bound`): max(lower_bound(all matrices, W), and for every candidate set S,
+  lower_bound(the matrices whose candidates lie in S, |S|)): total / W, the largest matrix, and
+  per EP coordinate its experts' cost / (W / EP) (they cannot leave those ranks). It ignores the
+  rounds and the bucket's memory cap (an owner takes at most ``--moe-bucket-numel`` elements per
+  round, so in a round where another owner runs a large dense matrix, an owner of experts only
+  runs a few of them; for DeepSeek's sizes at W >= 256 that alone costs more than 5%). Target:
+  crit / bound <= 1.05; busiest / bound separates the owners' balance from what the rounds add.
+- bytes the busiest rank receives (sampled as in the first table; ours, which for these layouts
+  equals ``received_bytes``' minimum for the same owners) against the floor no owner choice goes
+  under (:func:`moe_bytes_floor`): per rank on average, each expert's result broadcast to its
+  other W / EP - 1 copies and each dense matrix's gather plus scatter; the bytes gathered for
+  experts (0 when every expert's owner holds it) and how many experts' owners do not hold them.
+- the alternative to the broadcast: every copy orthogonalizes the experts it holds itself (no
+  expert bytes; the NS FLOPs of one rank's experts, the same on every rank: "self").
+- Newton-Schulz calls per step of the busiest owner: batched (``orthogonalize`` on a GPU: one call
+  per round per distinct shape up to a transpose) and unbatched (one per matrix); x 5 iterations
+  x 3 matmuls is the kernel launches. The critical path again with ``--launch-us`` per matmul
+  launch added to every owner's round (an ASSUMED per-launch cost; the normalization and the
+  polynomial's elementwise kernels are not counted): what an owner of hundreds of small experts
+  would pay if it ran them one by one.
 """
 
 from __future__ import annotations
@@ -57,16 +90,20 @@ import math
 import platform
 import sys
 import time
+from collections import Counter
+from functools import cache
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results_file import save_results  # noqa: E402
-from benchmarks.shapes import MODELS, model_shapes  # noqa: E402
-from benchmarks.topology_layouts import mesh_for, model_layouts  # noqa: E402
+from benchmarks.shapes import MODELS, model_shapes, moe_shapes  # noqa: E402
+from benchmarks.topology_layouts import layout as topology_layout  # noqa: E402
+from benchmarks.topology_layouts import mesh_for, model_layouts, received_bytes  # noqa: E402
 from marsm_dist.newton_schulz import newton_schulz_flops  # noqa: E402
-from marsm_dist.sharding import make_plan  # noqa: E402
+from marsm_dist.sharding import ExchangePlan, make_plan  # noqa: E402
 from marsm_dist.sharding.layout import MatrixLayout, Piece  # noqa: E402
+from marsm_dist.sharding.plan import lower_bound  # noqa: E402
 
 SCALE_MODELS = ("llama3-8b", "llama3-70b")
 WORLDS = (8, 64, 512, 1024)
@@ -77,6 +114,11 @@ MARSM_BYTES_PER_ELEM = 28  # fp32: reads p, g, m, g_prev; writes p, m, g_prev
 ADAMW_BYTES_PER_ELEM = 28  # fp32: reads p, g, m, v; writes p, m, v
 SPLIT_KS = (1, 2, 4, 8)
 MIB = 2**20
+MOE_RUN = ("deepseek-v3-like", "qwen3-30b-a3b-like")
+MOE_EPS = (8, 16, 32, 64)
+MOE_WORLDS = (64, 256, 1024)
+MOE_TARGET = 1.05  # NS critical path / lower bound
+MATMULS_PER_STEP = 3  # per Newton-Schulz iteration: X X^T, the polynomial's square, B X
 
 
 # --- bytes by source ------------------------------------------------------------------------------
@@ -374,6 +416,179 @@ def split_rows(args: argparse.Namespace, scale: list[dict], models=SCALE_MODELS,
     return rows
 
 
+# --- mixture of experts ---------------------------------------------------------------------------
+
+@cache
+def expert_layout(shape: tuple[int, int], coord: int, ep: int, world: int) -> MatrixLayout:
+    """One routed expert of EP coordinate ``coord``: ranks r = coord mod ``ep`` hold it whole, each
+    as its own copy; copy j is EP group j (ranks j * ep ... j * ep + ep - 1), whose other ranks hold
+    nothing of it. It is what ``per_expert`` makes of the stacked (E, rows, cols) weight sharded
+    over EP (Shard(0)) and replicated over the W / ep expert-data-parallel ranks, and its
+    ``preferred_owners`` are its holders. One object per (shape, coordinate): every expert of that
+    coordinate shares it."""
+    n = math.prod(shape)
+    pieces = tuple((Piece(0, 0, n),) if r % ep == coord else () for r in range(world))
+    return MatrixLayout(tuple(shape), pieces, replicas=tuple(r // ep for r in range(world)))
+
+
+def moe_layouts(shapes: list[tuple[int, int]], expert_of: list[int | None], experts: int, ep: int,
+                world: int) -> list[MatrixLayout]:
+    """Experts whole on their EP coordinate's ranks (E / ep consecutive experts per coordinate,
+    :func:`expert_layout`), dense matrices FSDP rows over all ``world`` ranks."""
+    if experts % ep or world % ep:
+        raise ValueError(f"EP {ep} must divide the experts ({experts}) and the world size ({world})")
+    per = experts // ep
+    return [topology_layout("fsdp", s, "col", world) if e is None else expert_layout(s, e // per, ep, world)
+            for s, e in zip(shapes, expert_of, strict=True)]
+
+
+def candidate_bound(costs: list[int], candidates: list[tuple[int, ...] | None], world: int) -> int:
+    """No assignment of whole matrices that gives each matrix an owner among its candidates (None:
+    any rank) gives the busiest rank less: ``lower_bound`` of all matrices over ``world`` ranks, and
+    for every candidate set S, ``lower_bound`` of the matrices whose candidates lie within S over
+    |S| ranks (an EP coordinate's experts cannot leave its W / EP ranks)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for cost, cand in zip(costs, candidates, strict=True):
+        if cand is not None:
+            groups.setdefault(cand, []).append(cost)
+    sets = {cand: frozenset(cand) for cand in groups}
+    bound = lower_bound(costs, world)
+    for cand, ranks in sets.items():
+        inside = [c for other, members in sets.items() if members <= ranks for c in groups[other]]
+        bound = max(bound, lower_bound(inside, len(cand)))
+    return bound
+
+
+def moe_bytes_floor(layouts: list[MatrixLayout], itemsize: int = WIRE_ITEMSIZE) -> float:
+    """Bytes the busiest rank receives at least, whatever the owners: the mean over ranks of what
+    a step must move. A matrix held whole by h ranks (an expert and its copies): h - 1 of them
+    receive its result (its owner one of them, nothing gathered); a matrix cut over one copy
+    (FSDP rows): its owner receives what it lacks and the others their rows back, at least 2 x
+    (elements - the most one rank holds)."""
+    total = 0
+    by_id = {id(lay): lay for lay in layouts}
+    for key, count in Counter(id(lay) for lay in layouts).items():
+        lay = by_id[key]
+        holders = sum(1 for r in range(lay.world_size) if lay.local_numel(r) == lay.numel)
+        total += count * ((holders - 1) * lay.numel if holders else 2 * (lay.numel - lay.max_local_numel))
+    return total * itemsize / layouts[0].world_size if layouts else 0.0
+
+
+def ns_calls(plan: ExchangePlan, shapes: list[tuple[int, int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Per round, per rank: the Newton-Schulz calls it makes batched (``orthogonalize`` on a GPU:
+    one per distinct shape up to a transpose among the round's matrices it owns) and unbatched
+    (one per matrix)."""
+    world = plan.world_size
+    batched, single = [], []
+    for bucket in plan.buckets:
+        groups = {(plan.owners[i], min(shapes[i]), max(shapes[i])) for i in bucket}
+        calls, count = [0] * world, [0] * world
+        for owner, _, _ in groups:
+            calls[owner] += 1
+        for i in bucket:
+            count[plan.owners[i]] += 1
+        batched.append(calls)
+        single.append(count)
+    return batched, single
+
+
+def launch_path_seconds(plan: ExchangePlan, calls: list[list[int]], args: argparse.Namespace) -> float:
+    """The critical path with every call's matmul launches (``--launch-us`` each) added to its
+    owner's round."""
+    per_call = NS_STEPS * MATMULS_PER_STEP * args.launch_us * 1e-6
+    return sum(max(ns_seconds(f, args) + c * per_call for f, c in zip(load, n, strict=True))
+               for load, n in zip(plan.round_loads(), calls, strict=True))
+
+
+def moe_received(layouts: list[MatrixLayout], owners: list[int], ranks: list[int], gpus_per_node: int
+                 ) -> dict[int, tuple[int, int, int]]:
+    """Per rank of ``ranks``: (intra-node, inter-node, minimum) bytes received, by
+    :func:`received_split` and ``received_bytes``. Matrices with the same layout object and owner
+    (the experts of one coordinate that one holder owns) are counted once, times their number."""
+    pairs = Counter((id(lay), owner) for lay, owner in zip(layouts, owners, strict=True))
+    by_id = {id(lay): lay for lay in layouts}
+    by_count: dict[int, tuple[list[MatrixLayout], list[int]]] = {}
+    for (key, owner), count in pairs.items():
+        lays, owns = by_count.setdefault(count, ([], []))
+        lays.append(by_id[key])
+        owns.append(owner)
+    out = {}
+    for r in ranks:
+        intra = inter = minimum = 0
+        for count, (lays, owns) in by_count.items():
+            a, b = received_split(lays, owns, r, gpus_per_node)
+            intra, inter = intra + count * a, inter + count * b
+            minimum += count * received_bytes(lays, owns, r, WIRE_ITEMSIZE)[1]
+        out[r] = (intra, inter, minimum)
+    return out
+
+
+def moe_row(name: str, shapes: list[tuple[int, int]], expert_of: list[int | None], experts: int, ep: int,
+            world: int, args: argparse.Namespace) -> dict:
+    """One MoE row (see the module docstring) for ``shapes`` at ``ep`` x ``world / ep``."""
+    layouts = moe_layouts(shapes, expert_of, experts, ep, world)
+    candidates = [lay.preferred_owners for lay in layouts]
+    plan = make_plan(shapes, world, "balanced", args.moe_bucket_numel, ns_steps=NS_STEPS,
+                     candidates=candidates)
+    owners = list(plan.owners)
+    costs = list(plan.costs)
+    numels = [math.prod(s) for s in shapes]
+    bound = candidate_bound(costs, candidates, world)
+    gathered = off = 0
+    for lay, owner, e in zip(layouts, owners, expert_of, strict=True):
+        if e is not None and lay.local_numel(owner) != lay.numel:
+            off += 1
+            gathered += lay.numel - lay.local_numel(owner)
+    ranks = sample_ranks(world, owners, numels, args.sample_ranks, args.gpus_per_node)
+    got = moe_received(layouts, owners, ranks, args.gpus_per_node)
+    bytes_rank = max(ranks, key=lambda r: (got[r][0] + got[r][1], -r))
+    comm_rank = max(ranks, key=lambda r: (comm_seconds(got[r][0], got[r][1], args), -r))
+    batched, single = ns_calls(plan, shapes)
+    calls_b = [sum(c[r] for c in batched) for r in range(world)]
+    calls_u = [sum(c[r] for c in single) for r in range(world)]
+    busiest = max(range(world), key=lambda r: (plan.ns_flops[r], -r))
+    crit = plan.critical_path_flops
+    held = Counter()  # per EP coordinate, its experts' NS FLOPs (what each of its ranks holds)
+    for cost, e in zip(costs, expert_of, strict=True):
+        if e is not None:
+            held[e // (experts // ep)] += cost
+    return dict(
+        model=name, ep=ep, world=world, edp=world // ep, matrices=len(shapes),
+        expert_matrices=sum(e is not None for e in expert_of), experts_per_layer=experts,
+        rounds=len(plan.buckets), bucket_numel=args.moe_bucket_numel, ranks_evaluated=len(ranks),
+        ns_crit_flops=crit, ns_bound_flops=bound, ns_busiest_flops=plan.ns_flops[busiest],
+        ns_total_flops=sum(costs), ns_crit_ms=1e3 * ns_seconds(crit, args),
+        ns_bound_ms=1e3 * ns_seconds(bound, args), ns_ideal_ms=1e3 * ns_seconds(sum(costs) / world, args),
+        crit_over_bound=crit / bound, busiest_over_bound=plan.ns_flops[busiest] / bound,
+        target=MOE_TARGET, meets_target=crit <= MOE_TARGET * bound,
+        bytes_max_rank=sum(got[bytes_rank][:2]), bytes_min_max_rank=max(got[r][2] for r in ranks),
+        bytes_floor=moe_bytes_floor(layouts), comm_rank=comm_rank, comm_intra_bytes=got[comm_rank][0],
+        comm_inter_bytes=got[comm_rank][1], comm_ms=1e3 * comm_seconds(*got[comm_rank][:2], args),
+        expert_gather_bytes=gathered * WIRE_ITEMSIZE, experts_off_holders=off,
+        expert_ns_held_ms=1e3 * ns_seconds(max(held.values(), default=0), args),
+        ns_calls_batched_max=max(calls_b), ns_calls_unbatched_max=max(calls_u),
+        ns_calls_busiest_owner=(calls_b[busiest], calls_u[busiest]),
+        matmul_launches_batched_max=max(calls_b) * NS_STEPS * MATMULS_PER_STEP,
+        matmul_launches_unbatched_max=max(calls_u) * NS_STEPS * MATMULS_PER_STEP,
+        launch_us=args.launch_us, ns_crit_launch_batched_ms=1e3 * launch_path_seconds(plan, batched, args),
+        ns_crit_launch_unbatched_ms=1e3 * launch_path_seconds(plan, single, args))
+
+
+def moe_rows(args: argparse.Namespace, models=MOE_RUN, eps=MOE_EPS, worlds=MOE_WORLDS,
+             layers: int | None = None) -> list[dict]:
+    """One row per (MoE model, EP, W) with W a multiple of EP; ``layers`` MoE layers (default:
+    ``--moe-layers``, else all)."""
+    layers = getattr(args, "moe_layers", None) if layers is None else layers
+    rows = []
+    for name in models:
+        shapes, expert_of, experts = moe_shapes(name, layers)
+        for ep in eps:
+            for world in worlds:
+                if world % ep == 0:
+                    rows.append(moe_row(name, shapes, expert_of, experts, ep, world, args))
+    return rows
+
+
 # --- output ---------------------------------------------------------------------------------------
 
 def print_header(args: argparse.Namespace) -> None:
@@ -435,6 +650,41 @@ def print_tables(scale: list[dict], split: list[dict]) -> None:
           "with its busiest team's traffic)")
 
 
+def print_moe_table(rows: list[dict], args: argparse.Namespace) -> None:
+    print("\nMixture of experts: experts whole on their EP rank and its W/EP copies (rank = edp x EP + c),")
+    print("dense matrices FSDP rows over all W; engine plan with candidates = MatrixLayout.preferred_owners,")
+    print(f"bucket {args.moe_bucket_numel} elements. crit / bound: NS critical path over the lower bound "
+          f"(target <= {MOE_TARGET}; * misses);")
+    print("busy/bnd: the busiest owner's total over the bound; MiB: the busiest sampled rank receives / "
+          "the floor any owners")
+    print("allow (mean over ranks) / its inter-node part; exp.gath: MiB gathered for experts (owner not "
+          "a holder: how many);")
+    print("calls: NS calls of the busiest owner, batched by shape / one per matrix (max over owners); "
+          f"crit+launch: crit with {args.launch_us:g} us")
+    print(f"per matmul launch ({NS_STEPS} iterations x {MATMULS_PER_STEP} matmuls per call), batched / "
+          "unbatched; self: NS ms of one rank's")
+    print("experts if every copy ran them itself instead of receiving them (no expert bytes)")
+    head = (f"{'model':<18} {'EP':>3} {'W':>5} {'edp':>4} {'rnds':>4} {'NS crit':>8} {'bound':>7} "
+            f"{'crit/bnd':>9} {'busy/bnd':>8} {'MiB max':>8} {'floor':>7} {'inter':>7} {'comm':>6} "
+            f"{'exp.gath':>8} {'self':>7} {'calls b / u':>13} {'crit+launch b / u':>18}")
+    print(head)
+    print(f"{'':<18} {'':>3} {'':>5} {'':>4} {'':>4} {'ms':>8} {'ms':>7} {'':>9} {'':>8} {'':>8} {'':>7} "
+          f"{'':>7} {'ms':>6} {'MiB (n)':>8} {'ms':>7} {'':>13} {'ms':>18}")
+    for r in rows:
+        mark = " " if r["meets_target"] else "*"
+        calls = f"{r['ns_calls_batched_max']} / {r['ns_calls_unbatched_max']}"
+        launch = f"{r['ns_crit_launch_batched_ms']:.1f} / {r['ns_crit_launch_unbatched_ms']:.1f}"
+        gath = f"{r['expert_gather_bytes'] / MIB:.0f} ({r['experts_off_holders']})"
+        print(f"{r['model']:<18} {r['ep']:>3} {r['world']:>5} {r['edp']:>4} {r['rounds']:>4} "
+              f"{r['ns_crit_ms']:>8.2f} {r['ns_bound_ms']:>7.2f} {r['crit_over_bound']:>8.3f}{mark} "
+              f"{r['busiest_over_bound']:>8.3f} {r['bytes_max_rank'] / MIB:>8.1f} "
+              f"{r['bytes_floor'] / MIB:>7.1f} "
+              f"{r['comm_inter_bytes'] / MIB:>7.1f} {r['comm_ms']:>6.1f} {gath:>8} "
+              f"{r['expert_ns_held_ms']:>7.1f} {calls:>13} {launch:>18}")
+    missed = sum(not r["meets_target"] for r in rows)
+    print(f"({missed} of {len(rows)} rows miss crit / bound <= {MOE_TARGET})")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tflops", type=float, default=989.0, help="bf16 dense peak, TFLOP/s (H100 SXM)")
@@ -447,6 +697,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sample-ranks", type=int, default=64,
                     help="ranks evaluated per (model, W), plus the extremes of owned elements; 0: every rank")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/scale_model.json"))
+    ap.add_argument("--models", nargs="+", choices=SCALE_MODELS + MOE_RUN,
+                    default=list(SCALE_MODELS + MOE_RUN),
+                    help="models to run (default: all; Llama: the first two tables, MoE: the third)")
+    ap.add_argument("--moe-layers", type=int, default=None, help="MoE layers per MoE model (default: all)")
+    ap.add_argument("--moe-bucket-numel", type=int, default=1 << 26,
+                    help="the MoE plans' bucket: full-matrix elements per owner per round (engine default)")
+    ap.add_argument("--launch-us", type=float, default=5.0,
+                    help="ASSUMED cost of one matmul launch (CPU dispatch + launch), microseconds")
     return ap
 
 
@@ -454,15 +712,24 @@ def main() -> None:
     args = parser().parse_args()
     t0 = time.perf_counter()
     print_header(args)
-    scale = scale_rows(args)
-    split = split_rows(args, scale)
-    print_tables(scale, split)
+    dense = [m for m in SCALE_MODELS if m in args.models]
+    moe_models = [m for m in MOE_RUN if m in args.models]
+    scale = scale_rows(args, models=dense) if dense else []
+    split = split_rows(args, scale, models=dense) if dense else []
+    if dense:
+        print_tables(scale, split)
+    moe = moe_rows(args, models=moe_models) if moe_models else []
+    if moe_models:
+        print_moe_table(moe, args)
     seconds = time.perf_counter() - t0
     print(f"({seconds:.1f} s)")
     if args.json:
         machine = {"plan_only": True, "python": platform.python_version(), "seconds": round(seconds, 1)}
-        save_results(args.json, "scale", args, machine, scale)
-        save_results(args.json, "split", args, machine, split)
+        if dense:
+            save_results(args.json, "scale", args, machine, scale)
+            save_results(args.json, "split", args, machine, split)
+        if moe_models:
+            save_results(args.json, "moe", args, machine, moe)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ __all__ = ["GROUP_DEFAULTS", "StateMixin"]
 
 # Keys a param group may carry, with the values a group added by an older version should get.
 GROUP_DEFAULTS = dict(ns_coefficients=NS_COEFFICIENTS, flatten=False, maximize=False, use_marsm=None,
-                      ns_form="auto")
+                      ns_form="auto", experts=False)
 
 # Optimizer-wide attributes, with the values an optimizer pickled by an older version gets.
 _ATTRIBUTE_DEFAULTS = dict(on_nonfinite="raise", owner_policy="balanced", bucket_bytes=256 * 2**20,

@@ -7,6 +7,7 @@ parameters after the optimizer is constructed (ZeRO) are seen as they are when t
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any
 
@@ -18,7 +19,8 @@ from ._step_inputs import param_name, routes_to_marsm
 from ._timing import PhaseTimer
 from .sharding.adapter import ShardingAdapter, Slot, adapter_for, check_group_serves
 from .sharding.distributor import Distributor, MatrixSpec
-from .sharding.layout import replicated
+from .sharding.experts import per_expert
+from .sharding.layout import MatrixLayout, replicated
 
 Group = dict[str, Any]
 
@@ -38,7 +40,7 @@ class ParamMap:
                  owner_policy: str, bucket_numel: int, timer: PhaseTimer, overlap: bool = True,
                  max_team: int = 1) -> None:
         self.key = self.key_of(param_groups)
-        self.param_ids = frozenset(pid for pid, _ in self.key)  # which parameters a step here steps
+        self.param_ids = frozenset(k[0] for k in self.key)  # which parameters a step here steps
         # Weak references: a cache hit must be for these very tensors, not new ones that reuse a
         # freed id (a replaced or resized parameter), which would get another tensor's plan.
         self._refs = [weakref.ref(p) for g in param_groups for p in g["params"]]
@@ -55,39 +57,78 @@ class ParamMap:
                 pg = groups[id(p)] = adapter.process_group(p)
                 if pg is not None or replicate:
                     held.append((param_name(param_groups, group, i), pg or process_group,
-                                 adapter.local(p).device))
+                                 adapter.local(p).device, adapter.root_group(p) if pg is not None else None))
         self.group, self.device = self._job_group(held)
         specs: list[MatrixSpec] = []
         for group in param_groups:
             for i, p in enumerate(group["params"]):
                 adapter, name, pg = self.adapters[id(p)], param_name(param_groups, group, i), groups[id(p)]
-                for k, slot in enumerate(self.slot_lists[id(p)]):
+                slots: list[Slot] = []
+                for slot in self.slot_lists[id(p)]:
                     if not routes_to_marsm(group, slot):
+                        slots.append(slot)
                         continue
-                    self.matrix_index[(id(p), k)] = len(specs)
                     if slot.layout is not None:
                         layout, copies = self._over_job_group(adapter, p, slot, pg, name)
-                        specs.append(MatrixSpec(slot.shape, layout, copies, name))
                     elif replicate and pg is None:
-                        specs.append(MatrixSpec(slot.shape, replicated(slot.shape, dist.get_world_size(
-                            process_group)), process_group, name))
+                        layout = replicated(slot.shape, dist.get_world_size(process_group))
+                        copies = process_group
                     else:
-                        specs.append(MatrixSpec(slot.shape, None, None, name))
+                        layout, copies = None, None
+                    if group.get("experts") and len(slot.shape) >= 3:
+                        parts = self._per_expert(slot, layout, group, i)
+                    else:
+                        parts = [(slot, layout, name)]
+                    for part, part_layout, part_name in parts:
+                        self.matrix_index[(id(p), len(slots))] = len(specs)
+                        slots.append(part)
+                        specs.append(MatrixSpec(part.shape, part_layout, copies if part_layout else None,
+                                                part_name))
+                self.slot_lists[id(p)] = slots
         self.distributor = Distributor(specs, self.group, self.device, policy=owner_policy,
                                        bucket_numel=bucket_numel, timer=timer, overlap=overlap,
                                        max_team=max_team)
 
+    def _per_expert(self, slot: Slot, layout: MatrixLayout | None, group: Group, i: int
+                    ) -> list[tuple[Slot, MatrixLayout | None, str]]:
+        """``slot`` (dim 0: experts) as one slot per expert: its own shape, layout and place in the
+        container's local data, so the rest of the step treats each expert as a matrix of its own."""
+        names = group.get("param_names")
+        raw = slot.name or (names[i] if names is not None else None)
+        base = slot.offset if slot.numel >= 0 else 0
+        shape = tuple(slot.shape[1:])
+        n = math.prod(shape)
+        if layout is None:
+            cuts = [(None, base + e * n, n) for e in range(slot.shape[0])]
+        else:
+            rank = dist.get_rank(self.group) if self.group is not None else 0
+            cuts = [(lay, base + starts[rank], lay.local_numel(rank)) for lay, starts in per_expert(layout)]
+        out = []
+        for e, (lay, offset, numel) in enumerate(cuts):
+            label = f"{raw}[{e}]" if raw is not None else None
+            part = Slot(shape, lay, offset, numel, label, e)
+            out.append((part, lay, repr(label) if label else f"expert {e} of slot of {shape}"))
+        return out
+
     @staticmethod
-    def _job_group(held: list[tuple[str, dist.ProcessGroup, torch.device]]
+    def _job_group(held: list[tuple[str, dist.ProcessGroup, torch.device, dist.ProcessGroup | None]]
                    ) -> tuple[dist.ProcessGroup | None, torch.device | None]:
         """The widest group any parameter is held over: statistics are summed over it. Every other
         group must lie inside it (e.g. FSDP2's data-parallel sub-mesh beside a 2-D mesh)."""
         if not held:
             return None, None
-        name, job, device = max(held, key=lambda h: dist.get_world_size(h[1]))
-        check_group_serves(job, device, name)
+        name, job, device, _ = max(held, key=lambda h: dist.get_world_size(h[1]))
         ranks = set(dist.get_process_group_ranks(job))
-        for other, pg, dev in held:
+        if any(not set(dist.get_process_group_ranks(h[1])) <= ranks for h in held):
+            # Groups that cross (experts on the ep dim, dense weights on the dp dim of one mesh):
+            # the job is the widest group the parameters' layouts can be described over (their
+            # root mesh), and each parameter is described over it (the adapters widen them).
+            roots = [h[3] for h in held if h[3] is not None]
+            if roots:
+                root = max(roots, key=dist.get_world_size)
+                job, ranks = root, set(dist.get_process_group_ranks(root))
+        check_group_serves(job, device, name)
+        for other, pg, dev, _ in held:
             if dev != device:
                 raise ValueError(f"MARSM needs every sharded parameter on one device; {other} is on {dev} "
                                  f"and {name} on {device}")
@@ -95,7 +136,8 @@ class ParamMap:
                 raise ValueError(
                     f"MARSM needs every sharded or replicated parameter inside one group of ranks; {other} "
                     f"is held over ranks {dist.get_process_group_ranks(pg)}, outside {sorted(ranks)} of "
-                    f"{name} (e.g. expert-parallel or pipeline meshes are not supported)")
+                    f"{name}, and together they do not span the world (one MARSM per pipeline stage "
+                    f"must see only its stage's parameters)")
         return job, device
 
     def _over_job_group(self, adapter: ShardingAdapter, p: Tensor, slot: Slot, pg: dist.ProcessGroup | None,
@@ -119,7 +161,8 @@ class ParamMap:
 
     @staticmethod
     def key_of(param_groups: list[Group]) -> tuple:
-        return tuple((id(p), g["use_marsm"]) for g in param_groups for p in g["params"])
+        return tuple((id(p), g["use_marsm"], bool(g.get("experts")))
+                     for g in param_groups for p in g["params"])
 
     def serves(self, param_groups: list[Group]) -> bool:
         """True if the groups hold the very tensors this map was built for."""

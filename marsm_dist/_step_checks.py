@@ -38,7 +38,7 @@ UNTOUCHED = "parameters and optimizer state were left untouched"
 
 # The values a step uses, per group, and how many numbers each holds.
 AGREED_KEYS = ("lr", "weight_decay", "momentum", "gamma", "ns_steps", "ns_dtype", "adamw_betas", "adamw_eps",
-               "approx", "ns_coefficients", "flatten", "maximize", "ns_form", "use_marsm")
+               "approx", "ns_coefficients", "flatten", "maximize", "ns_form", "use_marsm", "experts")
 _ARITY = {"adamw_betas": 2, "ns_coefficients": 3}
 # The numbers the update math reads, per group (after the step's read, as Python floats).
 NUMERIC_KEYS = ("lr", "weight_decay", "momentum", "gamma", "adamw_eps")

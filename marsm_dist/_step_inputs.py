@@ -82,10 +82,17 @@ def check_grad(param_groups: list[Group], group: Group, i: int, grad: Tensor) ->
         raise RuntimeError(f"MARSM does not support complex gradients ({param_name(param_groups, group, i)})")
 
 
+def matrix_dims(group: Group, slot: Slot) -> int:
+    """The dims of the matrix ``slot`` is (or holds one of): in an ``experts`` group a tensor not
+    yet split per expert has one dim fewer per matrix (its dim 0 counts experts)."""
+    return len(slot.shape) - (1 if group.get("experts") and slot.expert is None else 0)
+
+
 def routes_to_marsm(group: Group, slot: Slot) -> bool:
-    """True if ``slot`` takes the matrix update in ``group`` (its ``use_marsm``, else >= 2 dims)."""
+    """True if ``slot`` takes the matrix update in ``group`` (its ``use_marsm``, else >= 2 dims;
+    in an ``experts`` group, >= 2 dims per expert: a per-expert bias ``(E, n)`` goes to AdamW)."""
     use = group["use_marsm"]
-    return len(slot.shape) >= 2 if use is None else bool(use)
+    return matrix_dims(group, slot) >= 2 if use is None else bool(use)
 
 
 def collect(
@@ -107,6 +114,12 @@ def collect(
                 if 0 in slot.shape:  # nothing to update (and no matrix to orthogonalize)
                     continue
                 is_matrix = routes_to_marsm(group, slot)
+                if is_matrix and group.get("experts") and slot.expert is None and len(slot.shape) >= 2:
+                    raise RuntimeError(
+                        f"{param_name(param_groups, group, i)} has shape {slot.shape} and sits in a "
+                        "use_marsm=True, experts=True group: dim 0 counts experts, so each expert is "
+                        f"{len(slot.shape) - 1}-D, not a matrix. Put it in a group without "
+                        "experts=True, or route it to AdamW.")
                 if is_matrix and len(slot.shape) < 2:
                     raise RuntimeError(
                         f"{param_name(param_groups, group, i)} has shape {slot.shape} but sits in a "

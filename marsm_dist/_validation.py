@@ -129,6 +129,8 @@ def validate_hyperparameters(group: Mapping[str, Any], where: str = "", *, read_
     )
     for flag in ("approx", "flatten", "maximize"):
         _check(isinstance(group[flag], bool), flag, group[flag], where, "must be True or False")
+    experts = group.get("experts", False)
+    _check(isinstance(experts, bool), "experts", experts, where, "must be True or False")
     check_ns_form(group.get("ns_form", "auto"), where)
     use = group["use_marsm"]
     _check(use is None or isinstance(use, bool), "use_marsm", use, where, "must be True, False or None")

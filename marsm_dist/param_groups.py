@@ -3,6 +3,18 @@
 Hidden weights with at least 2 dims go to MARS-M. Biases, norm gains and other 0-D/1-D tensors go
 to AdamW, and so do embeddings and the output head although they are 2-D: the paper's recipes
 treat them that way. A head tied to the embedding is one tensor and goes to AdamW with it.
+
+Mixture-of-experts layers: a tensor that stacks the experts' weights along dim 0 (torchtitan's
+``GroupedExperts`` ``w1/w2/w3``, HF transformers' ``*Experts`` ``gate_up_proj``/``down_proj``) goes
+to MARS-M in a group with ``experts=True``: each expert is its own matrix. A fused gate/up tensor
+stays one matrix per expert, ``(2F, D)``, as a fused QKV stays one matrix: the spec orthogonalizes
+the tensor a layer holds, and splitting it is a different algorithm. Per-expert biases (``(E, n)``)
+go to AdamW. The router (the layer's ``(E, D)`` gate) goes to AdamW: like the output head it
+produces logits, here over experts, whose scale sets how sharply tokens are routed and how the
+load balances; an orthogonalized update of fixed RMS would move that scale by the update's
+schedule, not the loss's, and the tensor is tiny. Megatron's legacy ``GroupedMLP`` (all local
+experts side by side in one 2-D ``weight1``/``weight2``) cannot be described per expert as one run
+of memory per expert and is refused rather than orthogonalized as one matrix.
 """
 
 from __future__ import annotations
@@ -15,8 +27,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["DEFAULT_HEAD_NAMES", "RoutingDecision", "explain_routing", "param_decisions", "param_groups",
-           "routing_report", "split_by_route"]
+__all__ = ["DEFAULT_HEAD_NAMES", "ROUTER_NAMES", "RoutingDecision", "explain_routing", "param_decisions",
+           "param_groups", "routing_report", "split_by_route", "split_experts"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +38,20 @@ DEFAULT_HEAD_NAMES: tuple[str, ...] = ("lm_head", "output_layer", "unembed", "un
 # while "encoder.layer.0.attention.output.dense" in BERT is a hidden matrix).
 _TOP_LEVEL_HEAD_NAMES = ("output", "head")
 _EMBEDDING_MODULES = (nn.Embedding, nn.EmbeddingBag)
+# Module names (anywhere in a parameter's name) that mark a MoE router: Megatron's and HF's
+# ``router``, HF Mixtral/Qwen-MoE's ``gate``, DeepSpeed's ``gate.wg``, Qwen's ``shared_expert_gate``.
+ROUTER_NAMES: tuple[str, ...] = ("router", "gate", "shared_expert_gate")
+
+
+def _is_experts_module(module: nn.Module) -> bool:
+    """A module holding all its experts' weights stacked along dim 0 (torchtitan's
+    ``GroupedExperts``, HF transformers' ``Qwen3MoeExperts``, ``MixtralExperts``, ``GptOssExperts``...)."""
+    return type(module).__name__.endswith("Experts")
+
+
+def _is_router_module(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return name.endswith("Router") or name in ("TopKGate", "TopkGate")
 
 
 @dataclass(frozen=True)
@@ -37,12 +63,15 @@ class RoutingDecision:
         shape: the parameter's shape.
         use_marsm: True for the MARS-M branch, False for AdamW, None when it is not optimized.
         reason: a short human-readable justification.
+        experts: dim 0 indexes independent matrices (MoE experts): it goes to a group with
+            ``experts=True``.
     """
 
     name: str
     shape: tuple[int, ...]
     use_marsm: bool | None
     reason: str
+    experts: bool = False
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -67,6 +96,7 @@ def explain_routing(
     adamw: Iterable[str] = (),
     head_names: Iterable[str] = DEFAULT_HEAD_NAMES,
     shape_of: Callable[[Tensor], tuple[int, ...]] | None = None,
+    experts: Iterable[str] = (),
 ) -> list[RoutingDecision]:
     """Decide, for every parameter of ``model``, which branch takes it and why.
 
@@ -77,8 +107,10 @@ def explain_routing(
         head_names: module names that mark an output head.
         shape_of: the real shape of a parameter, where a framework stores it elsewhere (under
             DeepSpeed ZeRO-3 a parameter is a flat placeholder; adapters pass this).
+        experts: glob patterns of parameter names whose dim 0 indexes experts, for expert
+            modules not recognized by their class (``*Experts``).
     """
-    marsm, adamw, head_names = tuple(marsm), tuple(adamw), tuple(head_names)
+    marsm, adamw, head_names, experts = tuple(marsm), tuple(adamw), tuple(head_names), tuple(experts)
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
@@ -87,12 +119,17 @@ def explain_routing(
         for m in model.modules() if isinstance(m, _EMBEDDING_MODULES)
         for p in m.parameters(recurse=False)
     }
+    owner = {id(p): (mname, m) for mname, m in model.named_modules() for p in m.parameters(recurse=False)}
     decisions = []
     for name, p in model.named_parameters():
         aliases = names[id(p)]
         shape = tuple(shape_of(p) if shape_of is not None else p.shape)
         ndim = len(shape)
         tied = f" (tied: {', '.join(aliases[1:])})" if len(aliases) > 1 else ""
+        module = owner[id(p)][1]
+        stacked = ndim >= 2 and (_is_experts_module(module) or any(_matches(a, experts) for a in aliases))
+        router = ndim >= 2 and (_is_router_module(module) or any(
+            part in ROUTER_NAMES for a in aliases for part in a.split(".")[:-1]))
         if not p.requires_grad:
             use, why = None, "frozen (requires_grad=False): not optimized"
         elif any(_matches(a, adamw) for a in aliases):
@@ -102,6 +139,21 @@ def explain_routing(
                 raise ValueError(f"marsm= pattern matches {name!r} of shape {shape}; MARS-M "
                                  "needs at least 2 dims")
             use, why = True, "forced to MARS-M by the marsm= patterns"
+            if stacked and ndim < 3:
+                raise ValueError(f"marsm= pattern matches {name!r} of shape {shape}, a per-expert "
+                                 "tensor of 1-D experts; MARS-M needs a matrix per expert")
+        elif stacked and ndim >= 3:
+            use, why = True, f"MoE experts: {shape[0]} matrices of {shape[1:]}, each its own"
+        elif stacked:
+            use, why = False, f"per-expert bias ({shape[0]} experts of {shape[1:]})"
+        elif router:
+            use, why = False, "MoE router (logits over experts, like an output head)"
+        elif type(module).__name__ == "GroupedMLP" and ndim == 2:
+            raise ValueError(
+                f"{name!r} of shape {shape} is a weight of Megatron's legacy GroupedMLP: all local "
+                "experts side by side in one matrix, which MARS-M cannot split per expert (its "
+                "experts are not separate runs of memory). Use SequentialMLP or TEGroupedMLP "
+                "(--moe-grouped-gemm with TransformerEngine), or route it to AdamW with adamw=[...]")
         elif ndim < 2:
             use, why = False, f"{ndim}-D (bias, norm gain or scalar)"
         elif id(p) in embedding_params:
@@ -112,7 +164,7 @@ def explain_routing(
             use, why = False, f"output head{tied}"
         else:
             use, why = True, f"hidden matrix ({ndim}-D)"
-        decisions.append(RoutingDecision(name, shape, use, why))
+        decisions.append(RoutingDecision(name, shape, use, why, bool(use) and stacked and ndim >= 3))
     return decisions
 
 
@@ -120,13 +172,18 @@ def routing_report(decisions: list[RoutingDecision]) -> str:
     """Format decisions as a table: one line per parameter, then the totals per branch."""
     width = max((len(d.name) for d in decisions), default=4)
     branch = {True: "MARS-M", False: "AdamW", None: "-"}
-    lines = [f"{'parameter':<{width}}  {'shape':<18} {'branch':<7} reason"]
+    lines = [f"{'parameter':<{width}}  {'shape':<18} {'branch':<8} reason"]
     for d in decisions:
-        lines.append(f"{d.name:<{width}}  {str(d.shape):<18} {branch[d.use_marsm]:<7} {d.reason}")
+        label = "MARS-M/E" if d.experts else branch[d.use_marsm]
+        lines.append(f"{d.name:<{width}}  {str(d.shape):<18} {label:<8} {d.reason}")
     for use in (True, False):
         chosen = [d for d in decisions if d.use_marsm is use]
         numel = sum(_numel(d.shape) for d in chosen)
         lines.append(f"{branch[use]}: {len(chosen)} tensors, {numel:,} elements")
+    stacked = [d for d in decisions if d.experts]
+    if stacked:
+        lines.append(f"MARS-M/E (experts=True, each expert its own matrix): {len(stacked)} tensors, "
+                     f"{sum(d.shape[0] for d in stacked):,} expert matrices")
     return "\n".join(lines)
 
 
@@ -148,6 +205,7 @@ def param_groups(
     named: bool = True,
     report: bool = False,
     shape_of: Callable[[Tensor], tuple[int, ...]] | None = None,
+    experts: Iterable[str] = (),
 ) -> list[dict[str, Any]]:
     """Build MARSM's param groups for ``model``: ``use_marsm=True`` and ``use_marsm=False``.
 
@@ -158,23 +216,41 @@ def param_groups(
         named: give ``(name, param)`` pairs so the optimizer knows names (error messages,
             ``param_names`` in its state dict).
         report: print the routing table (it is always logged at DEBUG level).
-        shape_of: see :func:`explain_routing`.
+        shape_of, experts: see :func:`explain_routing`.
 
     Returns:
-        A list of at most two group dicts, ready for ``MARSM(groups, ...)``; empty groups are
-        left out.
+        A list of at most three group dicts, ready for ``MARSM(groups, ...)``: the matrices
+        (``use_marsm=True``), the stacked MoE experts (``use_marsm=True, experts=True``, both with
+        ``marsm_options``) and the rest (``use_marsm=False``); empty groups are left out.
     """
     decisions = explain_routing(model, marsm=marsm, adamw=adamw, head_names=head_names,
-                                shape_of=shape_of)
+                                shape_of=shape_of, experts=experts)
     text = routing_report(decisions)
     logger.debug("MARS-M parameter routing:\n%s", text)
     if report:
         print(text)
     params = dict(model.named_parameters())
     use_of = {id(params[d.name]): d.use_marsm for d in decisions}
+    stacked = {id(params[d.name]) for d in decisions if d.experts}
     items = [(n, p) if named else p for n, p in params.items()]
-    return split_by_route({"params": items}, lambda item: use_of[id(item[1] if named else item)],
-                          {True: marsm_options, False: adamw_options})
+    groups = split_by_route({"params": items}, lambda item: use_of[id(item[1] if named else item)],
+                            {True: marsm_options, False: adamw_options})
+    return split_experts(groups, lambda item: id(item[1] if named else item) in stacked)
+
+
+def split_experts(groups: list[dict[str, Any]], is_stacked: Callable[[Any], bool]) -> list[dict[str, Any]]:
+    """Each ``use_marsm=True`` group that holds stacked MoE expert tensors (``is_stacked(item)``)
+    cut in two: the other matrices, then the experts with ``experts=True``; other groups as given."""
+    out = []
+    for group in groups:
+        if not group.get("use_marsm") or "experts" in group:
+            out.append(group)
+            continue
+        for stacked in (False, True):
+            chosen = [item for item in group["params"] if is_stacked(item) is stacked]
+            if chosen:
+                out.append({**group, "params": chosen, **({"experts": True} if stacked else {})})
+    return out
 
 
 def param_decisions(model: nn.Module, *, shape_of: Callable[[Tensor], tuple[int, ...]] | None = None

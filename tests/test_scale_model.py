@@ -7,10 +7,12 @@ import math
 import pytest
 
 from benchmarks import scale_model as sm
-from benchmarks.shapes import model_shapes
+from benchmarks.shapes import model_shapes, moe_shapes
 from benchmarks.topology_layouts import layout, received_bytes
 from marsm_dist.newton_schulz import newton_schulz_flops
 from marsm_dist.sharding import make_plan
+from marsm_dist.sharding.experts import per_expert
+from marsm_dist.sharding.layout import from_runs
 
 SHAPES = [(40, 24), (24, 56), (16, 16)]
 W = 16
@@ -148,3 +150,123 @@ def test_split_bound_by_hand():
     simple, capacity, ks = sm.split_bound([(4096, 14336)] * 2, 8, args)
     assert ks == {(4096, 14336): 4}
     assert capacity == pytest.approx(sm.split_member_seconds((4096, 14336), 4, args))
+
+
+# --- mixture of experts ---------------------------------------------------------------------------
+
+MOE = "qwen3-30b-a3b-like"
+
+
+@pytest.fixture(scope="module")
+def moe_small():
+    """Qwen3-30B-A3B-like with 4 MoE layers at EP 8 x 8 (W = 64), every rank evaluated."""
+    shapes, expert_of, experts = moe_shapes(MOE, 4)
+    layouts = sm.moe_layouts(shapes, expert_of, experts, 8, 64)
+    plan = make_plan(shapes, 64, "balanced", candidates=[lay.preferred_owners for lay in layouts])
+    row = sm.moe_row(MOE, shapes, expert_of, experts, 8, 64, _args(sample_ranks=0))
+    return shapes, expert_of, layouts, plan, row
+
+
+def test_expert_layout_is_per_expert_of_the_stacked_weight():
+    # (E=8, 6, 4) experts, EP 4 x EDP 2 over 8 ranks: Shard(0) over EP, replicated over EDP.
+    ep, world, experts, shape = 4, 8, 8, (6, 4)
+    per = experts // ep
+    runs = [(((r % ep * per, r % ep * per + per),), ((0, 6),), ((0, 4),)) for r in range(world)]
+    stacked = from_runs((experts, *shape), runs, [r // ep for r in range(world)])
+    for e, (lay, _) in enumerate(per_expert(stacked)):
+        ours = sm.expert_layout(shape, e // per, ep, world)
+        assert (ours.pieces, ours.replicas) == (lay.pieces, lay.replicas)
+        assert ours.preferred_owners == lay.preferred_owners == tuple(range(e // per, world, ep))
+
+
+def test_moe_shapes():
+    shapes, expert_of, experts = moe_shapes(MOE)
+    assert experts == 128 and len(shapes) == 48 * (4 + 128 * 3)
+    assert shapes[:7] == [(4096, 2048), (512, 2048), (512, 2048), (2048, 4096), (768, 2048), (768, 2048),
+                          (2048, 768)]
+    assert expert_of[:7] == [None] * 4 + [0] * 3
+    shapes, expert_of, experts = moe_shapes("deepseek-v3-like", 1)
+    assert experts == 256 and len(shapes) == 3 * 7 + 4 + 3 + 256 * 3  # 3 dense layers, a shared expert
+    assert shapes[4] == (18432, 7168) and shapes[-1] == (7168, 2048)
+    assert sum(e is None for e in expert_of) == 3 * 7 + 4 + 3
+
+
+def test_candidate_bound_by_hand():
+    # 4 ranks; three 10s pinned to ranks {0, 1}, a free 2: those two ranks take 30 between them,
+    # one at least 20 (two of them), above the mean 8 and the largest 10.
+    assert sm.candidate_bound([10, 10, 10, 2], [(0, 1), (0, 1), (0, 1), None], 4) == 20
+    # A set inside another counts for it: {0, 1} must take all three 4s (the one pinned to {0}
+    # too), so one of its two ranks takes two; {0, 1}'s own two alone would allow 4.
+    assert sm.candidate_bound([4, 4, 4], [(0,), (0, 1), (0, 1)], 8) == 8
+    assert sm.candidate_bound([4, 4], [(0, 1), (0, 1)], 8) == 4
+    assert sm.candidate_bound([4, 4, 4], [None] * 3, 8) == 4
+
+
+def test_moe_bytes_and_calls_by_hand():
+    # Two (4, 8) experts, EP 2 x 2 on 4 ranks (nodes of 2): expert 0 on ranks 0 and 2, expert 1 on
+    # 1 and 3. The owner (a holder) gathers nothing; the other copy, in the other node, receives
+    # the 32-element result (64 bytes). Floor: 2 x 32 elements x 2 bytes over 4 ranks.
+    args = _args(sample_ranks=0, gpus_per_node=2)
+    row = sm.moe_row("t", [(4, 8), (8, 4)], [0, 1], 2, 2, 4, args)
+    assert row["expert_gather_bytes"] == 0 and row["experts_off_holders"] == 0
+    assert row["bytes_max_rank"] == row["bytes_min_max_rank"] == 64
+    assert row["comm_inter_bytes"] == 64 and row["comm_intra_bytes"] == 0
+    assert row["bytes_floor"] == 32
+    assert row["ns_calls_batched_max"] == row["ns_calls_unbatched_max"] == 1
+    assert row["ns_crit_flops"] == row["ns_bound_flops"] == newton_schulz_flops((4, 8))
+
+
+def test_ns_calls_by_hand():
+    # Rank 0 owns three matrices of one shape up to a transpose and one other, in one round.
+    shapes = [(8, 16), (8, 16), (16, 8), (4, 4)]
+    plan = make_plan(shapes, 2, "balanced", candidates=[(0,)] * 4)
+    assert plan.owners == (0, 0, 0, 0) and len(plan.buckets) == 1
+    batched, single = sm.ns_calls(plan, shapes)
+    assert batched == [[2, 0]] and single == [[4, 0]]
+    args = _args(launch_us=10.0)
+    flops = sum(newton_schulz_flops(s) for s in shapes)
+    assert sm.launch_path_seconds(plan, batched, args) == pytest.approx(
+        sm.ns_seconds(flops, args) + 2 * 5 * 3 * 10e-6, rel=1e-12)
+    assert sm.launch_path_seconds(plan, single, args) == pytest.approx(
+        sm.ns_seconds(flops, args) + 4 * 5 * 3 * 10e-6, rel=1e-12)
+
+
+def test_moe_experts_stay_on_their_holders(moe_small):
+    shapes, expert_of, layouts, plan, row = moe_small
+    per = 128 // 8
+    for i, e in enumerate(expert_of):
+        if e is not None:
+            owner = plan.owners[i]
+            assert owner % 8 == e // per  # one of the ranks of the expert's EP coordinate
+            assert layouts[i].local_numel(owner) == layouts[i].numel
+            assert owner in layouts[i].preferred_owners
+    experts = [i for i, e in enumerate(expert_of) if e is not None]
+    for rank in range(64):  # what owners receive of their own experts: nothing
+        mine = [i for i in experts if plan.owners[i] == rank]
+        assert sm.received_split([layouts[i] for i in mine], [rank] * len(mine), rank) == (0, 0)
+    assert row["expert_gather_bytes"] == 0 and row["experts_off_holders"] == 0
+    assert row["ranks_evaluated"] == 64
+    assert row["bytes_max_rank"] == row["bytes_min_max_rank"] >= row["bytes_floor"] > 0
+    assert row["ns_calls_batched_max"] < row["ns_calls_unbatched_max"]
+
+
+def test_moe_bound_is_a_bound(moe_small):
+    *_, plan, row = moe_small
+    assert row["ns_crit_flops"] == plan.critical_path_flops >= max(plan.ns_flops) >= row["ns_bound_flops"]
+    # The per-EP-group bound: 16 experts x 4 layers x 3 matrices of one coordinate over its 8 ranks.
+    expert = newton_schulz_flops((768, 2048))
+    assert row["ns_bound_flops"] >= 16 * 4 * 3 * expert // 8
+
+
+def test_moe_critical_path_within_target(moe_small):
+    *_, row = moe_small
+    assert row["ns_crit_flops"] <= sm.MOE_TARGET * row["ns_bound_flops"]
+
+
+def test_moe_rows_grid():
+    rows = sm.moe_rows(_args(sample_ranks=4), models=(MOE,), eps=(8, 16), worlds=(8, 32), layers=1)
+    assert [(r["ep"], r["world"]) for r in rows] == [(8, 8), (8, 32), (16, 32)]
+    for r in rows:
+        assert r["expert_gather_bytes"] == 0 and r["edp"] == r["world"] // r["ep"]
+        assert r["ns_crit_flops"] >= r["ns_bound_flops"]
+        assert r["meets_target"] == (r["crit_over_bound"] <= sm.MOE_TARGET)

@@ -147,6 +147,26 @@ def test_a_matrix_left_out_of_the_tp_plan_is_lifted_to_the_2d_mesh():
         assert torch.equal(results[r]["local"]["c.weight"], results[peer]["local"]["c.weight"])
 
 
+def pp_mixed_mesh_run(rank, world_size):
+    """The same on one pipeline stage of a (pp, dp, tp) mesh: each stage's MARSM sees only its
+    stage's ranks, so ``c`` is lifted to the stage's (dp, tp) slice, not to the root mesh (which
+    spans both stages). Both stages train the same model here, so each must match the reference."""
+    model = fm.build(NAME)
+    mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("pp", "dp", "tp"))
+    parallelize_module(model, mesh["tp"], {"a": ColwiseParallel(output_layouts=Replicate()),
+                                           "b": RowwiseParallel(input_layouts=Replicate())})
+    for m in (model.a, model.b, model.c, model):
+        fully_shard(m, mesh=mesh["dp"])
+    opt = fm.make_opt(model, ns_dtype=torch.float32)
+    return result(model, opt, train(model, opt, 0, 1))
+
+
+def test_a_matrix_left_out_of_the_tp_plan_is_lifted_to_its_pipeline_stage():
+    results = run_distributed(pp_mixed_mesh_run, 4)
+    check(results[:2], [])
+    check(results[2:], [])
+
+
 def hsdp_x_tp_run(rank, world_size, c_on_tp: bool):
     """HSDP x TP, torchtitan's (dp_replicate, dp_shard, tp) mesh: ``b``'s bias, replicated by the
     TP plan, is Replicate() on two mesh dims. ``c`` is a copy per (replicate, tp) coordinate, 4

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..optimizer import MARSM
-from ..param_groups import param_decisions, split_by_route
+from ..param_groups import param_decisions, split_by_route, split_experts
 from ..sharding.adapter import SideTableAdapter, Slot, check_group_serves, register_adapter
 from ..sharding.layout import MatrixLayout, Piece, flat_overlap
 from ._common import refuse_exact_mode
@@ -95,7 +95,9 @@ def build_marsm(module: torch.nn.Module, model_parameters: Iterable[Any], option
     if unknown:
         raise ValueError(f"Unknown MARSM option(s) {unknown} in the DeepSpeed config's optimizer.params; "
                          f"valid options: {sorted(_OPTIONS)}")
-    routes = {id(p): d.use_marsm for p, d in param_decisions(module, shape_of=_shape_of)}
+    decisions = param_decisions(module, shape_of=_shape_of)
+    routes = {id(p): d.use_marsm for p, d in decisions}
+    stacked = {id(p) for p, d in decisions if d.experts}
     items = list(model_parameters)
     groups = items if items and isinstance(items[0], dict) else [{"params": items}]
     routed = []
@@ -105,7 +107,7 @@ def build_marsm(module: torch.nn.Module, model_parameters: Iterable[Any], option
             routed.append(group)
             continue
         routed += split_by_route(group, lambda p: routes.get(id(p), len(_shape_of(p)) >= 2))
-    return MARSM(routed, **options)
+    return MARSM(split_experts(routed, lambda p: id(p) in stacked), **options)
 
 
 def _flat_slots(params, offsets, partition_size: int, group, names) -> list[Slot]:

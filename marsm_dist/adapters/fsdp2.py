@@ -129,6 +129,24 @@ def dtensor_layout(shape: tuple[int, ...], mesh: DeviceMesh, placements: tuple, 
     return from_runs(tuple(shape), runs, replicas if replicate_dims else None)
 
 
+def _enclosing_mesh(mesh: DeviceMesh, ranks: list[int]) -> DeviceMesh | None:
+    """The mesh over exactly ``ranks`` that ``mesh`` is a sub-mesh of: the root mesh, or, when the
+    root spans more (pipeline stages: a (pp, dp, tp) root, one stage's ranks), the root's slice
+    over the dims along which ``ranks`` differ. None when there is none (unnamed dims, ranks
+    that are no slice of the root, or ``mesh`` itself)."""
+    root = mesh._get_root_mesh()  # private in torch 2.6-2.14
+    names, root_names = mesh.mesh_dim_names, root.mesh_dim_names
+    if root is mesh or not names or not root_names or not set(names) <= set(root_names):
+        return None
+    coords = _coordinates(root)
+    if any(r not in coords for r in ranks):
+        return None
+    kept = tuple(n for m, n in enumerate(root_names) if n in names or len({coords[r][m] for r in ranks}) > 1)
+    if kept != root_names:
+        root = root[kept[0] if len(kept) == 1 else kept]
+    return root if sorted(root.mesh.reshape(-1).tolist()) == sorted(ranks) else None
+
+
 class FSDP2Adapter(ShardingAdapter):
     """DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism, HSDP) on any mesh."""
 
@@ -161,19 +179,23 @@ class FSDP2Adapter(ShardingAdapter):
         dims = tuple(m for m, pl in enumerate(p.placements) if pl.is_replicate())
         return _copies_group(p.device_mesh, dims) if dims else None
 
+    def root_group(self, p: Tensor) -> dist.ProcessGroup | None:
+        root = p.device_mesh._get_root_mesh()  # private in torch 2.6-2.14
+        if root is p.device_mesh or not root.mesh_dim_names:
+            return None
+        return job_group(root)
+
     def widen(self, p: Tensor, group: dist.ProcessGroup
               ) -> tuple[MatrixLayout, dist.ProcessGroup | GroupRequest | None] | None:
         """A parameter on a sub-mesh (FSDP2's dp mesh, for a module left out of the TP plan) is a
         copy per coordinate of the root mesh's other dim: lift it there when the root spans
         ``group``. Needs named mesh dims."""
         mesh = p.device_mesh
-        root = mesh._get_root_mesh()  # private in torch 2.6-2.14
-        names, root_names = mesh.mesh_dim_names, root.mesh_dim_names
         ranks = dist.get_process_group_ranks(group)
-        if root is mesh or not names or not root_names or not set(names) <= set(root_names):
+        root = _enclosing_mesh(mesh, ranks)
+        if root is None:
             return None
-        if sorted(root.mesh.reshape(-1).tolist()) != sorted(ranks):
-            return None
+        names, root_names = mesh.mesh_dim_names, root.mesh_dim_names
         placements = [Replicate()] * root.ndim
         for name, placement in zip(names, p.placements, strict=True):
             placements[root_names.index(name)] = placement

@@ -37,6 +37,8 @@ class Slot:
         offset, numel: where this rank's elements sit in the container's flattened local tensor;
             ``numel=-1`` means the whole local tensor, kept in its own shape.
         name: a readable name for messages, when the adapter knows one.
+        expert: for one expert of a tensor whose dim 0 indexes experts (a param group with
+            ``experts=True``), its index; ``shape`` is then that expert's own shape.
     """
 
     shape: tuple[int, ...]
@@ -44,6 +46,7 @@ class Slot:
     offset: int = 0
     numel: int = -1
     name: str | None = None
+    expert: int | None = None
 
 
 def slot_view(local: Tensor, slot: Slot) -> Tensor:
@@ -83,6 +86,12 @@ class ShardingAdapter:
         """For a layout with replicas: the group of ranks that hold the same pieces as this rank
         (one per copy), over which results reach the other copies, or a request for groups the
         optimizer makes (on every rank, after its plan check). None: no replicas."""
+        return None
+
+    def root_group(self, p: Tensor) -> dist.ProcessGroup | None:
+        """The widest group ``p``'s layout can be described over (see :meth:`widen`), when it is
+        wider than :meth:`process_group`; None: no wider one. The optimizer uses it when the
+        parameters' groups cross (experts on one mesh dim, dense weights on another)."""
         return None
 
     def widen(self, p: Tensor, group: dist.ProcessGroup

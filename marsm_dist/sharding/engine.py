@@ -55,7 +55,8 @@ class ShardingEngine:
         self.layouts, self.group, self.rank, self.world_size = layouts, group, rank, world
         self.replica_groups = replica_groups or {}
         self.overlap, self.bucket_numel = overlap, bucket_numel
-        self.plan = make_plan([lay.shape for lay in layouts], world, policy, bucket_numel, max_team=max_team)
+        self.plan = make_plan([lay.shape for lay in layouts], world, policy, bucket_numel, max_team=max_team,
+                              candidates=[lay.preferred_owners for lay in layouts])
         self.exchange = Exchange(group, rank, world)
         self.timer = timer or PhaseTimer()
         self.device = device or torch.device("cpu")

@@ -157,6 +157,9 @@ class Exchange:
         if not any(_moves_data(lay, o) for lay, o in items):
             for k in mine:
                 local[k] = fulls[k].reshape(-1)
+            for k, (lay, o) in enumerate(items):  # ranks of the owner's copy that hold none of it
+                if o != me and lay.replica_of(o) == lay.replica_of(me):
+                    local[k] = torch.empty(0, dtype=dtype, device=device)
             return Pending(None, lambda: local)
         cuts = {k: cut(items[k][0], fulls[k], items[k][0].copy_ranks(me)) for k in mine}
         in_splits = [sum(cuts[k][d].numel() for k in mine if d in cuts[k]) for d in range(world)]

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["MatrixLayout", "Piece", "Runs", "assemble", "cut", "flat_overlap", "from_runs", "replicated",
-           "row_chunks", "whole"]
+__all__ = ["MatrixLayout", "Piece", "Runs", "assemble", "cut", "flat_overlap", "from_runs",
+           "replicated", "row_chunks", "whole"]
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,23 @@ class MatrixLayout:
         rank must take alike, such as when to post a collective, may use it; its own
         ``local_numel`` differs between ranks)."""
         return max((self.local_numel(r) for r in range(self.world_size)), default=0)
+
+    @functools.cached_property
+    def preferred_owners(self) -> tuple[int, ...] | None:
+        """The ranks an owner should be among, for locality (None: any rank).
+
+        Ranks that hold the whole tensor (an expert on its expert-parallel rank, and its copies)
+        cost nothing to gather to; otherwise, when the tensor lives on a few ranks only (at most
+        half: an expert's own FSDP group, a small matrix inside one or two ZeRO partitions), the
+        gather stays among them. A tensor spread over most ranks (FSDP rows, replicated copies
+        on every rank) may go anywhere: the plan balances it.
+        """
+        world = self.world_size
+        whole_holders = tuple(r for r in range(world) if self.local_numel(r) == self.numel)
+        if whole_holders:
+            return whole_holders if len(whole_holders) < world else None
+        holders = tuple(r for r in range(world) if self.local_numel(r))
+        return holders if 0 < 2 * len(holders) <= world else None
 
 
 def flat_overlap(span: tuple[int, int], window: tuple[int, int]) -> tuple[int, int] | None:
@@ -272,3 +289,4 @@ def cut(layout: MatrixLayout, full: Tensor, ranks: Sequence[int] | None = None) 
         parts = [blocks[p.block][p.start:p.stop] for p in layout.pieces[r]]
         out[r] = full.new_empty(0) if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
     return out
+

@@ -21,10 +21,11 @@ import math
 from dataclasses import dataclass
 
 from ..newton_schulz import newton_schulz_flops
+from .pinned_plan import plan_levels, plan_owners_within
 from .teams import member_cost, plan_teams
 
 __all__ = ["OWNER_POLICIES", "ExchangePlan", "level_pack", "lower_bound", "make_plan", "plan_buckets",
-           "plan_owners", "plan_rounds"]
+           "plan_owners", "plan_owners_within", "plan_rounds"]
 
 OWNER_POLICIES = ("round_robin", "balanced")
 
@@ -228,16 +229,30 @@ def make_plan(
     bucket_numel: int = 1 << 26,
     ns_steps: int = 5,
     max_team: int = 1,
+    candidates: list[tuple[int, ...] | None] | None = None,
 ) -> ExchangePlan:
     """The plan for matrices of ``shapes`` over ``world_size`` ranks; with ``max_team`` > 1, ranks
-    idle in a round join the busiest owner's team (:func:`~marsm_dist.sharding.teams.plan_teams`)."""
+    idle in a round join the busiest owner's team (:func:`~marsm_dist.sharding.teams.plan_teams`).
+
+    ``candidates[i]``: the ranks matrix i's owner must be one of (locality: ranks that already
+    hold it, see ``MatrixLayout.preferred_owners``), or None for any rank. When any matrix has
+    candidates, owners come from :func:`plan_owners_within` and rounds from :func:`plan_levels`
+    (``balanced``) or :func:`plan_buckets` (``round_robin``)."""
     if world_size < 1:
         raise ValueError(f"Invalid world_size: {world_size}")
     if bucket_numel < 1:
         raise ValueError(f"Invalid bucket size: {bucket_numel} elements")
     costs = [newton_schulz_flops(s if len(s) >= 2 else (1, *s), ns_steps) for s in shapes]
     numels = [math.prod(s) for s in shapes]
-    if policy == "balanced":
+    if candidates is not None and len(candidates) != len(shapes):
+        raise ValueError(f"{len(candidates)} candidate sets for {len(shapes)} matrices")
+    pinned = candidates is not None and any(c is not None for c in candidates)
+    if pinned:
+        max_team = 1  # teams relabel owners, which would move a matrix off the ranks that hold it
+        owners = plan_owners_within(costs, world_size, policy, candidates)
+        buckets = (plan_levels(costs, numels, owners, world_size, bucket_numel) if policy == "balanced"
+                   else plan_buckets(numels, owners, world_size, bucket_numel))
+    elif policy == "balanced":
         owners, buckets = plan_rounds(costs, numels, world_size, bucket_numel)
     else:
         owners = plan_owners(costs, world_size, policy)
