@@ -133,9 +133,12 @@ ROUTES = {
 def test_recipe_trains_sharded_and_resumes_on_the_same_trajectory(route, tmp_path, single_process):
     script, shim, extra = ROUTES[route]
     full = _launch(script, tmp_path / "run", *extra, shim=shim)
-    # Sharded: every matrix has exactly one owner in the job, and the ranks exchanged bytes.
+    # Sharded: every matrix has exactly one owner in the job, and the ranks exchanged bytes (except
+    # under ZeRO-2, where each tiny matrix lies whole in one rank's flat partition and that rank owns
+    # it: the locality rule moves nothing).
     for stats in full["ranks"]:
-        assert stats["sharded_matrices"] == MATRICES and stats["bytes_sent"] > 0
+        assert stats["sharded_matrices"] == MATRICES
+        assert stats["bytes_sent"] > 0 or route == "deepspeed_zero2"
     assert sum(s["owned_matrices"] for s in full["ranks"]) == MATRICES
     assert "orthogonalized" in full["stdout"] and "of 8 sharded matrices" in full["stdout"]  # the callback
     # The same losses as one process with the whole batch (float32 Newton-Schulz; the reductions

@@ -1,5 +1,6 @@
-"""What the three Trainer recipes share: a tiny GPT-2, a synthetic corpus, the command line, and
-the end of a run. Copy this folder; in your own job, your model and dataset replace these."""
+"""What the three Trainer recipes share: a tiny GPT-2 (or, ``--model moe``, a tiny Qwen3-MoE), a
+synthetic corpus, the command line, and the end of a run. Copy this folder; in your own job, your
+model and dataset replace these."""
 
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from marsm_dist import step_stats
 from marsm_dist.adapters.hf import MARSMStatsCallback
@@ -34,6 +44,8 @@ def parse_args(description: str) -> argparse.Namespace:
     p.add_argument("--deepspeed", default="ds_zero2.json", help="DeepSpeed JSON (train_deepspeed.py only)")
     p.add_argument("--log-json", default=None, help="write each rank's losses and MARS-M figures here")
     p.add_argument("--local_rank", type=int, default=-1)
+    p.add_argument("--model", default="gpt2", choices=sorted(MODELS),
+                   help="the tiny model: gpt2, or moe (a mixture of experts, Qwen3-MoE)")
     return p.parse_args()
 
 
@@ -43,6 +55,24 @@ def tiny_gpt2(seed: int) -> GPT2LMHeadModel:
     config = GPT2Config(vocab_size=256, n_positions=32, n_embd=64, n_layer=2, n_head=4,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(config)
+
+
+def tiny_moe(seed: int) -> PreTrainedModel:
+    """A 2-layer Qwen3-MoE over the same bytes: 4 experts per layer (2 per token), no dropout, no
+    auxiliary loss. Its stacked expert tensors ``mlp.experts.gate_up_proj`` ``(4, 48, 32)`` and
+    ``down_proj`` ``(4, 32, 24)`` take MARS-M one expert at a time (``param_groups``'s
+    ``experts=True`` group); under FSDP2 on 2 ranks each rank holds 2 whole experts of each."""
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(vocab_size=256, max_position_embeddings=32, hidden_size=32, intermediate_size=24,
+                            moe_intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, head_dim=8,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                            decoder_sparse_step=1, attention_dropout=0.0, bos_token_id=0, eos_token_id=0)
+    return Qwen3MoeForCausalLM(config)
+
+
+# ``--model``: the factory and the decoder layer FSDP2 wraps as a unit.
+MODELS: dict[str, Callable[[int], PreTrainedModel]] = {"gpt2": tiny_gpt2, "moe": tiny_moe}
+LAYER_CLASS: dict[str, str] = {"gpt2": "GPT2Block", "moe": "Qwen3MoeDecoderLayer"}
 
 
 class CountingSequences(Dataset):
@@ -77,10 +107,12 @@ class LossLog(TrainerCallback):
 
 
 def train(args: argparse.Namespace, training: TrainingArguments, **trainer_kwargs) -> None:
-    """Train (or resume, ``--resume``) the tiny GPT-2 with the Trainer; ``trainer_kwargs`` carry
-    the recipe's MARS-M line. MARSMStatsCallback prints each logging step's sharding figures."""
+    """Train (or resume, ``--resume``) the tiny model (``--model``, GPT-2 unless given) with the
+    Trainer; ``trainer_kwargs`` carry the recipe's MARS-M line. MARSMStatsCallback prints each
+    logging step's sharding figures."""
     losses = LossLog()
-    trainer = Trainer(model=tiny_gpt2(args.seed), args=training, train_dataset=CountingSequences(),
+    model = MODELS[getattr(args, "model", "gpt2")](args.seed)
+    trainer = Trainer(model=model, args=training, train_dataset=CountingSequences(),
                       callbacks=[MARSMStatsCallback(), losses], **trainer_kwargs)
     trainer.train(resume_from_checkpoint=args.resume)
     finish(args, losses, lambda: asdict(step_stats(trainer.optimizer)))

@@ -12,7 +12,7 @@ gathered to one owner rank for Newton-Schulz. Checkpoints are Accelerate's shard
 
 from __future__ import annotations
 
-from common import parse_args, train
+from common import LAYER_CLASS, parse_args, train
 from transformers import TrainingArguments
 
 from marsm_dist.adapters.hf import MARSMForTrainer
@@ -25,7 +25,7 @@ def main() -> None:
         output_dir=args.output_dir, max_steps=args.steps, save_steps=args.save_steps,
         per_device_train_batch_size=args.batch_size, logging_steps=1, seed=args.seed,
         lr_scheduler_type="constant", report_to="none",
-        fsdp=True, fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"],
+        fsdp=True, fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": [LAYER_CLASS[args.model]],
                                         "state_dict_type": "SHARDED_STATE_DICT"})
     train(args, training,
           optimizer_cls_and_kwargs=(MARSMForTrainer, {"lr": args.lr, "ns_dtype": args.ns_dtype}))
