@@ -9,20 +9,30 @@ well as the names).
 
 A tensor-parallel weight (``tensor_model_parallel=True``; at TP=1 Megatron still marks its
 parallel linear layers and embeddings so) is one block of the full logical matrix along
-``partition_dim`` (``partition_stride`` > 1, as in SwiGLU's fc1, interleaves blocks). It is
-described over the whole tensor-and-data-parallel (TP x DP) group: every data-parallel (DP) rank
-is a copy of its own holding its TP rank's block. Each matrix is then orthogonalized once in that
-group: gathered from one DP copy's TP ranks to its owner, which runs Newton-Schulz on the full
-matrix, scattered back to that copy and broadcast over the DP group to the other copies (which end
-bitwise identical). Matrices Megatron does not mark (replicated over TP and DP, e.g. a MoE router)
-are divided over the same group through ``MARSM(process_group=...)``. A fused QKV weight is one
-matrix, as in the spec; ``split_qkv=True`` orthogonalizes the Q, K and V rows of every query group
-as separate matrices instead (each TP rank holds whole query groups, so no exchange is needed, and
-the result is the same with and without TP; every rank runs those itself). Expert-parallel (MoE)
-weights differ between DP ranks: each rank orthogonalizes its own (expert TP size 1 only).
+``partition_dim`` (``partition_stride`` > 1, as in SwiGLU's fc1, interleaves blocks). Without the
+distributed optimizer it is described over the whole job group: tensor-and-data-parallel (TP x DP),
+with context parallelism (TP x DP x CP) when CP > 1. Every data-parallel (DP) and context-parallel
+(CP) rank is a copy of its own holding its TP rank's block. Each matrix is then orthogonalized once
+in that group: gathered from one copy's TP ranks to its owner, which runs Newton-Schulz on the full
+matrix, scattered back to that copy and broadcast over the DP (x CP) group to the other copies
+(which end bitwise identical). Matrices Megatron does not mark (replicated over TP, DP and CP) are
+divided over the same group through ``MARSM(process_group=...)``. A fused QKV weight is one matrix,
+as in the spec; ``split_qkv=True`` orthogonalizes the Q, K and V rows of every query group as
+separate matrices instead (each TP rank holds whole query groups, so no exchange is needed, and the
+result is the same with and without TP; every rank runs those itself).
+
+MoE (SequentialMLP: each local expert's weights are separate tensors, Megatron's
+``allreduce=False``): Megatron's expert-parallel param groups become ``experts=True`` groups, and
+local expert ``i`` of every expert-parallel (EP) rank is described over the same job group as one
+``(EP, *expert)`` tensor (dim 0: the EP rank, so global expert ``ep * local experts + i``), expert
+tensor parallel (ETP) blocks inside each expert, a copy per expert-data-parallel (EDP) rank (which
+folds CP in). MARSM splits it into one matrix per global expert, orthogonalized once in the job by
+a rank that holds it (with ETP 1 it holds it whole: no gather) and broadcast over the EDP group.
+Expert biases, ``(EP, n)``, take AdamW; the router too (see :mod:`marsm_dist.param_groups`).
 
 With ``use_distributed_optimizer=True`` MARS-M shards its own state over the data-parallel ranks
-(:mod:`marsm_dist.adapters.megatron.sharded`), in place of Megatron's Adam-only one.
+(:mod:`marsm_dist.adapters.megatron.sharded`), in place of Megatron's Adam-only one (not with MoE
+or context parallelism yet: both are refused).
 
 The modules, from the bottom up (each imports only those above it in this list):
 ``tp_layout`` (a TP shard's pieces of its full matrix, for both optimizers), ``tp_adapter`` (the

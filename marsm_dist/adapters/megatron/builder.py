@@ -24,8 +24,8 @@ from ...optimizer import MARSM
 from .._common import refuse_exact_mode
 from .routing import marsm_param_groups, match_param_groups
 from .sharded import ShardedMARSMOptimizer
-from .tp_adapter import mark_expert_mains, mark_qkv_split
-from .tp_layout import coordinates, tensor_and_data_parallel_group
+from .tp_adapter import mark_experts, mark_mains, mark_qkv_split
+from .tp_layout import job_group, rank_coordinates
 
 __all__ = ["get_megatron_marsm_optimizer"]
 
@@ -59,8 +59,10 @@ def get_megatron_marsm_optimizer(
     ranks: see :mod:`marsm_dist.adapters.megatron.sharded`. Otherwise every data-parallel rank
     keeps the whole state, and ``config.fp16``/``bf16`` keep fp32 master weights as Megatron's
     ``Float16OptimizerWithFloat16Params`` does; Newton-Schulz still runs once per matrix in the
-    tensor-and-data-parallel group (``MARSM``'s ``process_group`` is that group unless
-    ``marsm_kwargs`` give another), not once per data-parallel replica.
+    tensor-and-data(-and-context)-parallel group (``MARSM``'s ``process_group`` is that group unless
+    ``marsm_kwargs`` give another), not once per data- or context-parallel replica, and once per
+    global expert of a MoE layer (expert, expert-tensor and expert-data parallelism), not once per
+    expert-data-parallel replica.
     """
     del use_gloo_process_groups, pg_collection  # accepted for signature compatibility
     if dump_param_to_param_group_map is not None:
@@ -88,17 +90,18 @@ def _replicated(config: OptimizerConfig, model_chunks: list[torch.nn.Module], gr
                 kwargs: dict[str, Any], scaler: MegatronGradScaler | None, init_state_fn: Callable
                 ) -> FP32Optimizer | Float16OptimizerWithFloat16Params:
     """Every DP rank keeps the whole state; Megatron's fp32 or fp16/bf16 wrapper around one MARSM."""
-    # Every matrix once in the TP x DP group: tensor-parallel ones through the adapter's layouts,
-    # the others (replicated over TP and DP) as MARSM's replicated parameters.
-    group = tensor_and_data_parallel_group()
+    # Every matrix once in the TP x DP (x CP) group: tensor-parallel and expert ones through the
+    # adapter's layouts, the others (replicated over TP, DP and CP) as MARSM's replicated parameters.
+    group = job_group()
     if group is not None:
-        coordinates(group, _device_of(model_chunks))  # now, on every rank: a collective
+        rank_coordinates(group, _device_of(model_chunks))  # now, on every rank: a collective
+    mark_experts(model_chunks, groups)
     optimizer = MARSM(groups, **{"process_group": group, **kwargs})
     if not (config.fp16 or config.bf16):
         return _FP32MARSM(optimizer, config, init_state_fn)
     wrapped = _Float16MARSM(optimizer, config, scaler, init_state_fn)
     for params, mains in zip(wrapped.float16_groups, wrapped.fp32_from_float16_groups, strict=True):
-        mark_expert_mains(params, mains)
+        mark_mains(params, mains)
     return wrapped
 
 

@@ -1,15 +1,23 @@
 """The sharding adapter for Megatron's parameters under the replicated (non-distributed) optimizer.
 
-Tensor-parallel weights take :func:`~.tp_layout.tp_layout` over the TP x DP group (one TP block per
-rank, one copy per DP rank). Expert-parallel (MoE) weights differ between DP ranks: each rank
-orthogonalizes its own (expert TP size 1 only). A fused QKV weight marked by :func:`mark_qkv_split`
-is cut into the Q, K and V rows of every query group, each its own matrix (each TP rank holds whole
-query groups, so no exchange is needed).
+Every layout is described over the job group (:func:`~.tp_layout.job_group`: TP x DP, with CP when
+CP > 1), so each matrix is orthogonalized once in the whole job. Tensor-parallel weights take
+:func:`~.tp_layout.tp_layout` (one TP block per rank, a copy per DP x CP rank; results reach the
+other copies over the DP x CP group). Expert-parallel (MoE) weights the builder put in an
+``experts=True`` group (:func:`mark_experts`) take :func:`~.tp_layout.expert_layout`: local expert
+``i`` of every EP rank is one ``(EP, *expert)`` slot, split per expert by the optimizer (each
+global expert its own matrix, owned by a rank that holds it, results broadcast over Megatron's
+expert-data-parallel group); its name is the local tensor's with ``@ep``, so ``name@ep[e]`` is global
+expert ``e * local experts + i``. Expert weights that were not marked (a MARSM built without the
+builder) stay each rank's own tensor (expert TP size 1 only). A fused QKV weight marked by
+:func:`mark_qkv_split` is cut into the Q, K and V rows of every query group, each its own matrix
+(each TP rank holds whole query groups, so no exchange is needed).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,9 +26,9 @@ from torch import Tensor
 
 from ...sharding.adapter import SideTableAdapter, Slot, register_adapter
 from ...sharding.layout import MatrixLayout
-from .tp_layout import coordinates, tensor_and_data_parallel_group, tp_layout
+from .tp_layout import copies_group, expert_layout, job_group, rank_coordinates, tp_layout
 
-__all__ = ["MegatronTPAdapter", "is_expert_parallel", "mark_expert_mains", "mark_qkv_split"]
+__all__ = ["MegatronTPAdapter", "is_expert_parallel", "mark_experts", "mark_mains", "mark_qkv_split"]
 
 
 @dataclass(frozen=True)
@@ -29,11 +37,12 @@ class _Marks:
 
     expert_main: bool = False  # the fp32 master copy of an expert-parallel weight
     qkv_split: tuple[int, int] | None = None  # a fused QKV weight: (heads per query group, head dim)
+    experts: str | None = None  # in an experts=True group, described per expert: its name
 
 
 class MegatronTPAdapter(SideTableAdapter):
-    """Megatron's parameters held over the tensor-and-data-parallel group: tensor-parallel weights
-    (one TP block per rank, one copy per DP rank) and expert-parallel ones (each rank's own)."""
+    """Megatron's parameters held over the job group: tensor-parallel weights (one TP block per
+    rank, a copy per DP x CP rank) and expert-parallel ones (per expert, a copy per EDP rank)."""
 
     name = "megatron"
     prepopulate_state = False  # Megatron calls init_state_fn when it needs state templates
@@ -43,40 +52,62 @@ class MegatronTPAdapter(SideTableAdapter):
         return bool(getattr(p, "tensor_model_parallel", False)) or is_expert_parallel(p)
 
     def process_group(self, p: Tensor) -> dist.ProcessGroup | None:
-        return tensor_and_data_parallel_group()
+        return job_group()
+
+    def _experts(self, p: Tensor) -> str | None:
+        marks = self.info(p)
+        return marks.experts if marks is not None and is_expert_parallel(p) else None
 
     def replica_group(self, p: Tensor) -> dist.ProcessGroup | None:
-        """The DP group: the ranks with this rank's TP rank, one per copy."""
-        group = parallel_state.get_data_parallel_group()
+        """The ranks with this rank's pieces, one per copy: DP (x CP), or EDP for experts."""
+        group = parallel_state.get_expert_data_parallel_group() if self._experts(p) else copies_group()
         return group if dist.get_world_size(group) > 1 else None
 
     def layout(self, p: Tensor) -> MatrixLayout:
-        group = tensor_and_data_parallel_group()
+        group = job_group()
         if group is None:
             return super().layout(p)
-        coords = coordinates(group, p.device)
-        return tp_layout(p, coords, parallel_state.get_tensor_model_parallel_world_size())
+        coords = rank_coordinates(group, p.device)
+        if self._experts(p):
+            return expert_layout(p, coords, parallel_state.get_expert_tensor_parallel_world_size())
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        return tp_layout(p, [(c.tp, c.dp) for c in coords], tp_size)
 
     def slots(self, p: Tensor) -> list[Slot]:
+        etp = parallel_state.get_expert_tensor_parallel_world_size()
+        name = self._experts(p)
+        if name is not None:
+            if p.ndim >= 2 and etp > 1 and not getattr(p, "tensor_model_parallel", False):
+                raise NotImplementedError(f"{name}: an expert matrix that is not tensor-parallel but "
+                                          f"replicated over {etp} expert-TP ranks is not supported")
+            if job_group() is None:
+                return [Slot((1, *p.shape), None, 0, -1, f"{name}@ep")]
+            layout = self.layout(p)
+            return [Slot(layout.shape, layout, 0, -1, f"{name}@ep")]
         if is_expert_parallel(p):
-            # Each expert-parallel rank holds other experts: no copies to share the work with.
-            if p.ndim >= 2 and parallel_state.get_expert_tensor_parallel_world_size() > 1:
-                raise NotImplementedError("MARSM does not support expert tensor parallelism (an expert "
-                                          "weight split over ranks) yet; use expert TP size 1")
+            # Not in an experts group (MARSM built without get_megatron_marsm_optimizer): its own.
+            if p.ndim >= 2 and etp > 1:
+                raise NotImplementedError("MARSM supports expert tensor parallelism (an expert weight split "
+                                          "over ranks) through get_megatron_marsm_optimizer only, which puts "
+                                          "expert weights in experts=True param groups; use expert TP size 1")
             return [Slot(tuple(p.shape))]
         marks = self.info(p)
         if marks is None or marks.qkv_split is None:
             return super().slots(p)
-        heads_per_group, head_dim = marks.qkv_split
-        cols = p.shape[1]
-        rows = [heads_per_group * head_dim, head_dim, head_dim]  # Q, K, V of one query group
-        groups = p.shape[0] // sum(rows)
-        slots, row = [], 0
-        for g in range(groups):
-            for kind, n in zip("QKV", rows, strict=True):
-                slots.append(Slot((n, cols), None, row * cols, n * cols, f"{kind} of local query group {g}"))
-                row += n
-        return slots
+        return _qkv_slots(p, *marks.qkv_split)
+
+
+def _qkv_slots(p: Tensor, heads_per_group: int, head_dim: int) -> list[Slot]:
+    """The Q, K and V rows of every local query group of fused QKV weight ``p``, each a slot."""
+    cols = p.shape[1]
+    rows = [heads_per_group * head_dim, head_dim, head_dim]  # Q, K, V of one query group
+    groups = p.shape[0] // sum(rows)
+    slots, row = [], 0
+    for g in range(groups):
+        for kind, n in zip("QKV", rows, strict=True):
+            slots.append(Slot((n, cols), None, row * cols, n * cols, f"{kind} of local query group {g}"))
+            row += n
+    return slots
 
 
 ADAPTER = MegatronTPAdapter()
@@ -91,11 +122,25 @@ def is_expert_parallel(p: Tensor) -> bool:
     return marks is not None and marks.expert_main
 
 
-def mark_expert_mains(params: list[Tensor], mains: list[Tensor]) -> None:
-    """Mark the fp32 master copies (``mains``) of the expert-parallel ones among ``params``."""
+def mark_experts(model_chunks: list[torch.nn.Module], groups: list[dict[str, Any]]) -> None:
+    """Describe the expert-parallel tensors of ``experts=True`` groups per expert over the job group."""
+    names = {p: n.removeprefix("module.") for chunk in model_chunks for n, p in chunk.named_parameters()}
+    for group in groups:
+        for p in group["params"] if group.get("experts") else ():
+            if is_expert_parallel(p):
+                name = names.get(p, "an expert tensor")
+                ADAPTER.register(p, replace(ADAPTER.info(p) or _Marks(), experts=name))
+
+
+def mark_mains(params: list[Tensor], mains: list[Tensor]) -> None:
+    """Give the fp32 master copies (``mains``) of ``params`` what was registered for their parameter
+    (a QKV split, a place in an experts group), and the expert mark Megatron does not copy."""
     for p, main in zip(params, mains, strict=True):
+        marks = ADAPTER.info(p)
         if is_expert_parallel(p):
-            ADAPTER.register(main, _Marks(expert_main=True))
+            ADAPTER.register(main, replace(marks or _Marks(), expert_main=True))
+        elif marks is not None:
+            ADAPTER.register(main, marks)
 
 
 def mark_qkv_split(model_chunks: list[torch.nn.Module]) -> None:
