@@ -55,16 +55,16 @@ class MatrixSpec:
 
 
 def _replica_group(layout: MatrixLayout, pg: dist.ProcessGroup | GroupRequest | None, job_ranks: list[int],
-                   me: int, name: str) -> ReplicaGroup:
+                   me: int, name: str, position: dict[int, int] | None = None) -> ReplicaGroup:
     if pg is None:
         raise ValueError(f"MARSM: {name} has {layout.num_replicas} copies but no replica group")
-    members = (list(pg.set_of(job_ranks[me]) or ()) if isinstance(pg, GroupRequest)
-               else dist.get_process_group_ranks(pg))
+    members = _members(pg, job_ranks[me])
     source: dict[int, int] = {}
     for k, g in enumerate(members):
-        if g not in job_ranks:
+        position = position if position is not None else {g: r for r, g in enumerate(job_ranks)}
+        if g not in position:
             raise ValueError(f"MARSM: the replica group of {name} holds rank {g}, outside the job group")
-        r = job_ranks.index(g)
+        r = position[g]
         if layout.pieces[r] != layout.pieces[me] or layout.replica_of(r) in source:
             raise ValueError(f"MARSM: the replica group of {name} does not match its layout: its members "
                              f"must hold the same pieces, one member per copy")
@@ -73,6 +73,10 @@ def _replica_group(layout: MatrixLayout, pg: dist.ProcessGroup | GroupRequest | 
         raise ValueError(f"MARSM: the replica group of {name} has members of copies {sorted(source)}; "
                          f"its layout has copies {sorted(set(layout.replicas or (0,)))}")
     return ReplicaGroup(pg, source)
+
+
+def _members(pg: dist.ProcessGroup | GroupRequest, me: int) -> list[int]:
+    return list(pg.set_of(me) or ()) if isinstance(pg, GroupRequest) else dist.get_process_group_ranks(pg)
 
 
 class Distributor:
@@ -108,10 +112,22 @@ class Distributor:
         out: dict[tuple[int, ...], ReplicaGroup] = {}
         job = dist.get_process_group_ranks(self.group) if self.group is not None else [0]
         me = dist.get_rank(self.group) if self.group is not None else 0
+        position = {g: r for r, g in enumerate(job)}
+        members: dict[tuple[int, ...], list[int]] = {}
         for i in self.shared:
             m = self.matrices[i]
-            if m.layout.num_replicas > 1 and m.layout.replicas not in out:
-                out[m.layout.replicas] = _replica_group(m.layout, m.replica_group, job, me, m.name)
+            if m.layout.num_replicas <= 1:
+                continue
+            # Every matrix is checked, not only the first of its replica pattern: matrices with the
+            # same pattern share one group, so each must hold its pieces as that group's members do.
+            rg = _replica_group(m.layout, m.replica_group, job, me, m.name, position)
+            ranks = _members(m.replica_group, job[me])
+            if m.layout.replicas not in out:
+                out[m.layout.replicas], members[m.layout.replicas] = rg, ranks
+            elif sorted(ranks) != sorted(members[m.layout.replicas]):
+                raise ValueError(f"MARSM: {m.name} has the copies of other matrices (replica pattern "
+                                 f"{m.layout.replicas}) but another replica group ({ranks}, not "
+                                 f"{members[m.layout.replicas]}); matrices with one pattern must share one")
         return out
 
     def close(self) -> None:

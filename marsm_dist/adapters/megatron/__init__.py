@@ -31,8 +31,11 @@ a rank that holds it (with ETP 1 it holds it whole: no gather) and broadcast ove
 Expert biases, ``(EP, n)``, take AdamW; the router too (see :mod:`marsm_dist.param_groups`).
 
 With ``use_distributed_optimizer=True`` MARS-M shards its own state over the data-parallel ranks
-(:mod:`marsm_dist.adapters.megatron.sharded`), in place of Megatron's Adam-only one (not with MoE
-or context parallelism yet: both are refused).
+(:mod:`marsm_dist.adapters.megatron.sharded`), in place of Megatron's Adam-only one: each rank
+steps its flat ranges of the DDP buffers' shards (dense buffers over DP x CP, expert buffers over
+EDP), and each matrix's (each global expert's) pieces are gathered to one owner among the ranks
+that hold them. Its dist-checkpoints and the replicated optimizer's hold the same global tensors,
+so a run saved at one (TP, EP, ETP, CP, DP) split loads at another, into either optimizer.
 
 The modules, from the bottom up (each imports only those above it in this list):
 ``tp_layout`` (a TP shard's pieces of its full matrix, for both optimizers), ``tp_adapter`` (the

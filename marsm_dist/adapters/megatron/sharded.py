@@ -14,6 +14,12 @@ that hold them to its owner, which runs Newton-Schulz on the whole matrix and sc
 update back. Optimizer state (momentum, last gradient, Adam moments, fp32 master weights) exists
 only for the main shards: 1/DP of what a replicated optimizer keeps.
 
+MoE and context parallelism: Megatron keeps expert-parallel weights in separate buffers sharded
+over the expert-data-parallel (EDP) ranks, and dense ones over DP x CP. A main shard of local expert
+``i`` is a flat range of that expert on its EP rank, described (``expert_layout``) as a piece of the
+``(EP, *expert)`` tensor over the job group, and split per global expert by ``MARSM`` (the
+builder's ``experts=True`` groups).
+
 Checkpoints (``sharded_state_dict``): each rank writes its own ranges of every parameter's state as
 pieces of the same global tensors the non-distributed MARS-M optimizer writes, so they load at any
 TP/DP size, with or without the distributed optimizer, and no rank ever holds more than its shard
@@ -41,7 +47,8 @@ from ...sharding.layout import flat_overlap
 from . import tp_adapter  # noqa: F401  (registered before this module's adapter: see MegatronDPShardAdapter)
 from .checkpoint import load_flat_state, sharded_flat_state
 from .routing import match_param_groups
-from .tp_layout import group_coordinates, tensor_and_data_parallel_group, tp_layout
+from .tp_adapter import is_expert_parallel
+from .tp_layout import RankCoordinates, expert_layout, job_group, rank_coordinates, tp_layout
 
 __all__ = ["MegatronDPShardAdapter", "ShardedMARSMOptimizer", "dp_shard_ranges"]
 
@@ -68,28 +75,30 @@ class _Shard:
         return t.view(-1)[self.start:self.stop]
 
 
-def dp_shard_ranges(model_chunks: list[torch.nn.Module], dp_size: int) -> dict[Tensor, list[tuple[int, int]]]:
-    """param -> the ``[start, stop)`` of its flattened local tensor in each DP rank's bucket shards.
+def dp_shard_ranges(model_chunks: list[torch.nn.Module]
+                    ) -> dict[Tensor, tuple[list[tuple[int, int]], int]]:
+    """param -> (the ``[start, stop)`` of its flattened local tensor in each rank's bucket shards, this
+    rank's index among them).
 
-    Mirrors how Megatron's grad buffer is reduce-scattered: each bucket is split into ``dp_size``
-    equal contiguous shards; a parameter may straddle shards (then several ranks hold pieces).
+    Mirrors how Megatron's grad buffers are reduce-scattered: each bucket is split into one equal
+    contiguous shard per rank of the buffer's group (DP, with CP when CP > 1; for expert-parallel
+    buffers, expert DP); a parameter may straddle shards (then several ranks hold pieces).
     """
-    out: dict[Tensor, list[tuple[int, int]]] = {}
+    out: dict[Tensor, tuple[list[tuple[int, int]], int]] = {}
     for chunk in model_chunks:
-        if getattr(chunk, "expert_parallel_buffers", None):
-            raise NotImplementedError("MARSM's distributed optimizer does not support expert-parallel "
-                                      "(MoE) parameters yet")
         buffers = getattr(chunk, "buffers", None)
         if buffers is None:
             raise TypeError(f"use_distributed_optimizer needs Megatron DistributedDataParallel model chunks; "
                             f"got {type(chunk).__name__}")
-        for buffer in buffers:
+        for buffer in list(buffers) + list(getattr(chunk, "expert_parallel_buffers", None) or []):
+            dp_size = buffer.data_parallel_world_size
+            me = dist.get_rank(buffer.data_parallel_group) if dp_size > 1 else 0
             for bucket in buffer.buckets:
                 size = bucket.grad_data.numel() // dp_size
                 shards = [(bucket.offset + d * size, bucket.offset + (d + 1) * size) for d in range(dp_size)]
                 for p in bucket.params:
                     start, end, _ = buffer.param_index_map[p]
-                    out[p] = [flat_overlap((start, end), shard) or (0, 0) for shard in shards]
+                    out[p] = ([flat_overlap((start, end), shard) or (0, 0) for shard in shards], me)
     return out
 
 
@@ -131,8 +140,6 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
     def __init__(self, config: OptimizerConfig, model_chunks: list[torch.nn.Module],
                  param_groups: list[dict[str, Any]], marsm_kwargs: dict[str, Any],
                  grad_scaler: MegatronGradScaler | None, init_state_fn: Callable) -> None:
-        if parallel_state.get_context_parallel_world_size() > 1:
-            raise NotImplementedError("MARSM's distributed optimizer does not support context parallelism")
         for chunk in model_chunks:
             ddp_config = getattr(chunk, "ddp_config", None)
             if ddp_config is None or not ddp_config.use_distributed_optimizer:
@@ -144,13 +151,10 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
                 raise NotImplementedError("num_distributed_optimizer_instances > 1 is not supported")
         self.model_chunks = model_chunks
         self.ddp_config = model_chunks[0].ddp_config
-        dp_size = parallel_state.get_data_parallel_world_size()
-        dp_rank = parallel_state.get_data_parallel_rank()
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        group = tensor_and_data_parallel_group()
-        coords = (group_coordinates(group, _params_device(param_groups, model_chunks))
-                  if group is not None else [(0, 0)])
-        ranges = dp_shard_ranges(model_chunks, dp_size)
+        group = job_group()  # TP x DP (x CP): the same ranks as expert TP x EP x expert DP
+        coords = (rank_coordinates(group, _params_device(param_groups, model_chunks))
+                  if group is not None else [RankCoordinates(0, 0, 0, 0, 0)])
+        ranges = dp_shard_ranges(model_chunks)
         names = {p: n for chunk in model_chunks for n, p in chunk.named_parameters()}
 
         self._shards: list[_Shard] = []
@@ -160,12 +164,12 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
             for p in g["params"]:
                 if p not in ranges:
                     raise ValueError(f"{names.get(p, tuple(p.shape))} is not in the DDP buffers (frozen?)")
-                shard = _Shard(names.get(p, ""), p, ranges[p], dp_rank, torch.empty(0))
+                shard = _Shard(names.get(p, ""), p, *ranges[p], torch.empty(0))
                 shard.main = shard.model_range(p.detach()).float().clone()
                 # Megatron's grad-norm and zero-count helpers read these from the tensors they see.
                 copy_tensor_model_parallel_attributes(shard.main, p)
                 shard.main.shared = getattr(p, "shared", False)
-                _ADAPTER.register(shard.main, (self._slot(shard, g, coords, tp_size, group), group))
+                _ADAPTER.register(shard.main, (self._slot(shard, g, coords, group), group))
                 self._shards.append(shard)
                 mains.append(shard.main)
             groups.append({**g, "params": mains})
@@ -175,17 +179,25 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
         self.grad_stats_parallel_group = dist.group.WORLD  # each element is on exactly one DP rank
 
     @staticmethod
-    def _slot(shard: _Shard, group: dict[str, Any], coords: list[tuple[int, int]], tp_size: int,
+    def _slot(shard: _Shard, group: dict[str, Any], coords: list[RankCoordinates],
               pg: dist.ProcessGroup | None) -> Slot:
         p, numel = shard.param, shard.stop - shard.start
-        if not group["use_marsm"] or pg is None:
+        expert = bool(group.get("experts")) and is_expert_parallel(p)
+        if not group["use_marsm"] or (pg is None and not expert):
             return Slot(tuple(p.shape) if pg is None else (numel,), None, 0, numel, shard.name)
         if not getattr(p, "tensor_model_parallel", False):
             raise NotImplementedError(f"{shard.name}: a matrix that is not tensor-parallel (replicated over "
                                       f"TP ranks, e.g. a MoE router) cannot take the MARS-M update under "
                                       f"the distributed optimizer yet; train without "
                                       f"use_distributed_optimizer")
-        layout = tp_layout(p, coords, tp_size, shard.ranges)
+        if expert:  # local expert i of every EP rank as one (EP, *expert) tensor, split per expert
+            if pg is None:
+                return Slot((1, *p.shape), None, 0, numel, f"{shard.name}@ep")
+            layout = expert_layout(p, coords, parallel_state.get_expert_tensor_parallel_world_size(),
+                                   shard.ranges)
+            return Slot(layout.shape, layout, 0, numel, f"{shard.name}@ep")
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        layout = tp_layout(p, [(c.tp, c.dp) for c in coords], tp_size, shard.ranges)
         return Slot(layout.shape, layout, 0, numel, shard.name)
 
     @property

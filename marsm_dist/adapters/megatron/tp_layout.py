@@ -144,13 +144,16 @@ def tp_layout(p: Tensor, coords: list[tuple[int, int]], tp_size: int,
                         replicas=replicas)
 
 
-def expert_layout(p: Tensor, coords: Sequence[RankCoordinates], etp_size: int) -> MatrixLayout:
+def expert_layout(p: Tensor, coords: Sequence[RankCoordinates], etp_size: int,
+                  edp_ranges: Sequence[tuple[int, int]] | None = None) -> MatrixLayout:
     """The layout of expert-parallel tensor ``p`` (one local expert's weight or bias) over the ranks
     ``coords``: the ``(EP, *full expert)`` tensor of this local expert on every EP rank.
 
     A rank holds its EP rank's expert: its ETP block(s) of it (TP-marked tensors, blocks as in
     :func:`tp_layout`, ``partition_stride`` included), copies over the EDP ranks; or all of it (the
     others, e.g. a row-parallel layer's bias), copies over the EDP and ETP ranks.
+    ``edp_ranges[d]``: the flat range of the local tensor that expert-DP rank ``d`` holds (the
+    distributed optimizer; TP-marked tensors only; one copy between them).
     """
     ep_size = max(c.ep for c in coords) + 1
     if getattr(p, "tensor_model_parallel", False):
@@ -158,9 +161,11 @@ def expert_layout(p: Tensor, coords: Sequence[RankCoordinates], etp_size: int) -
         per_block = p.numel() // stride  # one expert's share of one block
         full = [ep_size, *p.shape]
         full[1 + dim] *= etp_size
+        held = [(0, p.numel()) if edp_ranges is None else edp_ranges[c.edp] for c in coords]
         pieces = tuple(tuple(Piece(q.block, c.ep * per_block + q.start, c.ep * per_block + q.stop)
-                             for q in tp_block_pieces(p, c.etp, etp_size, 0, p.numel())) for c in coords)
-        replicas = [c.edp for c in coords]
+                             for q in tp_block_pieces(p, c.etp, etp_size, *h))
+                       for c, h in zip(coords, held, strict=True))
+        replicas = [c.edp for c in coords] if edp_ranges is None else [0] * len(coords)
         split, blocks = 1 + dim, etp_size * stride
     else:
         n = p.numel()
