@@ -91,7 +91,8 @@ def moe_reference():
     (_shape(ep=2, distributed=True), _shape(tp=2, ep=2, etp=1)),
     (_shape(tp=2, ep=2, etp=2), _shape(ep=4, distributed=True)),
     (_shape(ep=2, cp=2), _shape(ep=2, distributed=True)),
-], ids=["ep2-edp2-distopt-to-tp2-ep2-replicated", "tp2-ep2-etp2-to-ep4-distopt", "cp2-ep2-to-ep2-dp2-distopt"])
+], ids=["ep2-edp2-distopt-to-tp2-ep2-replicated", "tp2-ep2-etp2-to-ep4-distopt",
+        "cp2-ep2-to-ep2-dp2-distopt"])
 def test_moe_checkpoint_moves_between_shapes(tmp_path, moe_reference, save, load):
     for got in run_distributed(save_load_run, 4, save, load, 4, moe_reference["init"], str(tmp_path),
                                timeout=180):
