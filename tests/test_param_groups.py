@@ -88,3 +88,45 @@ def test_groups_feed_marsm_with_names_and_the_report_prints(capsys):
     assert all(len(opt.state[p]) > 0 for g in opt.param_groups for p in g["params"])
     unnamed = param_groups(model, named=False)
     assert all(isinstance(p, torch.Tensor) for g in unnamed for p in g["params"])
+
+
+class _Experts(nn.Module):
+    """Stacked expert weights: a class named ``*Experts`` (torchtitan, HF transformers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4, 6, 5))
+        self.w1_bias = nn.Parameter(torch.randn(4, 6))
+
+
+class _Moe(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(5, 4, bias=False)
+        self.experts = _Experts()
+        self.custom = nn.Parameter(torch.randn(4, 5, 5))  # stacked, but no class says so
+        self.proj = nn.Linear(5, 5)
+
+
+class GroupedMLP(nn.Module):
+    """Megatron's legacy GroupedMLP: all local experts side by side in one 2-D weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight1 = nn.Parameter(torch.randn(5, 4 * 6))
+
+
+def test_moe_experts_go_to_an_experts_group_biases_and_routers_to_adamw():
+    groups = param_groups(_Moe(), experts=["custom"])
+    names = [(sorted(n for n, _ in g["params"]), g["use_marsm"], g.get("experts")) for g in groups]
+    assert names == [(["proj.weight"], True, None), (["custom", "experts.w1"], True, True),
+                     (["experts.w1_bias", "proj.bias", "router.weight"], False, None)]
+    reasons = {d.name: d.reason for d in explain_routing(_Moe())}
+    assert "router" in reasons["router.weight"] and "per-expert bias" in reasons["experts.w1_bias"]
+    assert reasons["custom"].startswith("hidden matrix")  # without the pattern: the spec's 3-D tensor
+
+
+def test_megatron_legacy_grouped_mlp_is_refused_not_orthogonalized_as_one_matrix():
+    with pytest.raises(ValueError, match="GroupedMLP.*SequentialMLP"):
+        param_groups(GroupedMLP())
+    assert param_groups(GroupedMLP(), adamw=["weight1"])[0]["use_marsm"] is False

@@ -217,14 +217,14 @@ def test_moe_bytes_and_calls_by_hand():
 
 
 def test_ns_calls_by_hand():
-    # Rank 0 owns three matrices of one shape up to a transpose and one other, in one round.
-    shapes = [(8, 16), (8, 16), (16, 8), (4, 4)]
-    plan = make_plan(shapes, 2, "balanced", candidates=[(0,)] * 4)
-    assert plan.owners == (0, 0, 0, 0) and len(plan.buckets) == 1
+    # Each rank owns three matrices of one shape up to a transpose and one other, in one round.
+    shapes = [(8, 16), (8, 16), (16, 8), (4, 4)] * 2
+    plan = make_plan(shapes, 2, "balanced", candidates=[(0,)] * 4 + [(1,)] * 4)
+    assert plan.owners == (0, 0, 0, 0, 1, 1, 1, 1) and len(plan.buckets) == 1
     batched, single = sm.ns_calls(plan, shapes)
-    assert batched == [[2, 0]] and single == [[4, 0]]
+    assert batched == [[2, 2]] and single == [[4, 4]]
     args = _args(launch_us=10.0)
-    flops = sum(newton_schulz_flops(s) for s in shapes)
+    flops = sum(newton_schulz_flops(s) for s in shapes[:4])  # one rank's: both alike
     assert sm.launch_path_seconds(plan, batched, args) == pytest.approx(
         sm.ns_seconds(flops, args) + 2 * 5 * 3 * 10e-6, rel=1e-12)
     assert sm.launch_path_seconds(plan, single, args) == pytest.approx(
@@ -264,7 +264,7 @@ def test_moe_critical_path_within_target(moe_small):
 
 
 def test_moe_rows_grid():
-    rows = sm.moe_rows(_args(sample_ranks=4), models=(MOE,), eps=(8, 16), worlds=(8, 32), layers=1)
+    rows = sm.moe_rows(_args(sample_ranks=4), models=(MOE,), eps=(8, 16), worlds=(8, 32), layers=4)
     assert [(r["ep"], r["world"]) for r in rows] == [(8, 8), (8, 32), (16, 32)]
     for r in rows:
         assert r["expert_gather_bytes"] == 0 and r["edp"] == r["world"] // r["ep"]

@@ -18,6 +18,8 @@ from __future__ import annotations
 __all__ = ["plan_levels", "plan_owners_within"]
 
 _POLICIES = ("round_robin", "balanced")
+_PINNED_LIMIT = 1.25  # a plan that keeps every matrix on its candidates, if its busiest rank is within this
+_SLACK = 1.02  # else: how far above the bound a candidate may be filled before a matrix moves off it
 
 
 def plan_owners_within(costs: list[int], world_size: int, policy: str,
@@ -25,7 +27,12 @@ def plan_owners_within(costs: list[int], world_size: int, policy: str,
     """Owners when matrix i must go to one of ``candidates[i]`` (None: any rank).
 
     ``balanced``: costliest first (ties: fewer candidates first), each to its least-loaded
-    candidate. ``round_robin``: matrix i to rank i mod W, or, with candidates, to the next of its
+    candidate. If that leaves the busiest rank above 1.25x the job's lower bound, locality yields:
+    a matrix moves off its candidates where they would rise above the bound (+2%) and another rank
+    would not. ZeRO-2 partitions at W=64 (Llama-3-8B: every matrix inside one or two ranks'
+    partitions) pinned two large matrices on some ranks, 1.39x the bound, for a few bytes saved;
+    now 1.018x. Expert-parallel experts (many, small, evenly spread) stay on their holders.
+    ``round_robin``: matrix i to rank i mod W, or, with candidates, to the next of its
     candidates in turn (per candidate set).
     """
     if policy == "round_robin":
@@ -42,12 +49,34 @@ def plan_owners_within(costs: list[int], world_size: int, policy: str,
         raise ValueError(f"Invalid owner_policy: {policy!r} (expected one of {_POLICIES})")
     everyone = tuple(range(world_size))
     order = sorted(range(len(costs)), key=lambda i: (-costs[i], len(candidates[i] or everyone), i))
-    load, owners = [0] * world_size, [0] * len(costs)
+    bound = _bound(costs, world_size)
+    owners, busiest = _greedy(costs, candidates, order, everyone, None)
+    if busiest > _PINNED_LIMIT * bound:
+        # Locality yields to balance where it costs too much: a matrix leaves its candidates when
+        # the least-loaded of them would rise above the bound (+2%) and another rank would not.
+        owners, _ = _greedy(costs, candidates, order, everyone, _SLACK * bound)
+    return owners
+
+
+def _greedy(costs: list[int], candidates: list[tuple[int, ...] | None], order: list[int],
+            everyone: tuple[int, ...], ceiling: float | None) -> tuple[list[int], int]:
+    load, owners = [0] * len(everyone), [0] * len(costs)
     for i in order:
         rank = min(candidates[i] or everyone, key=lambda r: (load[r], r))
+        if ceiling is not None and load[rank] + costs[i] > ceiling:
+            anywhere = min(everyone, key=lambda r: (load[r], r))
+            if load[anywhere] + costs[i] <= ceiling:
+                rank = anywhere
         owners[i] = rank
         load[rank] += costs[i]
-    return owners
+    return owners, max(load, default=0)
+
+
+def _bound(costs: list[int], world_size: int) -> int:
+    """The mean, the largest, and the W-th plus (W+1)-th largest (as ``plan.lower_bound``)."""
+    ranked = sorted(costs, reverse=True)
+    pair = ranked[world_size - 1] + ranked[world_size] if len(ranked) > world_size else 0
+    return max(-(-sum(ranked) // world_size), ranked[0] if ranked else 0, pair)
 
 
 def plan_levels(costs: list[int], numels: list[int], owners: list[int], world_size: int,
