@@ -106,10 +106,10 @@ def _atoms(group: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return out
 
 
-def host_tensor(values: list[float], device: torch.device) -> Tensor:
-    """Host numbers as one float64 vector on ``device``, without waiting for the device (a CUDA
-    copy from pinned memory does not; a plain one waits for the device's queue)."""
-    t = torch.tensor(values, dtype=torch.float64)
+def host_tensor(values: list[float], device: torch.device, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Host numbers as one vector on ``device`` (float64 unless ``dtype``), without waiting for the
+    device (a CUDA copy from pinned memory does not; a plain one waits for the device's queue)."""
+    t = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

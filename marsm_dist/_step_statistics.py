@@ -81,19 +81,21 @@ def variance_reduced(work: GroupWork, prev: list[Tensor],
 
 
 def _vr_squared_norms(matrix: list[GroupWork], state: Mapping, chunk_numel: int,
-                      precise: bool, kept: dict[tuple[int, int], Tensor] | None) -> list[Tensor]:
-    """||c_t||^2 of every local entry (0-dim float64 tensors on the data's device), computing
-    c_t one chunk at a time and dropping it, or keeping it in ``kept`` (keyed by work and entry)."""
+                      precise: bool, kept: dict[tuple[int, int], Tensor] | None,
+                      device: torch.device) -> Tensor:
+    """||c_t||^2 of every local entry (one float64 vector on the data's device), computing c_t one
+    chunk at a time and dropping it, or keeping it in ``kept`` (keyed by work and entry). One
+    vector, not a 0-dim tensor per entry: unbinding was 0.36 s of a 0.9 s step with 2304 experts."""
     out: list[Tensor] = []
     for w, work in enumerate(matrix):
         prev = work.local_state(state, "last_grad")
         for js in chunks([g.numel() for g in work.grads], chunk_numel):
             _, cs = variance_reduced(work, prev, js)
-            out += F.squared_norms(cs, precise=precise).unbind()
+            out.append(F.squared_norms(cs, precise=precise).to(device))
             if kept is not None:
                 kept.update(((w, j), c) for j, c in zip(js, cs, strict=True))
             del cs
-    return out
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=device)
 
 
 def _config(group: dict[str, Any]) -> NSConfig:
@@ -141,24 +143,25 @@ def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork
     kept = {} if sum(g.numel() for w in matrix for g in w.grads) <= chunk_numel else None
     with timer.phase("elementwise"):
         if problem is None:
-            norms = _vr_squared_norms(matrix, state, chunk_numel, precise, kept)
+            norms = _vr_squared_norms(matrix, state, chunk_numel, precise, kept, device)
             screened = [t for _, _, ts in (loaded_state(matrix, adamw, state) if screened_state else [])
                         for t in ts]
             flag = nonfinite_flag([g for w in adamw for g in w.grads] + pending_lookaheads(matrix, state)
                                   + screened, device)
         else:  # the values are unusable (momentum = 1 divides by zero): only signal the others
-            norms = [torch.zeros((), dtype=torch.float64, device=device)] * len(index)
+            norms = torch.zeros(len(index), dtype=torch.float64, device=device)
             flag = torch.zeros(1, dtype=torch.float64, device=device)
-        local_sq = _stack([norms[k] for k in local], device)
+        local_sq = norms[host_tensor(local, device, torch.int64)] if local else norms[:0]
         flag = flag + local_sq.sum() * 0.0  # a NaN/Inf among own matrices must stop every rank too
         # A shared matrix's norm is the sum over one copy's parts; other copies add theirs times
         # zero (which keeps a NaN of theirs visible). Which shared matrices have a gradient here.
-        shared_sq = [norms[k] if distributor.counts_here(index[k]) else norms[k] * 0.0 for k in shared]
+        here = host_tensor([1.0 if distributor.counts_here(index[k]) else 0.0 for k in shared], device)
+        shared_sq = norms[host_tensor(shared, device, torch.int64)] * here if shared else norms[:0]
         counts = host_tensor([1.0 if has[k] else 0.0 for k in shared], device)
         checks = (torch.cat([hyper.terms(), host_tensor([float(problem is not None)], device)]) if grouped
                   else torch.zeros(0, dtype=torch.float64, device=device))
     with timer.phase("communication"):
-        vec = distributor.sum_over_ranks(torch.cat([_stack(shared_sq, device), counts, flag, checks]))
+        vec = distributor.sum_over_ranks(torch.cat([shared_sq, counts, flag, checks]))
         # The step's one device-to-host read: the sums, this rank's own norms, hyperparameters
         # held in device tensors.
         values = torch.cat([vec.to(device), local_sq, hyper.values_to_read()]).tolist()
@@ -178,7 +181,7 @@ def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork
     if refusal is not None:
         return ReducedStatistics(sq, lambda: [], active, finite, [], 0, 0, index, [], refusal)
     stats = _finish_statistics(distributor, matrix, index, sq, active, finite,
-                               lambda: _stack(norms, device).tolist())
+                               lambda: norms.tolist())
     stats.kept = kept
     stats.numbers = {id(g): v for g, v in zip(param_groups, hyper.numbers(), strict=True)}
     return stats

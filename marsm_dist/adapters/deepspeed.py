@@ -46,6 +46,7 @@ from ..param_groups import param_decisions, split_by_route, split_experts
 from ..sharding.adapter import SideTableAdapter, Slot, check_group_serves, register_adapter
 from ..sharding.layout import MatrixLayout, Piece, flat_overlap
 from ._common import refuse_exact_mode
+from .deepspeed_moe import describe_moe_group, is_moe_group
 
 __all__ = ["DeepSpeedAdapter", "build_marsm", "describe_partitions"]
 
@@ -149,6 +150,18 @@ def _tag(flat: Tensor, slots: list[Slot], group) -> None:
     _ADAPTER.register(flat, (slots, group))
 
 
+def _tag_flat(wrapper: Any, i: int, flat: Tensor, params, offsets, partition_size: int, names) -> None:
+    """Tag group ``i``'s flat ZeRO-1/2 (or BF16_Optimizer) partition; a DeepSpeed MoE group's
+    MARS-M partition is described over the dense group, one ``(EP, *expert)`` tensor per parameter."""
+    pg, group = wrapper.real_dp_process_group[i], wrapper.optimizer.param_groups[i]
+    moe = (describe_moe_group(group, params, offsets, partition_size, pg, wrapper.dp_process_group, names)
+           if is_moe_group(group) else None)
+    if moe is not None:
+        _tag(flat, *moe)
+    else:
+        _tag(flat, _flat_slots(params, offsets, partition_size, pg, names), pg)
+
+
 def describe_partitions(wrapper: Any, names: dict[Tensor, str]) -> None:
     """Tag the flat fp32 partitions a DeepSpeed optimizer wrapper feeds MARSM with their slots."""
     refuse_exact_mode((g["approx"] for g in wrapper.optimizer.param_groups), _EXACT_MODE)
@@ -159,16 +172,15 @@ def describe_partitions(wrapper: Any, names: dict[Tensor, str]) -> None:
             _tag(flat, _stage3_slots(wrapper.fp16_groups[sg], pg, names), pg)
     elif hasattr(wrapper, "single_partition_of_fp32_groups"):  # ZeRO-1/2
         for i, flat in enumerate(wrapper.single_partition_of_fp32_groups):
-            pg = wrapper.real_dp_process_group[i]
-            _tag(flat, _flat_slots(wrapper.round_robin_bit16_groups[i], wrapper.round_robin_bit16_offsets[i],
-                                   wrapper.partition_size[i], pg, names), pg)
+            _tag_flat(wrapper, i, flat, wrapper.round_robin_bit16_groups[i],
+                      wrapper.round_robin_bit16_offsets[i], wrapper.partition_size[i], names)
     elif hasattr(wrapper, "fp32_groups_flat_partition"):  # BF16_Optimizer (ZeRO-1, fp32 accumulation)
         for i, flat in enumerate(wrapper.fp32_groups_flat_partition):
-            pg = wrapper.real_dp_process_group[i]
             params = wrapper.bf16_groups[i]
             offsets = [sum(p.numel() for p in params[:k]) for k in range(len(params))]
-            size = wrapper.bf16_groups_flat[i].numel() // dist.get_world_size(pg)
-            _tag(flat, _flat_slots(params, offsets, size, pg, names), pg)
+            size = wrapper.bf16_groups_flat[i].numel() // dist.get_world_size(
+                wrapper.real_dp_process_group[i])
+            _tag_flat(wrapper, i, flat, params, offsets, size, names)
     else:
         raise NotImplementedError(f"MARSM does not know DeepSpeed's {type(wrapper).__name__} yet")
 
