@@ -74,10 +74,22 @@ MUTANTS = {
         "",
         ["tests/test_fsdp2.py"],
     ),
+    "stacked experts stepped as one 3-D tensor (one clip norm and one NS normalization for all)": (
+        "marsm_dist/_param_map.py",
+        'if group.get("experts") and len(slot.shape) >= 3:',
+        "if False:",
+        ["tests/test_moe_fsdp2.py::test_experts_group_in_one_process_equals_separate_matrices"],
+    ),
+    "no locality in the owner plan (experts gathered away from the ranks that hold them)": (
+        "marsm_dist/sharding/engine.py",
+        "candidates=[lay.preferred_owners for lay in layouts]",
+        "candidates=None",
+        ["tests/test_moe_fsdp2.py::test_expert_parallel_experts_are_orthogonalized_where_they_live"],
+    ),
     "every replica adds its norm (replicated matrices clipped by sqrt(copies) x their norm)": (
         "marsm_dist/_step_statistics.py",
-        "shared_sq = [norms[k] if distributor.counts_here(index[k]) else norms[k] * 0.0 for k in shared]",
-        "shared_sq = [norms[k] for k in shared]",
+        "here = host_tensor([1.0 if distributor.counts_here(index[k]) else 0.0 for k in shared], device)",
+        "here = host_tensor([1.0 for k in shared], device)",
         ["tests/test_topologies.py"],
     ),
     "every bucket's results held to the end of the step": (
