@@ -12,6 +12,11 @@
   flat range each data-parallel rank holds of it (a range may start mid-row, and a matrix may
   span ranks). The sharding engine then rebuilds each matrix on one owner rank for
   Newton-Schulz, exactly as for FSDP2.
+* DeepSpeed's own MoE layer (``deepspeed.moe.layer.MoE``) at ZeRO-1/2: a moe group's partition
+  (cut over the expert-data-parallel ranks) is described over the dense data-parallel group, each
+  local expert parameter as the ``(EP, *shape)`` tensor of that local expert on every EP rank, and
+  the group gets ``experts=True``: every global expert is one matrix, orthogonalized once in the
+  job by a rank that holds it (:mod:`marsm_dist.adapters.deepspeed_moe`). ZeRO-3 refuses MoE.
 * Under ZeRO-0 every data-parallel rank holds every parameter: MARSM's ``process_group`` becomes
   the group DeepSpeed all-reduces the gradients over (unless the user set one), so each matrix's
   Newton-Schulz runs on one of those ranks and the result is broadcast, as for torch DDP.
