@@ -70,14 +70,8 @@ class MARSM(PlanCacheMixin, StateMixin, Optimizer):
 
     Args:
         params: parameters, named parameters, or param groups. A group may override any
-            hyperparameter below and carry ``"use_marsm"`` and ``"experts"``: with
-            ``"experts": True`` (default False), dim 0 of each tensor of the group indexes
-            independent matrices (MoE experts, e.g. ``w1`` of shape ``(E, F, D)``); each expert
-            gets its own clip norm, Newton-Schulz normalization and update scale from its own
-            ``(F, D)``, exactly as if the experts were separate 2-D parameters, and under expert
-            parallelism it is orthogonalized on a rank that holds it (no bytes moved). A 2-D tensor
-            in such a group (a per-expert bias) takes the AdamW branch. :func:`marsm_dist.param_groups`
-            sets it for the expert tensors it recognizes.
+            hyperparameter below and carry ``"use_marsm"`` and ``"experts"`` (True: dim 0 indexes MoE
+            experts, each stepped as a separate matrix; set by :func:`marsm_dist.param_groups`).
         lr: learning rate, shared by both branches (default 1e-3).
         weight_decay: decoupled weight decay, multiplied by the unscaled lr (default 0.1).
         momentum: EMA factor of the matrix momentum, in [0, 1) (default 0.95).
@@ -163,8 +157,7 @@ class MARSM(PlanCacheMixin, StateMixin, Optimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, gamma=gamma,
                         ns_steps=ns_steps, ns_dtype=ns_dtype, adamw_betas=adamw_betas,
                         adamw_eps=adamw_eps, approx=approx, ns_coefficients=ns_coefficients,
-                        flatten=flatten, maximize=maximize, use_marsm=None, ns_form=ns_form,
-                        experts=False)
+                        flatten=flatten, maximize=maximize, use_marsm=None, ns_form=ns_form, experts=False)
         validate_hyperparameters(defaults)  # before any conversion: a scalar "pair" is named, not iterated
         restore_group_types(defaults)
         validate_options(on_nonfinite=on_nonfinite, owner_policy=owner_policy, bucket_bytes=bucket_bytes,
