@@ -13,8 +13,6 @@ from .newton_schulz import NSForm, newton_schulz
 
 __all__ = ["NSConfig", "matrix_view_shape", "orthogonalize", "scale_for"]
 
-_CPU_STACK_NUMEL = 4096  # matrices this small are stacked on the CPU too (see orthogonalize)
-
 
 @dataclass(frozen=True)
 class NSConfig:
@@ -75,14 +73,14 @@ def orthogonalize(
                                    coefficients=cfg.coefficients, norm_over="tensor")
     for (m, n, cfg), idx in batches.items():
         mats = [tensors[i].reshape(matrix_view_shape(tensors[i].shape, cfg.flatten)) for i in idx]
-        # One at a time on the CPU, except small matrices: a stacked batch was measured slower from
-        # 128 x 64 up (the stack costs a copy, and a batched CPU GEMM loops over the batch anyway;
-        # float32, 1 thread: 1.74x at 128 x 64, 1.34x at 768 x 768; GPT-2 shapes, 2 layers: 4.56 s vs
-        # 4.23 s bf16), but per-call overhead rules tiny ones (many MoE experts): 512 of 32 x 16
-        # stacked took 0.36x (float32) and 0.06x (bf16) the time. On GPUs the batch saves launches
-        # and fills the device.
-        small = m * n <= _CPU_STACK_NUMEL
-        if len(mats) > 1 and (stack if stack is not None else mats[0].device.type != "cpu" or small):
+        # One at a time on the CPU: a stacked batch was measured slower from 128 x 64 up (the stack
+        # costs a copy, and a batched CPU GEMM loops over the batch anyway; float32, 1 thread: 1.74x
+        # at 128 x 64, 1.34x at 768 x 768). Tiny matrices (many MoE experts) would gain (512 of
+        # 32 x 16: 0.36x float32, 0.06x bf16), but a batched GEMM rounds differently from a single
+        # one, so a matrix's result would depend on which others its owner holds: replicated and
+        # sharded runs then drift apart by bf16 ulps (tests/test_megatron.py's bf16 comparison).
+        # On GPUs the batch saves launches and fills the device.
+        if len(mats) > 1 and (stack if stack is not None else mats[0].device.type != "cpu"):
             results = _orthogonalize_stack(mats, m, n, cfg)
         else:
             results = [newton_schulz(mat, cfg.steps, dtype=cfg.dtype, coefficients=cfg.coefficients,

@@ -26,6 +26,12 @@ from deepspeed.moe.layer import MoE  # noqa: E402
 from deepspeed.utils import groups as ds_groups  # noqa: E402
 
 import marsm_dist.adapters.deepspeed  # noqa: E402,F401  (registers "type": "MARSM")
+
+try:  # Megatron's adapter too, when installed: its expert mark (allreduce=False) is DeepSpeed's as
+    # well, and it must not claim DeepSpeed's experts (it did, in one process with both imported).
+    import marsm_dist.adapters.megatron  # noqa: E402,F401
+except ImportError:
+    pass
 from marsm_dist import MARSM  # noqa: E402
 from marsm_dist.adapters.deepspeed_moe import moe_flat_slots  # noqa: E402
 from marsm_dist.sharding.experts import per_expert  # noqa: E402

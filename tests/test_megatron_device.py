@@ -24,7 +24,8 @@ TP = 2
 
 
 class _OtherRanksCoordinates(TorchFunctionMode):
-    """Answers the host read of the gathered (TP rank, DP rank) pairs with what 4 ranks would send.
+    """Answers the host read of the gathered coordinates (TP, DP, expert TP, EP, expert DP rank) with
+    what 4 ranks would send.
 
     The fake group moves no data, so the gathered tensor has no values; every other host read of a
     meta tensor is refused, so an unexpected one fails the test.
@@ -38,7 +39,7 @@ class _OtherRanksCoordinates(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         t = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if t is not None and t.device.type == "meta" and func is torch.Tensor.tolist:
-            assert tuple(t.shape) == (len(self.coordinates), 2), t.shape
+            assert tuple(t.shape) == (len(self.coordinates), 5), t.shape
             self.reads += 1
             return self.coordinates
         if t is not None and t.device.type == "meta" and func in (torch.Tensor.item, torch.Tensor.__int__,
@@ -73,9 +74,10 @@ def build_on_meta(rank, world_size):
                                   ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=True))
     assert all(p.device.type == "meta" for p in ddp.parameters())
     group = ps.get_tensor_and_data_parallel_group()
-    # Group rank g of the TP x DP group is (TP rank g % TP, DP rank g // TP) in Megatron's order.
+    # Group rank g of the TP x DP group is (TP rank g % TP, DP rank g // TP) in Megatron's order;
+    # without MoE its expert coordinates are (expert TP = TP rank, EP 0, expert DP = DP rank).
     group_size = torch.distributed.get_world_size(group)
-    coordinates = [[g % TP, g // TP] for g in range(group_size)]
+    coordinates = [[g % TP, g // TP, g % TP, 0, g // TP] for g in range(group_size)]
     # The optimizer as get_megatron_marsm_optimizer builds it, minus Megatron's own grouping (which
     # agrees on group keys through an object all-gather: a fake group has no objects to give).
     routes = marsm_routes([ddp])

@@ -115,9 +115,11 @@ ADAPTER = MegatronTPAdapter()
 
 def is_expert_parallel(p: Tensor) -> bool:
     """Megatron's mark of an expert-parallel (MoE) weight (not all-reduced over DP), or the fp32
-    master copy of one (Megatron's ``Float16OptimizerWithFloat16Params`` does not copy the mark)."""
+    master copy of one (Megatron's ``Float16OptimizerWithFloat16Params`` does not copy the mark).
+    Only while Megatron's parallel state is initialized: DeepSpeed's MoE experts carry the same
+    ``allreduce=False`` (and a ``group_name``), and must stay with the DeepSpeed adapter."""
     if getattr(p, "allreduce", True) is False:
-        return True
+        return parallel_state.model_parallel_is_initialized() and not hasattr(p, "group_name")
     marks = ADAPTER.info(p)
     return marks is not None and marks.expert_main
 
