@@ -96,7 +96,8 @@ def test_two_team_plans_on_the_fake_group():
 def stage_team_plans(rank, world_size):
     """Two pipeline stages, each its own job group ({0, 1} and {2, 3}, smaller than the world, no
     device bound): a team in each stage's plan, made by each rank for its own set, twice (the
-    first plan closed before the second: the group is destroyed and made again)."""
+    first plan closed before the second: the group is kept and reused, as one destroyed and made
+    again under the same name could meet the old one's addresses in the store)."""
     stages = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     job = stages[rank // 2]
     layout = [row_chunks((64, 512), 2)]

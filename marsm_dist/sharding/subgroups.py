@@ -59,8 +59,9 @@ class GroupRequest:
 class OpenGroups:
     """The groups of one request, shared by every plan that opened it (see :func:`open_groups`)."""
 
-    def __init__(self, request: GroupRequest, groups: dict[tuple[int, ...], dist.ProcessGroup]) -> None:
-        self.request, self.groups, self.users = request, groups, 0
+    def __init__(self, request: GroupRequest, groups: dict[tuple[int, ...], dist.ProcessGroup],
+                 keep: bool = False) -> None:
+        self.request, self.groups, self.users, self.keep = request, groups, 0, keep
         self.job = c10d._get_default_group()  # the job they belong to (a new one makes them stale)
 
     def group_of(self, ranks: tuple[int, ...]) -> dist.ProcessGroup:
@@ -75,6 +76,13 @@ class OpenGroups:
             return
         if _OPEN.get(self.request.key) is self:
             del _OPEN[self.request.key]
+        if self.keep:
+            # A group made by its members only is named from its ranks and the rank's count of
+            # groups: destroyed and made again, it gets the same name, and its rendezvous can read
+            # the old group's (closed) addresses from the store. Seen under load: "Connection
+            # refused" between the two stages of tests/test_collective_order.py. Kept for reuse.
+            _KEPT[self.request.key] = self
+            return
         if self.job is c10d._get_default_group():  # (otherwise the job, and its groups, ended)
             for group in self.groups.values():
                 dist.destroy_process_group(group)
@@ -82,22 +90,26 @@ class OpenGroups:
 
 
 _OPEN: dict[tuple, OpenGroups] = {}
+_KEPT: dict[tuple, OpenGroups] = {}  # closed groups made by their members only, for reuse
 
 
 def open_groups(request: GroupRequest, device: torch.device) -> OpenGroups:
     """Make (or share) the groups of ``request``. Every rank of ``request.parent`` calls this, in the
     same order. ``device``: where the parent's collectives take their tensors."""
-    shared = _OPEN.get(request.key)
+    shared = _OPEN.get(request.key) or _KEPT.pop(request.key, None)
     if shared is not None and shared.job is not c10d._get_default_group():
         del _OPEN[request.key]  # made in a job that has ended (its groups are gone with it)
         shared = None
     if shared is None:
-        shared = _OPEN[request.key] = OpenGroups(request, _make(request, device))
+        shared = OpenGroups(request, *_make(request, device))
+    _OPEN[request.key] = shared
     shared.users += 1
     return shared
 
 
-def _make(request: GroupRequest, device: torch.device) -> dict[tuple[int, ...], dist.ProcessGroup]:
+def _make(request: GroupRequest, device: torch.device
+          ) -> tuple[dict[tuple[int, ...], dist.ProcessGroup], bool]:
+    """The request's groups (this rank's), and whether they were made by their members only."""
     parent, sets = request.parent, request.sets
     me = dist.get_rank()
     groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
@@ -106,7 +118,7 @@ def _make(request: GroupRequest, device: torch.device) -> dict[tuple[int, ...], 
             g = dist.new_group(list(s))
             if me in s:
                 groups[s] = g
-        return groups
+        return groups, False
     default = c10d._get_default_group()
     if getattr(default, "bound_device_id", None) is not None and torch.accelerator.is_available():
         parent_ranks = dist.get_process_group_ranks(parent)
@@ -114,13 +126,13 @@ def _make(request: GroupRequest, device: torch.device) -> dict[tuple[int, ...], 
         mine = request.set_of(me)
         if mine is not None and g is not None:
             groups[mine] = g
-        return groups
+        return groups, False
     mine = request.set_of(me) or (me,)  # a singleton keeps this rank's count of groups in step
     _check_names_agree(parent, mine, device)
     g = dist.new_group(list(mine), use_local_synchronization=True)
     if request.set_of(me) is not None:
         groups[mine] = g
-    return groups
+    return groups, True
 
 
 def _check_names_agree(parent: dist.ProcessGroup, mine: tuple[int, ...], device: torch.device) -> None:
