@@ -94,6 +94,8 @@ class MARSMContainer(OptimizersContainer):
         """Glob patterns of parameter names forced to MARS-M."""
         adamw: list[str] = field(default_factory=list)
         """Glob patterns of parameter names forced to the AdamW branch."""
+        experts: list[str] = field(default_factory=list)
+        """Glob patterns of stacked MoE expert tensors (dim 0: experts) beside ``GroupedExperts``'."""
 
     optimizers: list[MARSM]
 
@@ -107,7 +109,8 @@ class MARSMContainer(OptimizersContainer):
         self.optimizers = []
         all_params: list[nn.Parameter] = []
         for part in model_parts:
-            groups = param_groups(part, marsm=config.marsm, adamw=config.adamw, adamw_options=adamw_options)
+            groups = param_groups(part, marsm=config.marsm, adamw=config.adamw, experts=config.experts,
+                                  adamw_options=adamw_options)
             for group in groups:
                 # torchtitan keys checkpoints by canonical FQNs (activation-checkpoint wrappers
                 # stripped), so a run saved with AC loads without it and the reverse.

@@ -41,7 +41,7 @@ class MARSMForTrainer:
     kwargs are MARSM's (``lr``, ``weight_decay``, ``ns_dtype``, ...; the Trainer's
     ``learning_rate`` and ``weight_decay`` arguments do not reach a custom optimizer) plus the
     routing options of :func:`marsm_dist.param_groups` (``marsm``, ``adamw``, ``head_names``,
-    ``marsm_options``, ``adamw_options``).
+    ``experts``, ``marsm_options``, ``adamw_options``).
 
     ``process_group="auto"`` (default): when the parameters are plain tensors replicated over
     the job (the Trainer's DDP), each matrix gets one owner rank for Newton-Schulz (the world
@@ -49,12 +49,12 @@ class MARSMForTrainer:
     """
 
     def __call__(self, model: nn.Module, *, marsm: Iterable[str] = (), adamw: Iterable[str] = (),
-                 head_names: Iterable[str] = DEFAULT_HEAD_NAMES,
+                 head_names: Iterable[str] = DEFAULT_HEAD_NAMES, experts: Iterable[str] = (),
                  marsm_options: Mapping[str, Any] | None = None,
                  adamw_options: Mapping[str, Any] | None = None,
                  process_group: Any = "auto", **options: Any) -> MARSM:
         """Return ``MARSM(param_groups(model, ...), **options)`` (see the class docstring)."""
-        groups = param_groups(model, marsm=marsm, adamw=adamw, head_names=head_names,
+        groups = param_groups(model, marsm=marsm, adamw=adamw, head_names=head_names, experts=experts,
                               marsm_options=marsm_options, adamw_options=adamw_options)
         if isinstance(process_group, str):
             if process_group != "auto":
