@@ -201,3 +201,52 @@ def test_a_bucket_bound_caps_what_an_owner_takes_in_a_round():
         for r in (0, 1):
             assert sum(math.prod(shapes[i]) for i in bucket if plan.owners[i] == r) <= 64 * 64 + 16 * 64
     assert plan.critical_path_ratio <= 1.05
+
+
+def test_locality_holds_while_it_costs_little_and_yields_where_it_would_unbalance():
+    """Pinned matrices stay on their candidates while the busiest rank stays within 1.25x of the
+    bound (many small experts, even over their ranks), and leave them where keeping them would
+    not (every big matrix pinned to one of two ranks of eight)."""
+    experts = [(64, 32)] * 32
+    pinned = make_plan(experts, 8, "balanced", candidates=[(i % 8,) for i in range(32)])
+    assert all(o == i % 8 for i, o in enumerate(pinned.owners))
+    big = [(512, 512)] * 8
+    crowded = make_plan(big, 8, "balanced", candidates=[(0, 1)] * 8)
+    assert max(crowded.ns_flops) <= 1.02 * lower_bound(list(crowded.costs), 8)
+    assert len(set(crowded.owners)) == 8  # moved off ranks 0 and 1 to balance
+
+
+@pytest.mark.parametrize("kind", ["flat", "tp-columns", "expert-blocks"])
+def test_per_expert_layouts_cut_each_expert_as_the_stacked_layout_does(kind):
+    """Each expert's layout and each rank's offset of it: cutting ``full[e]`` by the expert's layout
+    gives the same elements as cutting the stacked ``full`` and taking that rank's run of it."""
+    from marsm_dist.sharding.experts import per_expert
+
+    shape = (4, 6, 5)
+    if kind == "flat":  # ZeRO-like ranges that start mid-expert and span experts
+        bounds = [0, 17, 61, 62, 120]
+        layout = MatrixLayout(shape, tuple((Piece(0, a, b),) for a, b in zip(bounds, bounds[1:],
+                                                                              strict=False)))
+    elif kind == "tp-columns":  # two column blocks (split along dim 2), rows of experts in each
+        layout = MatrixLayout(shape, ((Piece(0, 0, 20),), (Piece(0, 20, 48),), (Piece(1, 0, 72),)),
+                              split_dim=2, num_blocks=2, block_sizes=(2, 3))
+    else:  # blocks along the expert dim (expert parallel as TP blocks), uneven
+        layout = MatrixLayout(shape, ((Piece(0, 0, 30),), (Piece(1, 0, 60),), (Piece(2, 0, 30),)),
+                              split_dim=0, num_blocks=3, block_sizes=(1, 2, 1))
+    full = torch.arange(120, dtype=torch.float32).view(shape)
+    stacked = cut(layout, full)
+    for e, (lay, starts) in enumerate(per_expert(layout)):
+        assert lay.shape == shape[1:]
+        for r, part in cut(lay, full[e]).items():
+            assert torch.equal(part, stacked[r][starts[r]:starts[r] + part.numel()]), (kind, e, r)
+
+
+def test_per_expert_refuses_a_layout_whose_expert_is_not_one_run():
+    from marsm_dist.sharding.experts import per_expert
+
+    # Rank 0 holds the start of expert 0, part of expert 1, then the rest of its part of expert 0:
+    # expert 0 is not one run of its local data.
+    layout = MatrixLayout((2, 2, 2), ((Piece(0, 0, 1), Piece(0, 4, 5), Piece(0, 1, 2)),
+                                      (Piece(0, 2, 4), Piece(0, 5, 8))))
+    with pytest.raises(ValueError, match="not one run"):
+        per_expert(layout)
