@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +31,18 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def portable(value: Any) -> str:
+    """``value`` as text without this machine's paths: the repository's root dropped (paths become
+    repo-relative) and the interpreter's path replaced by ``python``."""
+    return str(value).replace(sys.executable, "python").replace(str(ROOT) + os.sep, "")
+
+
 def save_results(path: Path, key: str, args: argparse.Namespace, machine: dict[str, Any],
                  rows: list[dict[str, Any]]) -> None:
     """Write ``rows`` under ``key`` into the JSON at ``path``, keeping the file's other entries
     (so, e.g., the GPT-2 and demo runs sit side by side)."""
     results = json.loads(path.read_text()) if path.exists() else {}
-    results[key] = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine,
+    results[key] = {"args": {k: portable(v) for k, v in vars(args).items()}, "machine": machine,
                     "commit": git_commit(), "date": now(), "rows": rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))

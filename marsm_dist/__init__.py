@@ -7,11 +7,12 @@ orthogonalization for matrix parameters; other parameters take an AdamW branch.
 from . import adapters as _adapters  # noqa: F401  (registers the built-in sharding adapters)
 from .newton_schulz import NS_COEFFICIENTS, newton_schulz
 from .optimizer import MARSM, NonFiniteGradError
-from .param_groups import RoutingDecision, explain_routing, param_groups, routing_report
+from .param_groups import DEFAULT_HEAD_NAMES, RoutingDecision, explain_routing, param_groups, routing_report
 from .stats import StepStats
 from .step_report import marsm_optimizers, step_stats
 
 __all__ = [
+    "DEFAULT_HEAD_NAMES",
     "MARSM",
     "NS_COEFFICIENTS",
     "NonFiniteGradError",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -222,3 +225,39 @@ def run_build_checks(param_groups: list[dict[str, Any]]) -> None:
     """Run the registered construction checks (see :func:`register_build_check`)."""
     for check in _BUILD_CHECKS:
         check(param_groups)
+
+
+# Names other optimizers use for what MARSM calls otherwise (torch.optim.AdamW, torch.optim.Muon).
+_ALIASES = {"betas": "adamw_betas", "eps": "adamw_eps", "beta": "momentum", "ns_coeffs": "ns_coefficients",
+            "nesterov": None, "adjust_lr_fn": None}
+
+
+def check_keywords(cls: type, kwargs: dict[str, Any]) -> None:
+    """Refuse keywords ``cls.__init__`` does not take, naming the valid ones and the likely meant
+    one, before Python's bare "unexpected keyword argument" (which names neither)."""
+    params = inspect.signature(cls.__init__).parameters
+    valid = [n for n, p in params.items() if n not in ("self", "params") and p.kind is not p.VAR_KEYWORD]
+    unknown = [k for k in kwargs if k not in params]
+    if not unknown:
+        return
+    hints = []
+    for k in unknown:
+        meant = _ALIASES.get(k, next(iter(difflib.get_close_matches(k, valid, n=1, cutoff=0.6)), None))
+        if meant is not None:
+            hints.append(f"{k!r}: did you mean {meant!r}?")
+        elif k in _ALIASES:
+            hints.append(f"{k!r}: MARS-M has no such option")
+    raise TypeError(f"{cls.__name__} got unexpected keyword argument(s) {unknown}"
+                    + (f" ({'; '.join(hints)})" if hints else "") + f"; valid: {valid}")
+
+
+def warn_shape_routing(param_groups: list[dict[str, Any]]) -> None:
+    """Warn (once per call site) when bare tensors in a group without ``use_marsm`` send their 2-D
+    ones to MARS-M by shape: the embedding and the output head would take it too."""
+    if any(g["use_marsm"] is None and "param_names" not in g and any(p.dim() >= 2 for p in g["params"])
+           for g in param_groups):
+        warnings.warn(
+            "MARSM got bare tensors in a group without 'use_marsm': every tensor with 2+ dims takes the "
+            "MARS-M update by its shape, the token embedding and the output head included (the paper's "
+            "recipes give them AdamW). Build the groups with marsm_dist.param_groups(model), or set "
+            "'use_marsm' in each group to choose yourself.", UserWarning, stacklevel=3)

@@ -29,6 +29,7 @@ from ._step_inputs import (
 from ._step_statistics import step_statistics
 from ._timing import PhaseTimer
 from ._validation import (
+    check_keywords,
     check_no_duplicates,
     check_param,
     resolve_dtype,
@@ -36,6 +37,7 @@ from ._validation import (
     run_build_checks,
     validate_hyperparameters,
     validate_options,
+    warn_shape_routing,
 )
 from .newton_schulz import NS_COEFFICIENTS
 from .sharding.adapter import adapter_for
@@ -129,6 +131,10 @@ class MARSM(PlanCacheMixin, StateMixin, Optimizer):
     result comes back to every rank that holds a piece of it (see ``marsm_dist.sharding``).
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> MARSM:
+        check_keywords(cls, kwargs)  # MARSM's own message, before Python's bare TypeError
+        return super().__new__(cls)
+
     def __init__(
         self,
         params: ParamsT,
@@ -175,6 +181,7 @@ class MARSM(PlanCacheMixin, StateMixin, Optimizer):
         self._contexts: dict[tuple, ParamMap] = {}
         super().__init__(params, defaults)
         run_build_checks(self.param_groups)
+        warn_shape_routing(self.param_groups)
         # Sharded frameworks that keep their parameters (FSDP2) get every state key now, so
         # checkpoint helpers see rank-symmetric keys and never run a dummy step.
         if any(adapter_for(p).prepopulate_state for g in self.param_groups for p in g["params"]):

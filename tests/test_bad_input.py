@@ -313,3 +313,46 @@ def test_an_optimizer_whose_parameters_never_get_gradients_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()  # once
+
+
+def test_an_unknown_keyword_gets_marsms_own_error_with_the_likely_name():
+    from marsm_dist import MARSM
+
+    p = [torch.nn.Parameter(torch.randn(3, 3))]
+    with pytest.raises(TypeError, match=r"\['betas'\].*did you mean 'adamw_betas'.*valid: \['lr'"):
+        MARSM(p, betas=(0.9, 0.95))
+    with pytest.raises(TypeError, match="did you mean 'weight_decay'"):
+        MARSM(p, weight_decy=0.1)
+    with pytest.raises(TypeError, match="'nesterov': MARS-M has no such option"):
+        MARSM(p, nesterov=True)
+    MARSM(p, adamw_betas=(0.9, 0.95))  # the right name still works
+
+
+def test_bare_tensors_routed_by_shape_warn_and_name_param_groups():
+    import warnings
+
+    from marsm_dist import MARSM, param_groups
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
+    with pytest.warns(UserWarning, match=r"bare tensors.*embedding.*param_groups\(model\)"):
+        MARSM(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MARSM(param_groups(model))  # routed by name: no warning
+        MARSM([{"params": list(model.parameters()), "use_marsm": False}])  # routed by the user
+
+
+def test_a_head_with_another_name_is_routed_by_head_names():
+    from marsm_dist import param_groups
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(4, 4)
+            self.out = torch.nn.Linear(4, 10)
+
+    def routed(**kw):
+        return {n: g["use_marsm"] for g in param_groups(Net(), **kw) for n, _ in g["params"]}
+
+    assert routed()["out.weight"] is True  # not a known head name: a hidden matrix
+    assert routed(head_names=("out",))["out.weight"] is False and routed()["body.weight"] is True

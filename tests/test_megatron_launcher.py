@@ -43,3 +43,16 @@ def test_megatron_launcher_trains_saves_and_resumes_at_another_tp(tmp_path):
     assert sorted(a) == [1, 2, 3, 4] and sorted(b) == [5, 6]
     assert all(math.isfinite(v) for v in [*a.values(), *b.values()])
     assert b[6] < a[1]  # the resumed run goes on from the trained weights and keeps learning
+
+
+def test_megatron_launcher_on_a_cpu_stops_with_a_clear_message():
+    """Without the test-only CUDA shim, megatron-core's GPT fails on a CPU machine; the launcher
+    must say so (and what to run instead), not end in a raw assertion from inside torch."""
+    from tests.helpers.launch_env import launcher_env
+
+    env = launcher_env(NUM_PROCS="1", OMP_NUM_THREADS="1")
+    out = subprocess.run(["bash", "launch/megatron.sh", *MODEL, "--train-iters", "2"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    # (torchrun itself still prints its ChildFailedError summary after the rank's message)
+    assert "needs CUDA GPUs" in out.stderr and "launch/demo.sh" in out.stderr, out.stderr[-2000:]

@@ -56,3 +56,12 @@ def test_tiny_sweep_writes_every_run_and_picks_the_lowest_mean(tmp_path):
     means = {r["lr"]: r["mean_val_loss"] for r in row["rates"]}
     assert row["best_lr"] == min(means, key=means.get)
     assert row["best_mean_val_loss"] == min(means.values())
+
+
+def test_result_files_record_no_machine_paths():
+    """Benchmarks write their arguments repo-relative, the interpreter as ``python``."""
+    from benchmarks.results_file import ROOT, portable
+
+    assert portable(ROOT / "benchmarks" / "results" / "quality.json") == "benchmarks/results/quality.json"
+    line = f"{sys.executable} benchmarks/quality.py --steps 3"
+    assert portable(line) == "python benchmarks/quality.py --steps 3"

@@ -98,10 +98,22 @@ def main(argv: list[str] | None = None) -> None:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size)
+    try:
+        _run(args, torch.device("cuda") if cuda else torch.device("cpu"))
+    except (AssertionError, RuntimeError) as err:
+        if cuda or "CUDA" not in str(err):
+            raise
+        raise SystemExit(
+            "integrations/megatron/pretrain_gpt.py (launch/megatron.sh) needs CUDA GPUs: megatron-core's "
+            "GPT forward and its DDP gradient buffers call torch.cuda. On this CPU machine try MARS-M "
+            "with FSDP2 or DeepSpeed instead, e.g. bash launch/demo.sh. "
+            f"(megatron-core said: {err})") from err
+
+
+def _run(args: argparse.Namespace, device: torch.device) -> None:
+    """Model, MARS-M, scheduler; load, train, save."""
     torch.manual_seed(args.seed)
     model_parallel_cuda_manual_seed(args.seed)
-    device = torch.device("cuda") if cuda else torch.device("cpu")
-
     model = build_model(args).to(device)
     ddp = DistributedDataParallel(
         config=model.config, module=model,
