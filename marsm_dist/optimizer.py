@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -307,3 +308,8 @@ class MARSM(PlanCacheMixin, StateMixin, Optimizer):
 
 def _device_sync() -> Callable[[], None] | None:
     return torch.cuda.synchronize if torch.cuda.is_available() else None
+
+
+# inspect.signature(MARSM) would show __new__'s (*args, **kwargs): show the constructor's arguments.
+MARSM.__signature__ = inspect.signature(MARSM.__init__).replace(  # type: ignore[attr-defined]
+    parameters=list(inspect.signature(MARSM.__init__).parameters.values())[1:])
