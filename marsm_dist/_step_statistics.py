@@ -111,10 +111,6 @@ def _work_configs(matrix: list[GroupWork]) -> list[NSConfig]:
     return [_config(w.group) for w in matrix]
 
 
-def _stack(values: list[Tensor], device: torch.device) -> Tensor:
-    return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=device)
-
-
 def step_statistics(pm: ParamMap, matrix: list[GroupWork], adamw: list[GroupWork],
                     state: Mapping, chunk_numel: int, timer: PhaseTimer, *, precise: bool = False,
                     param_groups: list[dict[str, Any]], problem: str | None = None,

@@ -119,14 +119,14 @@ def explain_routing(
         for m in model.modules() if isinstance(m, _EMBEDDING_MODULES)
         for p in m.parameters(recurse=False)
     }
-    owner = {id(p): (mname, m) for mname, m in model.named_modules() for p in m.parameters(recurse=False)}
+    owner = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
     decisions = []
     for name, p in model.named_parameters():
         aliases = names[id(p)]
         shape = tuple(shape_of(p) if shape_of is not None else p.shape)
         ndim = len(shape)
         tied = f" (tied: {', '.join(aliases[1:])})" if len(aliases) > 1 else ""
-        module = owner[id(p)][1]
+        module = owner[id(p)]
         stacked = ndim >= 2 and (_is_experts_module(module) or any(_matches(a, experts) for a in aliases))
         router = ndim >= 2 and (_is_router_module(module) or any(
             part in ROUTER_NAMES for a in aliases for part in a.split(".")[:-1]))

@@ -59,9 +59,9 @@ def _replica_group(layout: MatrixLayout, pg: dist.ProcessGroup | GroupRequest | 
     if pg is None:
         raise ValueError(f"MARSM: {name} has {layout.num_replicas} copies but no replica group")
     members = _members(pg, job_ranks[me])
+    position = position if position is not None else {g: r for r, g in enumerate(job_ranks)}
     source: dict[int, int] = {}
     for k, g in enumerate(members):
-        position = position if position is not None else {g: r for r, g in enumerate(job_ranks)}
         if g not in position:
             raise ValueError(f"MARSM: the replica group of {name} holds rank {g}, outside the job group")
         r = position[g]

@@ -289,4 +289,3 @@ def cut(layout: MatrixLayout, full: Tensor, ranks: Sequence[int] | None = None) 
         parts = [blocks[p.block][p.start:p.stop] for p in layout.pieces[r]]
         out[r] = full.new_empty(0) if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
     return out
-

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 __all__ = ["plan_levels", "plan_owners_within"]
 
-_POLICIES = ("round_robin", "balanced")
 _PINNED_LIMIT = 1.25  # a plan that keeps every matrix on its candidates, if its busiest rank is within this
 _SLACK = 1.02  # else: how far above the bound a candidate may be filled before a matrix moves off it
 
 
 def plan_owners_within(costs: list[int], world_size: int, policy: str,
-                       candidates: list[tuple[int, ...] | None]) -> list[int]:
-    """Owners when matrix i must go to one of ``candidates[i]`` (None: any rank).
+                       candidates: list[tuple[int, ...] | None], bound: int) -> list[int]:
+    """Owners when matrix i must go to one of ``candidates[i]`` (None: any rank). ``policy`` is
+    ``make_plan``'s (checked there); ``bound``: ``plan.lower_bound`` of ``costs``.
 
     ``balanced``: costliest first (ties: fewer candidates first), each to its least-loaded
     candidate. If that leaves the busiest rank above 1.25x the job's lower bound, locality yields:
@@ -45,11 +45,8 @@ def plan_owners_within(costs: list[int], world_size: int, policy: str,
                 k = turn[c] = turn.get(c, -1) + 1
                 owners.append(c[k % len(c)])
         return owners
-    if policy != "balanced":
-        raise ValueError(f"Invalid owner_policy: {policy!r} (expected one of {_POLICIES})")
     everyone = tuple(range(world_size))
     order = sorted(range(len(costs)), key=lambda i: (-costs[i], len(candidates[i] or everyone), i))
-    bound = _bound(costs, world_size)
     owners, busiest = _greedy(costs, candidates, order, everyone, None)
     if busiest > _PINNED_LIMIT * bound:
         # Locality yields to balance where it costs too much: a matrix leaves its candidates when
@@ -70,13 +67,6 @@ def _greedy(costs: list[int], candidates: list[tuple[int, ...] | None], order: l
         owners[i] = rank
         load[rank] += costs[i]
     return owners, max(load, default=0)
-
-
-def _bound(costs: list[int], world_size: int) -> int:
-    """The mean, the largest, and the W-th plus (W+1)-th largest (as ``plan.lower_bound``)."""
-    ranked = sorted(costs, reverse=True)
-    pair = ranked[world_size - 1] + ranked[world_size] if len(ranked) > world_size else 0
-    return max(-(-sum(ranked) // world_size), ranked[0] if ranked else 0, pair)
 
 
 def plan_levels(costs: list[int], numels: list[int], owners: list[int], world_size: int,

@@ -242,6 +242,8 @@ def make_plan(
         raise ValueError(f"Invalid world_size: {world_size}")
     if bucket_numel < 1:
         raise ValueError(f"Invalid bucket size: {bucket_numel} elements")
+    if policy not in OWNER_POLICIES:
+        raise ValueError(f"Invalid owner_policy: {policy!r} (expected one of {OWNER_POLICIES})")
     costs = [newton_schulz_flops(s if len(s) >= 2 else (1, *s), ns_steps) for s in shapes]
     numels = [math.prod(s) for s in shapes]
     if candidates is not None and len(candidates) != len(shapes):
@@ -249,7 +251,7 @@ def make_plan(
     pinned = candidates is not None and any(c is not None for c in candidates)
     if pinned:
         max_team = 1  # teams relabel owners, which would move a matrix off the ranks that hold it
-        owners = plan_owners_within(costs, world_size, policy, candidates)
+        owners = plan_owners_within(costs, world_size, policy, candidates, lower_bound(costs, world_size))
         buckets = (plan_levels(costs, numels, owners, world_size, bucket_numel) if policy == "balanced"
                    else plan_buckets(numels, owners, world_size, bucket_numel))
     elif policy == "balanced":

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ...sharding.layout import MatrixLayout, Piece, flat_overlap
 
-__all__ = ["RankCoordinates", "copies_group", "expert_layout", "group_coordinates", "job_group",
+__all__ = ["RankCoordinates", "copies_group", "expert_layout", "job_group",
            "rank_coordinates", "tensor_and_data_parallel_group", "tp_block_count", "tp_block_pieces",
            "tp_layout"]
 
@@ -35,19 +35,6 @@ def tensor_and_data_parallel_group() -> dist.ProcessGroup | None:
     """Megatron's TP x DP group, or None when it is this rank alone."""
     group = parallel_state.get_tensor_and_data_parallel_group()
     return group if dist.get_world_size(group) > 1 else None
-
-
-def group_coordinates(group: dist.ProcessGroup, device: torch.device) -> list[tuple[int, int]]:
-    """(tp rank, dp rank) of every rank of ``group``, in group-rank order (a collective).
-
-    ``device`` is where the optimizer's tensors live: the device ``group``'s backend serves (NCCL
-    serves CUDA tensors only, so a CPU tensor would fail there).
-    """
-    mine = torch.tensor([parallel_state.get_tensor_model_parallel_rank(),
-                         parallel_state.get_data_parallel_rank()], dtype=torch.int64, device=device)
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, mine, group=group)
-    return [(tp, dp) for tp, dp in torch.stack(everyone).tolist()]  # one host read, not 2 per rank
 
 
 class RankCoordinates(NamedTuple):
