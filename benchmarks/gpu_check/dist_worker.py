@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from marsm_dist import MARSM, param_groups
+from marsm_dist.shutdown import exit_process, leave_process_group
 
 from . import shared_worker
 from .optim import full_fp32
@@ -195,15 +196,8 @@ def main() -> None:
     except BaseException:
         result["error"] = traceback.format_exc()[-4000:]
     (out_dir / f"{check}-{rank}.json").write_text(json.dumps(result))
-    try:
-        if dist.is_initialized():
-            if result["ok"]:
-                dist.barrier()
-            dist.destroy_process_group()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0 if result["ok"] else 1)
+    leave_process_group(result["ok"])  # barrier and destroy, then os._exit: see marsm_dist/shutdown.py
+    exit_process(0 if result["ok"] else 1)
 
 
 if __name__ == "__main__":

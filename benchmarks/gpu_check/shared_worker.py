@@ -110,7 +110,7 @@ def run(config: str, rank: int, world: int, device: torch.device) -> dict:
         parts[label] = [_local(p).detach().float().cpu() for p in params]
         logs[label] = log.events
         s = opt.last_step_stats
-        engine = opt._context.distributor.engine
+        engine = opt._step_map.distributor.engine
         stats[label] = {"bytes_sent": s.bytes_sent, "bytes_received": s.bytes_received,
                         "owned_matrices": s.owned_matrices, "ms": s.milliseconds,
                         "teams": [list(t) for t in engine.plan.teams if t] if engine is not None else []}

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-import traceback
-from typing import NoReturn
 
 import deepspeed
 import torch
@@ -24,6 +21,7 @@ import torch.distributed as dist
 from model import ByteGPT, rank_batch, stdlib_bytes  # model.py, beside this script
 
 import marsm_dist.adapters.deepspeed  # noqa: F401  (makes "type": "MARSM" known to DeepSpeed)
+from marsm_dist.shutdown import run_and_exit
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,28 +62,8 @@ def main() -> None:
                   f"{tokens / (time.perf_counter() - start):,.0f} tok/s", flush=True)
 
 
-def leave(code: int) -> NoReturn:
-    """End this rank's process with exit code ``code``, on purpose without the interpreter's teardown.
-
-    torch 2.13's gloo processes (DeepSpeed on the CPU) now and then abort at interpreter exit
-    ("terminate called without an active exception", SIGABRT) unless they barrier and destroy the
-    process group first; ``os._exit`` then skips the teardown that triggers it. A failed rank
-    leaves at once (the others would wait for it in the barrier in vain: the launcher stops them).
-    """
-    if code == 0 and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit as stop:  # --help, a usage error: argparse printed why
-        leave(stop.code if isinstance(stop.code, int) else 1)
-    except BaseException:
-        traceback.print_exc()
-        leave(1)
-    leave(0)
+    # Exit code 0 after a success, 1 with the traceback after a failure. It ends with barrier,
+    # destroy_process_group and os._exit: torch 2.13's gloo ranks (DeepSpeed on the CPU) otherwise
+    # abort now and then at interpreter exit, after training succeeded (see marsm_dist/shutdown.py).
+    run_and_exit(main)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -119,15 +117,10 @@ def train(args: argparse.Namespace, training: TrainingArguments, **trainer_kwarg
 
 
 def finish(args: argparse.Namespace, losses: LossLog, stats: Callable[[], dict] | None = None) -> None:
-    """Write ``--log-json`` (one file per rank), then leave the process group cleanly."""
+    """Write ``--log-json`` (one file per rank). The process group is left by the recipe's
+    ``run_and_exit(main)``: barrier, destroy and ``os._exit`` (see marsm_dist/shutdown.py)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     if args.log_json:
         path = args.log_json if rank == 0 else f"{args.log_json}.rank{rank}"
         with open(path, "w") as f:
             json.dump({"rank": rank, "losses": losses.rows, "marsm": stats() if stats else None}, f)
-    if dist.is_initialized():  # gloo workers that skip this sometimes abort at exit
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

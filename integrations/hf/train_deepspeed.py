@@ -18,6 +18,7 @@ from common import parse_args, train
 from transformers import TrainingArguments
 
 import marsm_dist.adapters.deepspeed  # noqa: F401  (makes "type": "MARSM" known to DeepSpeed)
+from marsm_dist.shutdown import run_and_exit
 
 
 def main() -> None:
@@ -33,5 +34,6 @@ def main() -> None:
         deepspeed=config)
     train(args, training)  # the optimizer comes from the JSON
 
+
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)  # exit 0 after a success, 1 with the traceback; no gloo abort at exit

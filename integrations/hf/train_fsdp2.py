@@ -16,6 +16,7 @@ from common import LAYER_CLASS, parse_args, train
 from transformers import TrainingArguments
 
 from marsm_dist.adapters.hf import MARSMForTrainer
+from marsm_dist.shutdown import run_and_exit
 
 
 def main() -> None:
@@ -30,5 +31,6 @@ def main() -> None:
     train(args, training,
           optimizer_cls_and_kwargs=(MARSMForTrainer, {"lr": args.lr, "ns_dtype": args.ns_dtype}))
 
+
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)  # exit 0 after a success, 1 with the traceback; no gloo abort at exit

@@ -39,6 +39,7 @@ from torch import Tensor
 from torch.distributed.fsdp import fully_shard
 
 from marsm_dist import MARSM, param_groups, step_stats
+from marsm_dist.shutdown import run_and_exit
 
 VOCAB, HEADS, SEQ_LEN = 64, 2, 16
 EPOCH_BATCHES = 10_000  # global batches in one pass over the (synthetic) data
@@ -198,10 +199,10 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.log_json).write_text(json.dumps({
             "strategy": args.strategy, "world_size": trainer.world_size,
             "marsm_matrices": module.marsm_matrices, "steps": module.summary}, indent=1))
-    if dist.is_initialized():  # gloo workers that skip this sometimes abort at exit
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    # Exit code 0 after a success, 1 with the traceback after a failure. It ends with barrier,
+    # destroy_process_group and os._exit: torch 2.13's gloo ranks otherwise abort now and then at
+    # interpreter exit, after training succeeded (see marsm_dist/shutdown.py).
+    run_and_exit(main)

@@ -17,13 +17,8 @@ Needs CUDA GPUs (NCCL): megatron-core's GPT and DDP code paths call ``torch.cuda
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import sys
 import time
-import traceback
-from collections.abc import Callable
-from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -42,6 +37,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from marsm_dist.adapters.megatron import add_marsm_args, get_megatron_marsm_optimizer, marsm_kwargs_from_args
+from marsm_dist.shutdown import run_and_exit
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -200,38 +196,8 @@ def load_checkpoint(path: str, ddp: DistributedDataParallel, optimizer, schedule
     return int(loaded["iteration"])
 
 
-def run_and_exit(body: Callable[[], None]) -> NoReturn:
-    """Run ``body``, then leave: exit code 0, or 1 with the traceback printed.
-
-    The ending is deliberate. torch 2.13's gloo processes now and then abort at interpreter exit
-    ("terminate called without an active exception", SIGABRT) unless they barrier and destroy the
-    process group first; ``os._exit`` then skips the teardown that triggers it. Before that,
-    helper processes are stopped: Megatron's checkpoint writer starts a multiprocessing manager,
-    which would outlive ``os._exit`` and hold torchrun's pipes open.
-    """
-    code = 1
-    try:
-        body()
-        code = 0
-    except SystemExit as stop:  # --help, a usage error or a refusal of the flags: no traceback
-        if isinstance(stop.code, str):
-            print(stop.code, file=sys.stderr)
-        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
-    except BaseException:
-        traceback.print_exc()
-    try:
-        if dist.is_initialized():
-            if code == 0:  # a failed rank skips the barrier: the others would wait for it in vain
-                dist.barrier()
-            dist.destroy_process_group()
-    except Exception as err:  # a peer already gone: nothing left to synchronize with
-        print(f"process-group teardown failed: {err}", file=sys.stderr)
-    for child in multiprocessing.active_children():
-        child.terminate()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
+    # Exit code 0 after a success, 1 with the traceback after a failure (a SystemExit's own code
+    # for --help or a refused flag). It ends with barrier, destroy_process_group and os._exit, and
+    # stops Megatron's checkpoint-writer process first: see marsm_dist/shutdown.py for why.
     run_and_exit(main)

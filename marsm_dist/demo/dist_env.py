@@ -8,7 +8,6 @@ own fork/spawn launcher sets them per child, and ``marsm_dist.demo.mpi`` fills t
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -121,21 +120,3 @@ def init_from_env(threads: int | None = None) -> DistEnv:
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=5))
     return DistEnv(rank, world, local_rank, device)
-
-
-def finish(ok: bool) -> None:
-    """Leave the process group cleanly (barrier only if this rank succeeded) and flush output.
-
-    torch 2.13's gloo processes abort at interpreter exit now and then ("terminate called
-    without an active exception", SIGABRT) unless they barrier and destroy first; the caller
-    then leaves with ``os._exit``, which skips the interpreter teardown that triggers it.
-    """
-    if dist.is_initialized():
-        try:
-            if ok:
-                dist.barrier()
-            dist.destroy_process_group()
-        except Exception as err:  # a peer already gone: nothing left to synchronize with
-            print(f"marsm demo: process-group teardown failed: {err}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()

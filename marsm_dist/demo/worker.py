@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from typing import NoReturn
 
 import torch
 
+from ..shutdown import run_and_exit
 from . import report
 from .cli import base_config, optimizer_names
 from .data import Batches, stdlib_corpus
-from .dist_env import DistEnv, finish, init_from_env
+from .dist_env import DistEnv, init_from_env
 from .ns_dtype import resolve_ns_dtype
 from .progress import ProgressBar
 from .stepper import Stepper
@@ -93,17 +94,18 @@ def _report(args: argparse.Namespace, base: Config, env: DistEnv, results: list[
     print(f"wrote {', '.join(written)}", flush=True)
 
 
-def run_worker(args: argparse.Namespace, on_exit: Callable[[bool], None] | None = None) -> None:
-    """Run this rank to the end and leave the process (never returns; exit code 0 or 1)."""
-    ok = False
-    try:
-        env = init_from_env(args.threads)
-        train_all(args, env)
-        ok = True
-    except BaseException:
-        print(f"rank {os.environ.get('RANK', '?')} failed:\n{traceback.format_exc()}", file=sys.stderr)
-    finally:
-        finish(ok)
-        if on_exit is not None:
-            on_exit(ok)
-        os._exit(0 if ok else 1)
+def run_worker(args: argparse.Namespace, on_exit: Callable[[bool], None] | None = None) -> NoReturn:
+    """Run this rank to the end and leave the process (never returns; exit code 0 or 1).
+
+    The ending is :func:`marsm_dist.shutdown.run_and_exit`'s: barrier and destroy after a success,
+    then ``os._exit`` (torch 2.13's gloo ranks otherwise abort now and then at interpreter exit);
+    ``on_exit(ok)`` runs after the process group is gone (the MPI entry point's Finalize or Abort)."""
+
+    def body() -> None:
+        try:
+            train_all(args, init_from_env(args.threads))
+        except (Exception, KeyboardInterrupt):
+            print(f"rank {os.environ.get('RANK', '?')} failed:", file=sys.stderr, flush=True)
+            raise
+
+    run_and_exit(body, on_exit)

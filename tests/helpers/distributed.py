@@ -19,9 +19,7 @@ fake group, even where gloo itself copes. A test of deliberately mismatched rank
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import socket
-import sys
 import tempfile
 import time
 import traceback
@@ -31,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from marsm_dist.shutdown import exit_process, leave_process_group
 from tests.helpers.collective_order import CollectiveLog, check_collective_order
 
 
@@ -55,23 +54,14 @@ def _worker(fn, rank: int, world_size: int, port: int | None, out: Path, args: t
         with log:
             result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result, "log": log.events}, out / f"{rank}.pt")
-        if port is not None:
-            dist.barrier()
     except BaseException:
         torch.save({"ok": False, "error": traceback.format_exc()}, out / f"{rank}.pt")
         code = 1
-    finally:
-        try:
-            dist.destroy_process_group()
-        except Exception:
-            pass
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Helpers a rank started (Megatron's checkpoint writer starts a multiprocessing manager)
-        # would outlive os._exit, holding pipes open: stop them first.
-        for child in mp.active_children():
-            child.terminate()
-        os._exit(code)
+    # A successful gloo rank barriers before destroying (the meta-only fake group has no CPU
+    # barrier); then os._exit, after stopping the helpers a rank started (Megatron's checkpoint
+    # writer starts a multiprocessing manager, which would hold pipes open).
+    leave_process_group(code == 0 and port is not None)
+    exit_process(code)
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 180.0, check_order: bool = True) -> list:

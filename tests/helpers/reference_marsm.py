@@ -1,7 +1,7 @@
 """An independent, deliberately plain re-implementation of the MARS-M spec, used as a test oracle.
 
 It shares no code with marsm_dist: one tensor at a time, no foreach, no batching, written from
-shared/spec/marsm-algorithm.md sections 3-6 and 9. It runs in any dtype (float64 by default).
+docs/algorithm.md sections 3-6 and 9. It runs in any dtype (float64 by default).
 """
 
 from __future__ import annotations
