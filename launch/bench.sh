@@ -9,7 +9,7 @@
 # core) and `benchmarks/optimizer_step.py --cpu-kinds native,avx2` (both CPU kinds in one run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
+bash launch/setup.sh ""   # torch and marsm-dist only
 py="${MARSM_VENV:-.venv}/bin/python"
 skip=""
 if "$py" -c "import sys; from marsm_dist.newton_schulz import emulates_bfloat16; sys.exit(not emulates_bfloat16())"; then

@@ -7,9 +7,10 @@
 # On a machine without GPUs the processes run on the CPU (gloo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
+bash launch/setup.sh deepspeed
 venv="${MARSM_VENV:-.venv}"
-export PATH="$PWD/$venv/bin:$PATH"
+case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac  # MARSM_VENV may be absolute
+export PATH="$venv/bin:$PATH"
 if ! command -v nvidia-smi >/dev/null 2>&1; then
     export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 fi

@@ -6,5 +6,5 @@
 # `python -m marsm_dist.demo` (see --help: --steps, --d-model, --optimizers, --framework, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
+bash launch/setup.sh "$(bash launch/demo_extras.sh "$@")"   # torch, matplotlib (+ the --framework's own)
 exec "${MARSM_VENV:-.venv}/bin/python" -m marsm_dist.demo "$@"

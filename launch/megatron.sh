@@ -6,7 +6,7 @@
 # megatron-core's GPT needs CUDA GPUs (NCCL).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
+bash launch/setup.sh megatron
 venv="${MARSM_VENV:-.venv}"
 exec "$venv/bin/python" -m torch.distributed.run --nproc-per-node "${NUM_PROCS:-2}" \
     --master-port "${MASTER_PORT:-29500}" integrations/megatron/pretrain_gpt.py "$@"

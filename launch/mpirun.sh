@@ -8,7 +8,7 @@
 #   NUM_PROCS=2 bash launch/mpirun.sh --steps 100
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
+bash launch/setup.sh "$(bash launch/demo_extras.sh "$@"),mpi"
 venv="${MARSM_VENV:-.venv}"
 py="$venv/bin/python"
 if [ ! -x "$venv/bin/mpiexec" ] || ! "$py" -c "import mpi4py" 2>/dev/null; then

@@ -6,7 +6,7 @@
 #   NUM_PROCS=4 bash launch/torchrun.sh --steps 100 --optimizers marsm,adamw
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
+bash launch/setup.sh "$(bash launch/demo_extras.sh "$@")"
 venv="${MARSM_VENV:-.venv}"
 exec "$venv/bin/python" -m torch.distributed.run \
     --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "${NUM_PROCS:-2}" \
