@@ -2,9 +2,11 @@
 
 MARS-M (arXiv 2510.21800) combines MARS's variance-reduced momentum with Muon's Newton-Schulz
 orthogonalization for matrix parameters; other parameters take an AdamW branch.
+
+Importing it has no side effects: no framework is imported or patched and no sharding adapter is
+registered (see :mod:`marsm_dist.sharding.adapter` for when each one is).
 """
 
-from . import adapters as _adapters  # noqa: F401  (registers the built-in sharding adapters)
 from .newton_schulz import NS_COEFFICIENTS, newton_schulz
 from .optimizer import MARSM, NonFiniteGradError
 from .param_groups import DEFAULT_HEAD_NAMES, RoutingDecision, explain_routing, param_groups, routing_report
@@ -26,4 +28,4 @@ __all__ = [
     "step_stats",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

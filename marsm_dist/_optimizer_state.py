@@ -7,35 +7,59 @@ optimizer (``optimizer.py`` holds construction, options and the step).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from ._step_inputs import check_grad, param_name, routes_to_marsm
+from ._step_work import check_grad, param_name
 from ._timing import PhaseTimer
-from ._validation import check_loadable, dtype_name, restore_group_types
-from .newton_schulz import NS_COEFFICIENTS
-from .sharding.adapter import Slot, adapter_for
+from .options import INSTANCE_ATTRIBUTES, SAVED_GROUP_KEYS, dtype_name, group_defaults, restore_group_types
+from .sharding.adapter import adapter_for
 
 __all__ = ["GROUP_DEFAULTS", "StateMixin"]
 
+
 # Keys a param group may carry, with the values a group added by an older version should get.
-GROUP_DEFAULTS = dict(ns_coefficients=NS_COEFFICIENTS, flatten=False, maximize=False, use_marsm=None,
-                      ns_form="auto", experts=False)
+GROUP_DEFAULTS = group_defaults()
 
 # Optimizer-wide attributes, with the values an optimizer pickled by an older version gets.
-_ATTRIBUTE_DEFAULTS = dict(on_nonfinite="raise", owner_policy="balanced", bucket_bytes=256 * 2**20,
-                           overlap=True, ns_team_max=1, skipped_steps=0, last_step_stats=None,
-                           _context=None, _process_group=None, _warned_no_grad=False)
+_ATTRIBUTE_DEFAULTS = {**{attribute: option.default for attribute, option in INSTANCE_ATTRIBUTES.items()},
+                       **dict(skipped_steps=0, last_step_stats=None, _step_map=None, _warned_no_grad=False)}
+
+
+def check_loadable(state_dict: Mapping[str, Any], params: list[tuple[torch.Tensor, str]]) -> None:
+    """Refuse a state dict MARSM could load but never step: another optimizer's (its groups lack
+    MARS-M's keys), or one whose state tensors do not have their parameters' shapes. Parameters
+    are matched to saved state in order, as ``torch.optim.Optimizer.load_state_dict`` does."""
+    groups = state_dict.get("param_groups", [])
+    for i, group in enumerate(groups):
+        missing = [k for k in SAVED_GROUP_KEYS if k not in group]
+        if missing:
+            raise ValueError(
+                f"MARSM.load_state_dict: param group {i} of this state dict has no {missing}: it is another "
+                f"optimizer's (keys {sorted(k for k in group if k != 'params')}). Load MARSM's own state "
+                f"dict, or start MARSM fresh from the model's weights")
+    saved_ids = [pid for g in groups for pid in g.get("params", [])]
+    state = state_dict.get("state", {})
+    for pid, (p, name) in zip(saved_ids, params, strict=False):
+        for key, value in state.get(pid, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"MARSM.load_state_dict: state {key!r} of {name} has shape {tuple(value.shape)}, the "
+                    f"parameter {tuple(p.shape)}: the state dict is from a differently shaped model")
 
 
 class StateMixin:
-    """Per-parameter state (created lazily or all at once), the look-ahead store of the exact
-    mode, and ``state_dict`` / ``load_state_dict`` / unpickling."""
+    """All state created at once (``init_state``), the look-ahead store of the exact mode, and
+    ``state_dict`` / ``load_state_dict`` / unpickling. (The state a step needs is created by the
+    step itself: ``MARSM._ensure_state``.)"""
 
     param_groups: list[dict[str, Any]]
     state: Any
+    _ensure_state: Any  # MARSM's
+    _slots_of: Any
+    uses_marsm: Any
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # also how load_state_dict installs the loaded groups
@@ -45,7 +69,8 @@ class StateMixin:
             restore_group_types(group)
         for key, value in _ATTRIBUTE_DEFAULTS.items():
             self.__dict__.setdefault(key, value)
-        for key, factory in (("_contexts", dict), ("_unscreened", set), ("_stepped_this_step", set)):  # fresh
+        fresh = (("_step_maps", dict), ("_unscreened", set), ("_stepped_this_step", set))
+        for key, factory in fresh:
             self.__dict__.setdefault(key, factory())
         self.__dict__.setdefault("_timer", PhaseTimer())
 
@@ -69,41 +94,6 @@ class StateMixin:
         # Loaded state may be damaged: steps screen it for NaN/Inf (in the step's one all-reduce)
         # until each parameter has passed one; from then on finite inputs keep it finite.
         self._unscreened = {id(p) for p in self.state}
-
-    @staticmethod
-    def uses_marsm(group: dict[str, Any], slot: Slot) -> bool:
-        """True if ``slot`` takes the matrix update in ``group`` (the key, else >= 2 dims)."""
-        return routes_to_marsm(group, slot)
-
-    def _slots_of(self, p: Tensor) -> list[Slot]:
-        ctx = self.__dict__.get("_context")
-        if ctx is not None and id(p) in ctx.slot_lists:
-            return ctx.slot_lists[id(p)]
-        return adapter_for(p).slots(p)
-
-    def _ensure_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
-        """The parameter's state, with any missing key created (zeros); existing keys untouched."""
-        state = self.state[p]
-        step = state.get("step")
-        if step is None:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        elif not isinstance(step, Tensor) or step.device.type != "cpu":
-            # Counters live on the host (each step reads them); a checkpoint may bring them elsewhere.
-            state["step"] = torch.as_tensor(step, dtype=torch.float32).cpu()
-        routes = {self.uses_marsm(group, s) for s in self._slots_of(p)}
-        keys = ["exp_avg"]
-        if True in routes:
-            keys += ["last_grad"] + ([] if group["approx"] else ["lookahead_grad"])
-            if not group["approx"]:
-                state.setdefault("lookahead_ready", False)
-        if False in routes:
-            keys += ["exp_avg_sq"]
-        missing = [k for k in keys if k not in state]
-        if missing:
-            adapter = adapter_for(p)
-            for key in missing:
-                state[key] = adapter.zeros_state(p)
-        return state
 
     @torch.no_grad()
     def init_state(self) -> None:

@@ -1,4 +1,4 @@
-"""MARS-M's elementwise math as pure functions on lists of tensors (spec sections 3 and 5).
+"""MARS-M's elementwise math as pure functions on lists of tensors (docs/algorithm.md sections 3 and 5).
 
 Nothing here knows about processes or frameworks: every function works the same on whole
 parameters and on the shards a rank holds. The one step that needs the whole tensor, the clip
@@ -16,13 +16,38 @@ from torch import Tensor
 __all__ = [
     "adamw_update_",
     "apply_matrix_update_",
+    "chunks",
     "clip_factors",
     "marsm_kappa",
+    "nonfinite_flag",
     "squared_norms",
+    "takes_marsm",
     "update_momentum_",
     "update_scale",
     "variance_reduced_grads",
 ]
+
+
+def takes_marsm(use_marsm: bool | None, shape: Sequence[int], stacked: bool = False) -> bool:
+    """The routing rule, written once: a group's ``use_marsm`` when it is set, else the tensor's
+    shape: 2+ dims per matrix take MARS-M (``stacked``: dim 0 indexes experts, so one dim more)."""
+    if use_marsm is not None:
+        return bool(use_marsm)
+    return len(shape) - (1 if stacked else 0) >= 2
+
+
+def chunks(numels: Sequence[int], limit: int) -> list[list[int]]:
+    """Positions of consecutive tensors, at most ``limit`` elements a chunk (a larger one alone):
+    the unit of a step's elementwise temporaries and of its unsharded Newton-Schulz batches."""
+    out: list[list[int]] = []
+    held = 0
+    for i, n in enumerate(numels):
+        if not out or (held and held + n > limit):
+            out.append([])
+            held = 0
+        out[-1].append(i)
+        held += n
+    return out
 
 
 def marsm_kappa(momentum: float, gamma: float) -> float:
@@ -41,7 +66,7 @@ def variance_reduced_grads(
     """Return new tensors c = g + kappa (g - P), one per gradient.
 
     One pass: lerp(P, g, w) with w = 1 + kappa >= 0.5 is evaluated as g - (g - P)(1 - w), i.e.
-    g + kappa (g - P), the spec's own expression (two foreach ops took two passes). A tensor
+    g + kappa (g - P), as docs/algorithm.md section 3 writes it (two foreach ops took two passes). A tensor
     ``kappa`` (momentum or gamma held in device tensors) takes three passes and no host read.
     """
     if not grads:
@@ -120,7 +145,7 @@ def adamw_update_(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """The AdamW-branch update of spec section 5, in place.
+    """The AdamW-branch update (docs/algorithm.md section 5), in place.
 
     Unlike ``torch.optim.AdamW``, eps is added to the *uncorrected* sqrt(v) and the bias
     corrections are folded into the step size: u = m / (eps + sqrt(v)),
@@ -138,3 +163,25 @@ def adamw_update_(
     step_sizes = [-lr * math.sqrt(1.0 - beta2**k) / (1.0 - beta1**k) for k in steps]
     torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+
+
+def nonfinite_flag(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """A float64 vector of one element on ``device``: 0 if every tensor is finite, NaN otherwise.
+
+    Summed with other per-step statistics (one all-reduce when sharded), the NaN survives. It
+    stays on the device: the step reads it on the host together with everything else, once.
+    """
+    tensors = [t for t in tensors if t.numel()]  # an empty shard has no max (and is finite)
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float64, device=device)
+    # CPU fast path: the max-abs norm below is ~10x slower there than a 2-norm (122 ms vs 12 ms
+    # for GPT-2's 50257x768 embedding gradient, 1 thread). A finite 2-norm proves every element
+    # finite; only a non-finite one (NaN/Inf, or float32 overflow of the squares of entries above
+    # ~1e19) needs the exact check. Not on GPUs: both run at memory speed, and reading the 2-norm
+    # on the host would be a device sync.
+    on_cpu = tensors[0].device.type == "cpu"
+    if on_cpu and bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
+        return torch.zeros(1, dtype=torch.float64, device=device)
+    # The max-abs norm is NaN/Inf exactly when the tensor holds one; it never overflows.
+    worst = torch.stack(torch._foreach_norm(tensors, float("inf"))).double().amax()
+    return (worst * 0.0).reshape(1).to(device)

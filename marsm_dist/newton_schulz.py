@@ -14,6 +14,10 @@ Two evaluations of the same iteration are offered (``form``):
   of each segment of at most 3 steps, which then restarts from a fresh ``X X^T`` (for accuracy):
   ``2 m^2 n + (4 L - 3) m^3`` multiply-adds for a segment of L steps. With 5 steps that is 1.14x
   fewer than plain at an aspect ratio n/m of 2, 1.35x fewer at 3, 1.5x at 4 (GPT MLPs); more when square.
+
+One loop runs both (``_iterations``). It also runs a matrix split by columns over a team of ranks
+(:func:`newton_schulz_columns`), given a ``reduce`` that sums the partial ``X X^T`` over the team:
+:mod:`marsm_dist.sharding.split_newton_schulz` passes an all-reduce, as this module knows no ranks.
 """
 
 from __future__ import annotations
@@ -26,16 +30,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = [
-    "NS_COEFFICIENTS",
-    "NS_EPS",
-    "NS_FORMS",
-    "NSForm",
-    "emulates_bfloat16",
-    "newton_schulz",
-    "newton_schulz_flops",
-    "resolve_form",
-]
+__all__ = ["NS_COEFFICIENTS", "NS_EPS", "NS_FORMS", "NSForm", "Reduce", "emulates_bfloat16", "newton_schulz",
+           "newton_schulz_columns", "newton_schulz_flops", "resolve_form"]
 
 # Coefficients of the quintic x -> a x + b x^3 + c x^5 and the normalization guard, as in Keller
 # Jordan's Muon and the MARS-M reference implementation (AGI-Arena/MARS, MARS_M).
@@ -126,13 +122,33 @@ def newton_schulz(
     denom = _round(rnd, norm + eps)
     # In place where X is already a copy (the input is never written).
     X = _round(rnd, X.div_(denom) if X.data_ptr() != G.data_ptr() else X / denom)
-    if use_gram:
-        X = _gram_iterations(X, steps, coefficients, rnd)
-    else:
-        X = _plain_iterations(X, steps, coefficients, rnd)
+    X = _iterations(X, steps, coefficients, rnd, "gram" if use_gram else "plain")
     if transposed:
         X = X.mT
     return X.reshape(shape).to(dtype)
+
+
+def newton_schulz_columns(
+    block: Tensor, steps: int = 5, *, reduce: Reduce | None = None, dtype: torch.dtype = torch.bfloat16,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS, eps: float = NS_EPS,
+) -> Tensor:
+    """This block's columns of NS(X), for ``X`` (m x n, m <= n) split by columns over a team.
+
+    ``reduce(t)`` returns the sum of ``t`` over the team's blocks; every member calls it in the same
+    order (the squared norm, then one m x m partial ``X X^T`` per step) with float32 tensors (float64
+    for float64). ``None``: the block is the whole matrix. The plain form's result up to the order
+    of the sums; the normalization sums squares, so it is not :func:`newton_schulz` bit for bit.
+    """
+    if block.ndim != 2:
+        raise ValueError(f"split_newton_schulz needs a 2-D block, got shape {tuple(block.shape)}")
+    rnd = _rounding(dtype, block.device)  # bf16 emulated on CPUs without bf16 matmuls, as plain
+    work = dtype if rnd is None else torch.float32
+    X = block.to(dtype).to(work)
+    sq = X.to(_sum_dtype(work)).square().sum().reshape(1)
+    sq = sq if reduce is None else reduce(sq)
+    norm = _round(rnd, sq.sqrt().to(dtype).to(work))
+    X = _round(rnd, X / _round(rnd, norm + eps))
+    return _iterations(X, steps, coefficients, rnd, "plain", reduce).to(dtype)
 
 
 def resolve_form(form: str, shape: tuple[int, ...] | torch.Size, steps: int, dtype: torch.dtype) -> str:
@@ -181,6 +197,8 @@ def _gram_macs(m: int, n: int, steps: int) -> int:
 
 
 Rounding = Callable[[Tensor], Tensor] | None
+#: Sums a tensor over the ranks that share a matrix and returns the sum (may work in place).
+Reduce = Callable[[Tensor], Tensor]
 
 
 def emulates_bfloat16(device: torch.device | str = "cpu") -> bool:
@@ -228,24 +246,40 @@ def _add_product(base: Tensor, m1: Tensor, m2: Tensor, *, beta: float = 1.0, alp
     return torch.baddbmm(base, m1, m2, beta=beta, alpha=alpha)
 
 
-def _plain_iterations(X: Tensor, steps: int, coefficients: tuple[float, float, float],
-                      rnd: Rounding) -> Tensor:
-    a, b, c = coefficients
-    for _ in range(steps):
-        S = _round(rnd, X @ X.mT)
-        P = _round(rnd, _add_product(S, S, S, beta=b, alpha=c))  # b S + c S^2
-        X = _round(rnd, _add_product(X, P, X, beta=a))  # a X + (b S + c S^2) X
-    return X
+def _sum_dtype(work: torch.dtype) -> torch.dtype:
+    # Sums over a team travel in float32 (float64 for float64): in bf16, k partial roundings
+    # before the sum would add error that the whole matrix's one product does not have.
+    return torch.float64 if work == torch.float64 else torch.float32
 
 
-def _gram_iterations(X: Tensor, steps: int, coefficients: tuple[float, float, float],
-                     rnd: Rounding) -> Tensor:
-    """The plain iteration's result, computed on the m x m factor Q with X_k = Q_k X (module doc)."""
+def _gram_matrix(X: Tensor, rnd: Rounding, reduce: Reduce | None) -> Tensor:
+    """``X X^T`` of the whole matrix: of ``X`` itself, or the team's sum of its blocks' products."""
+    S = X @ X.mT
+    if reduce is not None:  # rounded once, after the sum, where the whole matrix's product rounds
+        S = reduce(S.to(_sum_dtype(X.dtype))).to(X.dtype)
+    return _round(rnd, S)
+
+
+def _iterations(X: Tensor, steps: int, coefficients: tuple[float, float, float], rnd: Rounding,
+                form: str, reduce: Reduce | None = None) -> Tensor:
+    """``steps`` quintic iterations on the normalized wide ``X``: the one loop of every form.
+
+    ``"plain"`` is the spec's loop; ``"gram"`` the same iteration on the m x m factor Q with
+    X_k = Q_k X (module doc). ``reduce`` (see :func:`newton_schulz_columns`) makes ``X`` a column
+    block of a matrix split over a team: only ``X X^T`` needs the other blocks, and every other
+    product is m x m or acts on this block's own columns.
+    """
     a, b, c = coefficients
+    if form == "plain":
+        for _ in range(steps):
+            S = _gram_matrix(X, rnd, reduce)
+            P = _round(rnd, _add_product(S, S, S, beta=b, alpha=c))  # b S + c S^2
+            X = _round(rnd, _add_product(X, P, X, beta=a))  # a X + (b S + c S^2) X
+        return X
     left = steps
     while left > 0:
         seg = min(_GRAM_SEGMENT, left)
-        S = _round(rnd, X @ X.mT)
+        S = _gram_matrix(X, rnd, reduce)
         Q: Tensor | None = None
         for k in range(seg):
             base = _round(rnd, S * b)

@@ -1,8 +1,7 @@
-"""``MARSM``: the MARS-M optimizer as a ``torch.optim.Optimizer`` (spec: marsm-algorithm.md)."""
+"""``MARSM``: the MARS-M optimizer as a ``torch.optim.Optimizer`` (the algorithm: docs/algorithm.md)."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -12,50 +11,41 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from ._optimizer_state import StateMixin
-from ._param_map import ParamMap
-from ._plan_cache import PlanCacheMixin
-from ._step import (
-    adamw_step,
-    finish_matrices,
-    orthogonalize_and_apply,
-    update_momenta,
-)
-from ._step_checks import UNTOUCHED, local_problem, stale_shards, warn_no_gradients
-from ._step_inputs import (
-    GroupWork,
-    collect,
-    describe_nonfinite,
-    param_name,
-)
-from ._step_statistics import step_statistics
+from ._step_guards import check_step, describe_nonfinite, warn_no_gradients
+from ._step_phases import apply_step
+from ._step_work import GroupWork, StepMap, StepWork, param_name, routes_to_marsm
 from ._timing import PhaseTimer
 from ._validation import (
-    check_keywords,
+    bind_arguments,
     check_no_duplicates,
     check_param,
-    resolve_dtype,
-    restore_group_types,
-    run_build_checks,
-    validate_hyperparameters,
-    validate_options,
+    constructor_signature,
+    docstring_args,
     warn_shape_routing,
 )
-from .newton_schulz import NS_COEFFICIENTS
-from .sharding.adapter import adapter_for
+from .options import (
+    INSTANCE_ATTRIBUTES,
+    group_defaults,
+    resolve_dtype,
+    restore_group_types,
+    validate_group,
+    validate_optimizer_options,
+)
+from .sharding.adapter import Slot, adapter_for
 from .stats import StepStats
 
 __all__ = ["MARSM", "NonFiniteGradError", "StepStats"]
 
 logger = logging.getLogger(__name__)
 
-
+_MAX_MAPS = 64  # step maps kept per optimizer (one per set of stepped groups)
 
 
 class NonFiniteGradError(RuntimeError):
     """A gradient holds NaN or Inf; the step was refused and nothing was changed."""
 
 
-class MARSM(PlanCacheMixin, StateMixin, Optimizer):
+class MARSM(StateMixin, Optimizer):
     """MARS-M: variance-reduced momentum with Newton-Schulz orthogonalized updates for matrices.
 
     Matrix parameters (``use_marsm=True`` groups, or ``ndim >= 2`` in groups without the key)::
@@ -75,56 +65,7 @@ class MARSM(PlanCacheMixin, StateMixin, Optimizer):
         params: parameters, named parameters, or param groups. A group may override any
             hyperparameter below and carry ``"use_marsm"`` and ``"experts"`` (True: dim 0 indexes MoE
             experts, each stepped as a separate matrix; set by :func:`marsm_dist.param_groups`).
-        lr: learning rate, shared by both branches (default 1e-3).
-        weight_decay: decoupled weight decay, multiplied by the unscaled lr (default 0.1).
-        momentum: EMA factor of the matrix momentum, in [0, 1) (default 0.95).
-        gamma: variance-reduction strength (default 0.025).
-        ns_steps: Newton-Schulz iterations (default 5).
-        ns_dtype: Newton-Schulz compute dtype (default ``torch.bfloat16``; a name such as
-            ``"float32"`` is accepted).
-        adamw_betas: (beta1, beta2) of the AdamW branch (default (0.9, 0.95)).
-        adamw_eps: eps of the AdamW branch (default 1e-8).
-        approx: True for the approximate correction (P = last gradient, one backward per
-            step); False for the exact one (call :meth:`store_lookahead_grad` before each step).
-        ns_coefficients: the quintic's (a, b, c).
-        flatten: orthogonalize tensors with more than 2 dims as ``(dim0, rest)`` matrices, with
-            the scale taken from that shape (the common Muon convention). The default follows the
-            spec: a batch of trailing 2-D matrices normalized by the whole-tensor norm, scale from
-            the first two dims.
-        maximize: maximize the objective instead of minimizing it.
-        ns_form: how Newton-Schulz is evaluated: ``"plain"`` (the spec's loop), ``"gram"`` (the
-            same iteration on the small Gram factor: fewer FLOPs on rectangular matrices) or
-            ``"auto"`` (default: Gram only in float32/float64 where it is clearly cheaper; bf16
-            always plain). See :func:`marsm_dist.newton_schulz`.
-        on_nonfinite: ``"raise"`` (default) raises :class:`NonFiniteGradError` naming the
-            parameter when a gradient holds NaN/Inf; ``"skip"`` skips the whole step instead.
-            Either way parameters and state are left untouched (on every rank, when sharded).
-        owner_policy: sharded matrices only: which rank orthogonalizes each matrix.
-            ``"balanced"`` (default) chooses owners and exchange rounds together so that every
-            owner has about the same Newton-Schulz work in every round (a round waits for its
-            busiest owner); ``"round_robin"`` gives matrix i to rank i mod W (the paper's scheme).
-        bucket_bytes: the unit of the step's extra memory (default 256 MiB, counted as float32
-            elements): at most this much of full matrices owned by one rank per exchange round
-            (sharded) or per Newton-Schulz batch (unsharded), and of each chunk of elementwise
-            temporaries. The step's peak extra memory is about this plus the Newton-Schulz
-            temporaries of one bucket, whatever the model size.
-        overlap: sharded matrices only: pipeline the exchange rounds, so one round's gather and
-            the previous round's scatter are in flight while a round is orthogonalized (default
-            True). It holds about one more bucket; ``False`` runs them one after another.
-        ns_team_max: sharded matrices only: where the plan leaves ranks idle for the whole step
-            (more ranks than owners: e.g. Llama-3-8B at W=512), up to this many ranks (a power of
-            two, consecutive ranks) split the busiest owners' matrices' Newton-Schulz by columns,
-            with an all-reduce of the m x m Gram matrix per iteration. Default 1: whole-matrix
-            ownership. 8 (one node) cuts the Newton-Schulz critical path of Llama-3-8B at W=512
-            from 4.2x to 1.6x the balanced ideal (``benchmarks/scale_model.py``).
-        timing: synchronize the device around each phase so :attr:`last_step_stats` times are
-            exact on GPUs (costs a little speed; on the CPU they are exact anyway).
-        process_group: the group over which plain (non-DTensor) parameters are replicated, as
-            in torch DDP (``torch.distributed.group.WORLD`` for a plain DDP job). Each matrix
-            then gets one owner rank in the group, which runs its Newton-Schulz and sends the
-            result to the others; every replica ends bitwise identical. ``None`` (default): each
-            process orthogonalizes its own tensors. DeepSpeed ZeRO-0 and Megatron without the
-            distributed optimizer set it for you.
+{args}
 
     Sharded parameters (FSDP2 DTensors on any mesh: 1-D, HSDP, FSDP x TP; and the frameworks
     whose adapters are imported) need no change: every rank does the elementwise work on its own
@@ -132,56 +73,25 @@ class MARSM(PlanCacheMixin, StateMixin, Optimizer):
     result comes back to every rank that holds a piece of it (see ``marsm_dist.sharding``).
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> MARSM:
-        check_keywords(cls, kwargs)  # MARSM's own message, before Python's bare TypeError
-        return super().__new__(cls)
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        momentum: float = 0.95,
-        gamma: float = 0.025,
-        ns_steps: int = 5,
-        ns_dtype: torch.dtype | str = torch.bfloat16,
-        adamw_betas: tuple[float, float] = (0.9, 0.95),
-        adamw_eps: float = 1e-8,
-        approx: bool = True,
-        *,
-        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-        flatten: bool = False,
-        maximize: bool = False,
-        ns_form: str = "auto",
-        on_nonfinite: str = "raise",
-        owner_policy: str = "balanced",
-        bucket_bytes: int = 256 * 2**20,
-        timing: bool = False,
-        process_group: Any = None,
-        overlap: bool = True,
-        ns_team_max: int = 1,
-    ) -> None:
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, gamma=gamma,
-                        ns_steps=ns_steps, ns_dtype=ns_dtype, adamw_betas=adamw_betas,
-                        adamw_eps=adamw_eps, approx=approx, ns_coefficients=ns_coefficients,
-                        flatten=flatten, maximize=maximize, use_marsm=None, ns_form=ns_form, experts=False)
-        validate_hyperparameters(defaults)  # before any conversion: a scalar "pair" is named, not iterated
+    def __init__(self, params: ParamsT, *args: Any, **kwargs: Any) -> None:
+        # The arguments, their defaults and checks are defined once, in marsm_dist.options.
+        values = bind_arguments(type(self).__name__, args, kwargs)
+        defaults = group_defaults()
+        defaults.update((k, values[k]) for k in defaults if k in values)
+        validate_group(defaults)  # before any conversion: a scalar "pair" is named, not iterated
         restore_group_types(defaults)
-        validate_options(on_nonfinite=on_nonfinite, owner_policy=owner_policy, bucket_bytes=bucket_bytes,
-                         overlap=overlap, ns_team_max=ns_team_max)
-        self.overlap, self.ns_team_max = overlap, ns_team_max
-        self.on_nonfinite, self.owner_policy, self.bucket_bytes = on_nonfinite, owner_policy, bucket_bytes
-        self._process_group = process_group
+        validate_optimizer_options(values)
+        for attribute, option in INSTANCE_ATTRIBUTES.items():
+            setattr(self, attribute, values[option.name])
         self._unscreened: set[int] = set()  # parameters whose loaded state no step has screened yet
         self._warned_no_grad = False
         self.skipped_steps = 0
         self.last_step_stats: StepStats | None = None
         self._stepped_this_step: set[int] = set()  # ids of the parameters this training step stepped
-        self._timer = PhaseTimer(_device_sync() if timing else None)
-        self._context: ParamMap | None = None  # the one the last step used
-        self._contexts: dict[tuple, ParamMap] = {}
+        self._timer = PhaseTimer(_device_sync() if values["timing"] else None)
+        self._step_map: StepMap | None = None  # the one the last step used
+        self._step_maps: dict[tuple, StepMap] = {}  # kept per set of param groups
         super().__init__(params, defaults)
-        run_build_checks(self.param_groups)
         warn_shape_routing(self.param_groups)
         # Sharded frameworks that keep their parameters (FSDP2) get every state key now, so
         # checkpoint helpers see rank-symmetric keys and never run a dummy step.
@@ -189,7 +99,88 @@ class MARSM(PlanCacheMixin, StateMixin, Optimizer):
             self.init_state()
             # And plan now: a layout no step could serve (matrices on different meshes) is refused
             # at construction, which every rank runs (the plan check is a collective).
-            self._sharding()
+            self._map_groups()
+
+    # ---------------------------------------------------- what a step keeps between steps
+    # A step map (a :class:`~marsm_dist._step_work.StepMap`: adapters, slots, the sharding plan) is
+    # built on the first step that steps a set of param groups, and kept: DeepSpeed's ZeRO wrappers
+    # step one group at a time, and a rebuild would re-plan and re-check the plan with a collective
+    # on every call. A map holds process groups of its own (teams, replica groups over several mesh
+    # dims); a dropped map releases them, at a point every rank reaches alike (a step, or a framework
+    # setting ``process_group``), and a group no kept map uses is destroyed.
+    @property
+    def process_group(self) -> Any:
+        """The group plain parameters are replicated over (see the class docstring), or None."""
+        return self._process_group
+
+    @process_group.setter
+    def process_group(self, group: Any) -> None:
+        # Frameworks set it after construction (DeepSpeed ZeRO-0): maps made so far are stale.
+        self._process_group = group
+        self._drop_maps(list(self._step_maps.values()))
+        self._step_maps, self._step_map = {}, None
+
+    def _map_groups(self) -> StepMap:
+        """The step map of the current param groups (built on first use, then kept per set)."""
+        key = StepMap.key_of(self.param_groups)
+        step_map = self._step_maps.get(key)
+        if step_map is None or not step_map.serves(self.param_groups):
+            new = StepMap(self.param_groups, process_group=self.process_group,
+                          owner_policy=self.owner_policy, bucket_numel=max(1, self.bucket_bytes // 4),
+                          timer=self._timer, overlap=self.overlap, max_team=self.ns_team_max)
+            stale = [step_map] if step_map is not None else []
+            if len(self._step_maps) >= _MAX_MAPS:  # groups were rebuilt; forget old layouts
+                stale = list(self._step_maps.values())
+                self._step_maps.clear()
+            step_map = self._step_maps[key] = new
+            # Dropped after the new map exists, so the sub-groups both use are kept, not remade.
+            self._drop_maps(stale)
+            # Parameters swapped in after construction (accelerate's prepare puts FSDP2's DTensors
+            # into the groups): every state key now, on every rank, as at construction.
+            if any(adapter.prepopulate_state for adapter in step_map.adapters.values()):
+                self.init_state()
+        self._step_map = step_map
+        return step_map
+
+    @staticmethod
+    def _drop_maps(stale: list[StepMap]) -> None:
+        for step_map in stale:
+            step_map.close()
+
+    @staticmethod
+    def uses_marsm(group: dict[str, Any], slot: Slot) -> bool:
+        """True if ``slot`` takes the matrix update in ``group`` (the key, else >= 2 dims)."""
+        return routes_to_marsm(group, slot)
+
+    def _slots_of(self, p: Tensor) -> list[Slot]:
+        step_map = self.__dict__.get("_step_map")
+        if step_map is not None and id(p) in step_map.slot_lists:
+            return step_map.slot_lists[id(p)]
+        return adapter_for(p).slots(p)
+
+    def _ensure_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        """The parameter's state, with any missing key created (zeros); existing keys untouched."""
+        state = self.state[p]
+        step = state.get("step")
+        if step is None:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        elif not isinstance(step, Tensor) or step.device.type != "cpu":
+            # Counters live on the host (each step reads them); a checkpoint may bring them elsewhere.
+            state["step"] = torch.as_tensor(step, dtype=torch.float32).cpu()
+        routes = {self.uses_marsm(group, s) for s in self._slots_of(p)}
+        keys = ["exp_avg"]
+        if True in routes:
+            keys += ["last_grad"] + ([] if group["approx"] else ["lookahead_grad"])
+            if not group["approx"]:
+                state.setdefault("lookahead_ready", False)
+        if False in routes:
+            keys += ["exp_avg_sq"]
+        missing = [k for k in keys if k not in state]
+        if missing:
+            adapter = adapter_for(p)
+            for key in missing:
+                state[key] = adapter.zeros_state(p)
+        return state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see ``torch.optim.Optimizer``); its hyperparameters are validated."""
@@ -207,7 +198,7 @@ class MARSM(PlanCacheMixin, StateMixin, Optimizer):
         try:
             check_no_duplicates(group["params"], lambda i: param_name(self.param_groups, group, i))
             restore_group_types(group)
-            validate_hyperparameters(group, f" in param group {len(self.param_groups) - 1}")
+            validate_group(group, f" in param group {len(self.param_groups) - 1}")
             group["ns_dtype"] = resolve_dtype(group["ns_dtype"])
             for i, p in enumerate(group["params"]):
                 check_param(p, group, param_name(self.param_groups, group, i),
@@ -218,66 +209,47 @@ class MARSM(PlanCacheMixin, StateMixin, Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """Take one optimization step; ``closure`` (optional) re-evaluates and returns the loss."""
+        """Take one optimization step; ``closure`` (optional) re-evaluates and returns the loss.
+
+        The step's three parts: collect the work (``_step_work``), pass every guard before the
+        first write (``_step_guards``: checks and statistics, one all-reduce, one host read),
+        then write (``_step_phases``).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        ctx = self._sharding()
-        timer = self._timer
+        step_map, timer = self._map_groups(), self._timer
         timer.reset()
-        sent0, received0 = ctx.distributor.exchanged_bytes()
-        chunk = self._bucket_numel
+        sent0, received0 = step_map.distributor.exchanged_bytes()
         with timer.phase("elementwise"):
-            matrix, adamw = collect(self.param_groups, ctx.adapter, ctx.slots, ctx.is_shared_matrix)
-            for work in matrix + adamw:
-                for p in work.containers():
-                    self._ensure_state(work.group, p)
-        # Writes nothing: the group values' checks and the statistics, with the step's one
-        # device-to-host read. A refusal there stops every rank (it rides on the all-reduce).
-        problem = local_problem(self.param_groups, matrix, self.state) or stale_shards(ctx, matrix)
-        if problem is not None and ctx.distributor.group is None:
-            raise problem
-        stepped = [p for work in matrix + adamw for p in work.containers()]
+            work = step_map.collect(self.param_groups, max(1, self.bucket_bytes // 4))
+            for work_of_group in work.matrix + work.adamw:
+                for p in work_of_group.containers():
+                    self._ensure_state(work_of_group.group, p)
+        stepped = work.containers()
         if not stepped:
             self._warn_no_gradients()
         screen = any(id(p) in self._unscreened for p in stepped)
-        stats = step_statistics(ctx, matrix, adamw, self.state, chunk, timer, param_groups=self.param_groups,
-                                problem=None if problem is None else str(problem), screened_state=screen)
-        if stats.refusal is None and not stats.finite:  # rare: a float32 overflow, or a NaN/Inf?
-            stats = step_statistics(ctx, matrix, adamw, self.state, chunk, timer, precise=True,
-                                    param_groups=self.param_groups, screened_state=screen)
-        if stats.refusal is not None:
-            raise problem or ValueError(f"MARSM: {stats.refusal}; {UNTOUCHED}")
+        stats = check_step(work, self.param_groups, self.state, timer, screened_state=screen)
         if not stats.finite:
-            bad = describe_nonfinite(self.param_groups, matrix, adamw, self.state, stats.sq_norms,
-                                     stats.local_sq_norms(), screen)
+            bad = describe_nonfinite(work, self.state, stats, screen)
             if self.on_nonfinite == "raise":
                 raise NonFiniteGradError(
                     f"MARSM: the {bad} contains NaN or Inf; parameters and optimizer state were "
                     "left untouched. Pass on_nonfinite='skip' to skip such steps instead."
                 )
-            self._skip_step(matrix, bad)
+            self._skip_step(work.matrix, bad)
             return loss
-        with timer.phase("elementwise"):
-            for work in adamw:
-                adamw_step(work, self.state, chunk, stats.values(work.group))
-            update_momenta(matrix, stats, self.state, chunk)
-        orthogonalize_and_apply(ctx, matrix, stats, self.state, timer)
-        finish_matrices(matrix, stats, self.state)
+        apply_step(work, stats, self.state, timer)
         self._unscreened.difference_update(id(p) for p in stepped)
-        self._record_stats(ctx, stats, sent0, received0)
+        self._record_stats(work, stats, sent0, received0)
         return loss
 
     def _warn_no_gradients(self) -> None:
         if not self._warned_no_grad and any(g["params"] for g in self.param_groups):
             self._warned_no_grad = True
             warn_no_gradients()
-
-    @property
-    def _bucket_numel(self) -> int:
-        """``bucket_bytes`` in elements (counted as float32): the step's unit of extra memory."""
-        return max(1, self.bucket_bytes // 4)
 
     def _skip_step(self, matrix: list[GroupWork], bad: str) -> None:
         self.skipped_steps += 1
@@ -287,21 +259,23 @@ class MARSM(PlanCacheMixin, StateMixin, Optimizer):
                 if "lookahead_ready" in self.state[p]:
                     self.state[p]["lookahead_ready"] = False
 
-    def _record_stats(self, ctx: ParamMap, stats: Any, sent0: int, received0: int) -> None:
-        sent, received = ctx.distributor.exchanged_bytes()
+    def _record_stats(self, work: StepWork, stats: Any, sent0: int, received0: int) -> None:
+        step_map = work.step_map
+        sent, received = step_map.distributor.exchanged_bytes()
         call = StepStats(
             milliseconds=self._timer.milliseconds(), bytes_sent=sent - sent0,
             bytes_received=received - received0, clipped=stats.clipped,
-            ns_flops_this_rank=stats.ns_flops, ns_flops_max_over_mean=ctx.distributor.flops_balance,
-            owned_matrices=ctx.distributor.owned_matrices, sharded_matrices=len(ctx.distributor.shared),
+            ns_flops_this_rank=stats.ns_flops, ns_flops_max_over_mean=step_map.distributor.flops_balance,
+            owned_matrices=step_map.distributor.owned_matrices,
+            sharded_matrices=len(step_map.distributor.shared),
         )
         # One training step may be several calls, one per set of groups (DeepSpeed's ZeRO): add
         # them up until a call steps a parameter this step has stepped already: the next step.
-        if self.last_step_stats is None or not ctx.param_ids.isdisjoint(self._stepped_this_step):
-            self._stepped_this_step = set(ctx.param_ids)
+        if self.last_step_stats is None or not step_map.param_ids.isdisjoint(self._stepped_this_step):
+            self._stepped_this_step = set(step_map.param_ids)
         else:
             call = self.last_step_stats + call
-            self._stepped_this_step |= ctx.param_ids
+            self._stepped_this_step |= step_map.param_ids
         self.last_step_stats = call
         logger.debug("MARSM step: %s", self.last_step_stats)
 
@@ -310,6 +284,5 @@ def _device_sync() -> Callable[[], None] | None:
     return torch.cuda.synchronize if torch.cuda.is_available() else None
 
 
-# inspect.signature(MARSM) would show __new__'s (*args, **kwargs): show the constructor's arguments.
-MARSM.__signature__ = inspect.signature(MARSM.__init__).replace(  # type: ignore[attr-defined]
-    parameters=list(inspect.signature(MARSM.__init__).parameters.values())[1:])
+MARSM.__signature__ = constructor_signature()  # type: ignore[attr-defined]
+MARSM.__doc__ = (MARSM.__doc__ or "").replace("{args}", docstring_args())

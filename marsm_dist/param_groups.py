@@ -1,4 +1,4 @@
-"""Split a model's parameters into the MARS-M (matrix) set and the AdamW set (spec section 2).
+"""Split a model's parameters into the MARS-M (matrix) set and the AdamW set (docs/algorithm.md section 2).
 
 Hidden weights with at least 2 dims go to MARS-M. Biases, norm gains and other 0-D/1-D tensors go
 to AdamW, and so do embeddings and the output head although they are 2-D: the paper's recipes
@@ -7,7 +7,7 @@ treat them that way. A head tied to the embedding is one tensor and goes to Adam
 Mixture-of-experts layers: a tensor that stacks the experts' weights along dim 0 (torchtitan's
 ``GroupedExperts`` ``w1/w2/w3``, HF transformers' ``*Experts`` ``gate_up_proj``/``down_proj``) goes
 to MARS-M in a group with ``experts=True``: each expert is its own matrix. A fused gate/up tensor
-stays one matrix per expert, ``(2F, D)``, as a fused QKV stays one matrix: the spec orthogonalizes
+stays one matrix per expert, ``(2F, D)``, as a fused QKV stays one matrix: MARS-M orthogonalizes
 the tensor a layer holds, and splitting it is a different algorithm. Per-expert biases (``(E, n)``)
 go to AdamW. The router (the layer's ``(E, D)`` gate) goes to AdamW: like the output head it
 produces logits, here over experts, whose scale sets how sharply tokens are routed and how the
@@ -27,8 +27,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .functional import takes_marsm
+
 __all__ = ["DEFAULT_HEAD_NAMES", "ROUTER_NAMES", "RoutingDecision", "explain_routing", "param_decisions",
-           "param_groups", "routing_report", "split_by_route", "split_experts"]
+           "param_groups", "routing_report", "split_by_route", "split_experts", "takes_marsm"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,30 +144,38 @@ def explain_routing(
             if stacked and ndim < 3:
                 raise ValueError(f"marsm= pattern matches {name!r} of shape {shape}, a per-expert "
                                  "tensor of 1-D experts; MARS-M needs a matrix per expert")
-        elif stacked and ndim >= 3:
-            use, why = True, f"MoE experts: {shape[0]} matrices of {shape[1:]}, each its own"
-        elif stacked:
-            use, why = False, f"per-expert bias ({shape[0]} experts of {shape[1:]})"
-        elif router:
-            use, why = False, "MoE router (logits over experts, like an output head)"
-        elif type(module).__name__ == "GroupedMLP" and ndim == 2:
-            raise ValueError(
-                f"{name!r} of shape {shape} is a weight of Megatron's legacy GroupedMLP: all local "
-                "experts side by side in one matrix, which MARS-M cannot split per expert (its "
-                "experts are not separate runs of memory). Use SequentialMLP or TEGroupedMLP "
-                "(--moe-grouped-gemm with TransformerEngine), or route it to AdamW with adamw=[...]")
-        elif ndim < 2:
-            use, why = False, f"{ndim}-D (bias, norm gain or scalar)"
-        elif id(p) in embedding_params:
-            use, why = False, f"embedding ({embedding_params[id(p)]}){tied}"
-        elif any(_is_embedding_name(a) for a in aliases):
-            use, why = False, f"name marks an embedding{tied}"
-        elif any(_is_head_name(a, head_names) for a in aliases):
-            use, why = False, f"output head{tied}"
         else:
-            use, why = True, f"hidden matrix ({ndim}-D)"
+            use, why = _by_kind(name, shape, module, aliases, stacked, router, embedding_params.get(id(p)),
+                                head_names, tied)
         decisions.append(RoutingDecision(name, shape, use, why, bool(use) and stacked and ndim >= 3))
     return decisions
+
+
+def _by_kind(name: str, shape: tuple[int, ...], module: nn.Module, aliases: list[str], stacked: bool,
+             router: bool, embedding: str | None, head_names: tuple[str, ...], tied: str) -> tuple[bool, str]:
+    """The branch of a parameter no pattern forced, by what it is (its module, shape and names)."""
+    ndim = len(shape)
+    if stacked and ndim >= 3:
+        return True, f"MoE experts: {shape[0]} matrices of {shape[1:]}, each its own"
+    if stacked:
+        return False, f"per-expert bias ({shape[0]} experts of {shape[1:]})"
+    if router:
+        return False, "MoE router (logits over experts, like an output head)"
+    if type(module).__name__ == "GroupedMLP" and ndim == 2:
+        raise ValueError(
+            f"{name!r} of shape {shape} is a weight of Megatron's legacy GroupedMLP: all local "
+            "experts side by side in one matrix, which MARS-M cannot split per expert (its "
+            "experts are not separate runs of memory). Use SequentialMLP or TEGroupedMLP "
+            "(--moe-grouped-gemm with TransformerEngine), or route it to AdamW with adamw=[...]")
+    if ndim < 2:
+        return False, f"{ndim}-D (bias, norm gain or scalar)"
+    if embedding is not None:
+        return False, f"embedding ({embedding}){tied}"
+    if any(_is_embedding_name(a) for a in aliases):
+        return False, f"name marks an embedding{tied}"
+    if any(_is_head_name(a, head_names) for a in aliases):
+        return False, f"output head{tied}"
+    return True, f"hidden matrix ({ndim}-D)"
 
 
 def routing_report(decisions: list[RoutingDecision]) -> str:

@@ -289,13 +289,13 @@ def test_a_new_tensor_that_reuses_an_id_never_gets_the_old_plan():
     opt = MARSM([old])
     old.grad = torch.randn(4, 4)
     opt.step()
-    stale = opt._context
+    stale = opt._step_map
     new = torch.nn.Parameter(torch.randn(6, 3))  # resized
     opt.param_groups[0]["params"] = [new]
-    opt._contexts[stale.key_of(opt.param_groups)] = stale  # as if `new` had reused old's id
+    opt._step_maps[stale.key_of(opt.param_groups)] = stale  # as if `new` had reused old's id
     new.grad = torch.randn(6, 3)
     opt.step()
-    assert opt._context is not stale and opt._context.slots(new)[0].shape == (6, 3)
+    assert opt._step_map is not stale and opt._step_map.slot_lists[id(new)][0].shape == (6, 3)
 
 
 def test_an_optimizer_whose_parameters_never_get_gradients_warns_once():

@@ -150,7 +150,7 @@ def crossing_replica_groups(rank, world_size):
     params = [p for pair in zip(second, first, strict=True) for p in pair]
     opt = MARSM(params, owner_policy="round_robin", bucket_bytes=4 * 72, timing=True)
     steps(opt)
-    return opt._context.distributor.engine.plan.buckets
+    return opt._step_map.distributor.engine.plan.buckets
 
 
 def test_replica_broadcasts_are_posted_in_the_same_order_on_every_rank():
@@ -221,7 +221,7 @@ def test_teams_issue_collectives_in_one_order(overlap):
         mats = [meta_dtensor(mesh, s, (Shard(0),)) for s in [(4 * D, D), (D, 4 * D), (D, D)]]
         opt = MARSM(mats, ns_team_max=4, overlap=overlap)
         steps(opt)
-        return opt._context.distributor.engine.plan.teams
+        return opt._step_map.distributor.engine.plan.teams
 
     teams = run_fake_ranks(run, 8)
     assert sorted(len(t) for t in teams[0] if t) == [2, 2]

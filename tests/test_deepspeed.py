@@ -244,7 +244,7 @@ def stats_run(rank, world_size, stage):
     ds_train(engine, rank, world_size, 1)  # builds the plans
 
     def sent() -> int:  # every set of groups has its own plan and counters
-        return sum(ctx.distributor.exchanged_bytes()[0] for ctx in base._contexts.values())
+        return sum(ctx.distributor.exchanged_bytes()[0] for ctx in base._step_maps.values())
 
     before, calls[:] = sent(), []
     ds_train(engine, rank, world_size, 1, start=1)

@@ -154,7 +154,7 @@ def ds_weights(engine, ep_rank: int) -> dict[str, torch.Tensor]:
 def plan_of(opt: MARSM) -> list[tuple[str, int, tuple[int, ...], int]]:
     """(name, owner, ranks holding pieces, ranks planned over) of every matrix the step's calls plan."""
     out = []
-    for ctx in opt._contexts.values():
+    for ctx in opt._step_maps.values():
         d = ctx.distributor
         for k, i in enumerate(d.shared):
             lay = d.matrices[i].layout

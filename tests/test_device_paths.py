@@ -164,7 +164,7 @@ def test_teams_on_a_device_only_group(meta_world, rank):
     opt = MARSM([{"params": params, "use_marsm": True}, {"params": [norm], "use_marsm": False}],
                 ns_team_max=4)
     assert steady_reads(opt) == [1, 1, 1]
-    plan = opt._context.distributor.engine.plan
+    plan = opt._step_map.distributor.engine.plan
     assert sorted(len(t) for t in plan.teams if t) == [2, 2]
 
 
@@ -239,7 +239,7 @@ def test_sharded_step_memory_is_set_by_the_bucket(meta_world, rank, overlap):
         peaks[layers] = step_peak(opt)
         # Each round gathers (bf16) the matrices this rank owns in one bucket, orthogonalizes them
         # and scatters them back: the bound is the bucket plus the worst round's NS temporaries.
-        plan = opt._context.distributor.engine.plan
+        plan = opt._step_map.distributor.engine.plan
         owned = [[gpt_matrices(layers)[i] for i in b if plan.owners[i] == rank] for b in plan.buckets]
         held = (2 if overlap else 1) * BUCKET
         bounds[layers] = held + max(ns_bucket_peak(shapes) for shapes in owned if shapes)
@@ -263,7 +263,7 @@ def test_replicated_step_memory_is_set_by_the_bucket(meta_world, rank, overlap):
         opt = MARSM([{"params": mats, "use_marsm": True}, {"params": others, "use_marsm": False}],
                     bucket_bytes=BUCKET, process_group=dist.group.WORLD, overlap=overlap)
         peaks[layers] = step_peak(opt)
-        plan = opt._context.distributor.engine.plan
+        plan = opt._step_map.distributor.engine.plan
         assert len(set(plan.owners)) == 8 and opt.last_step_stats.bytes_received > 0
         owned = [[gpt_matrices(layers)[i] for i in b if plan.owners[i] == rank] for b in plan.buckets]
         # Also the largest bucket one other owner sends (bf16), received whole before it is applied.

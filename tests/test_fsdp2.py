@@ -18,7 +18,7 @@ def sharded_run(rank, world_size, name, approx, kw):
     opt = fm.make_opt(model, approx=approx, **kw)
     fm.train(name, model, opt, STEPS, approx=approx, rank=rank, world_size=world_size)
     stats = opt.last_step_stats
-    plan = opt._sharding().distributor.engine.plan
+    plan = opt._map_groups().distributor.engine.plan
     return {"params": fm.full_params(model), "stats": stats, "owners": plan.owners,
             "digest": plan.digest()}
 

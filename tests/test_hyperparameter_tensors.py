@@ -16,9 +16,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
-import marsm_dist._step_checks as step_checks
-import marsm_dist._step_statistics as step_statistics
-import marsm_dist._validation as validation
+import marsm_dist._step_work as step_work
+import marsm_dist.options as options
+import marsm_dist.sharding.agreement as agreement
 from marsm_dist import MARSM
 from marsm_dist.diagnostics import HostReads
 from tests.helpers.distributed import run_distributed, run_fake_ranks
@@ -31,7 +31,7 @@ def as_device(monkeypatch=None):
     def on_device(value):
         return isinstance(value, torch.Tensor)
 
-    for module in (validation, step_checks, step_statistics):
+    for module in (options, agreement, step_work):
         if monkeypatch is not None:
             monkeypatch.setattr(module, "on_device", on_device)
         else:
@@ -139,8 +139,8 @@ def test_the_device_digest_equals_the_host_digest():
     """The digits computed on the device are the host's for the same value (so a rank holding a
     number and one holding a device tensor are compared alike)."""
     for x in (1e-3, 0.0, -2.5, 3e38, 1e-310):
-        terms, value = step_checks._device_terms(torch.tensor(x, dtype=torch.float64), torch.device("cpu"))
-        assert terms.tolist() == step_checks._terms(step_checks._code(x))
+        terms, value = agreement._device_terms(torch.tensor(x, dtype=torch.float64), torch.device("cpu"))
+        assert terms.tolist() == agreement._terms(agreement._code(x))
         assert value.tolist() == [x]
 
 

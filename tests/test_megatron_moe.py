@@ -88,7 +88,7 @@ def _owners_hold_their_matrices(inner, distributed: bool) -> bool:
     whole): the plan moved no expert off the ranks that hold it. Under the distributed optimizer no
     rank holds a matrix whole and locality may yield to balance (``pinned_plan``: a tiny job where
     keeping every matrix on its holders would leave a rank above 1.25x the bound): not checked."""
-    engine = inner._context.distributor.engine
+    engine = inner._step_map.distributor.engine
     for layout, owner in zip(engine.layouts, engine.plan.owners, strict=True):
         most = max(layout.local_numel(r) for r in range(layout.world_size))
         if layout.local_numel(owner) != most and not distributed:
@@ -136,7 +136,7 @@ def megatron_run(rank, world_size, tp, ep, etp, cp, experts, init, bf16=False, d
     full = {n: t.float() for n, t in full_moe_params(ddp, ps).items()}
     return dict(full=full, clipped=clipped, flops=flops, owned=stats.owned_matrices,
                 sharded=stats.sharded_matrices, local_ok=_owners_hold_their_matrices(inner, distributed),
-                group_size=torch.distributed.get_world_size(inner._context.distributor.group))
+                group_size=torch.distributed.get_world_size(inner._step_map.distributor.group))
 
 
 @pytest.fixture(scope="module")

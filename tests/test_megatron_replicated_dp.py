@@ -135,7 +135,7 @@ def expert_run(rank, world_size):
     """An expert-parallel weight (Megatron marks it ``allreduce=False``: each DP rank holds other
     experts) beside a replicated matrix, stepped by a MARSM over the TP x DP group, and the same
     two as a lone process's unmarked tensors."""
-    import marsm_dist.adapters.megatron  # noqa: F401  (registers the adapter)
+    import marsm_dist.adapters.megatron  # noqa: F401  (Megatron imported: the registry loads its TP adapter)
     from marsm_dist import MARSM
 
     ps = setup(1)

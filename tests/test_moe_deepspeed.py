@@ -112,7 +112,7 @@ def zero_run(rank: int, world_size: int, stage: int) -> dict:
         weights = full(engine.module)
     return {"params": weights, "clipped": clipped,
             "experts": sum(bool(g.get("experts")) for g in opt.param_groups),
-            "matrices": sum(len(c.distributor.matrices) for c in opt._contexts.values())}
+            "matrices": sum(len(c.distributor.matrices) for c in opt._step_maps.values())}
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -118,7 +118,7 @@ def reference() -> tuple[dict[str, torch.Tensor], int, list[int]]:
 
 def expert_owners(opt: MARSM) -> list[tuple[int, bool]]:
     """Per expert matrix of the job's plan: (owner, whether the owner holds any of it)."""
-    distributor = opt._context.distributor
+    distributor = opt._step_map.distributor
     engine = distributor.engine
     out = []
     for e, i in enumerate(distributor.shared):

@@ -33,18 +33,18 @@ MUTANTS = {
         "    step_sizes = [-lr / (1.0 - beta1**k) for k in steps]",
     ),
     "P aliases .grad in approx mode": (
-        "marsm_dist/_step.py",
+        "marsm_dist/_step_phases.py",
         "                torch._foreach_copy_([prev[j] for j in js], gs)\n",
         "                for j, g_ in zip(js, gs, strict=True):\n"
         '                    state[work.params[j]]["last_grad"] = g_\n',
     ),
     "exact mode uses the new look-ahead at once": (
-        "marsm_dist/_step_statistics.py",
+        "marsm_dist/_step_guards.py",
         '        prev = work.local_state(state, "last_grad")\n',
         '        prev = work.local_state(state, "last_grad" if work.group["approx"] else "lookahead_grad")\n',
     ),
     "exact mode uses the new look-ahead at once, where c_t is recomputed": (
-        "marsm_dist/_step.py",
+        "marsm_dist/_step_phases.py",
         'prev, exp_avgs = work.local_state(state, "last_grad"),',
         'prev, exp_avgs = work.local_state(state, "last_grad" if g["approx"] else "lookahead_grad"),',
     ),
@@ -75,7 +75,7 @@ MUTANTS = {
         ["tests/test_fsdp2.py"],
     ),
     "stacked experts stepped as one 3-D tensor (one clip norm and one NS normalization for all)": (
-        "marsm_dist/_param_map.py",
+        "marsm_dist/_step_work.py",
         'if group.get("experts") and len(slot.shape) >= 3:',
         "if False:",
         ["tests/test_moe_fsdp2.py::test_experts_group_in_one_process_equals_separate_matrices"],
@@ -87,7 +87,7 @@ MUTANTS = {
         ["tests/test_moe_fsdp2.py::test_expert_parallel_experts_are_orthogonalized_where_they_live"],
     ),
     "every replica adds its norm (replicated matrices clipped by sqrt(copies) x their norm)": (
-        "marsm_dist/_step_statistics.py",
+        "marsm_dist/_step_guards.py",
         "here = host_tensor([1.0 if distributor.counts_here(index[k]) else 0.0 for k in shared], device)",
         "here = host_tensor([1.0 for k in shared], device)",
         ["tests/test_topologies.py"],
@@ -112,23 +112,23 @@ MUTANTS = {
         ["tests/test_split_newton_schulz.py"],
     ),
     "a host read per matrix": (
-        "marsm_dist/_step_statistics.py",
+        "marsm_dist/_step_guards.py",
         "    clipped = sum(1 for k, f in enumerate(factors) if active[k] and f < 1.0)\n",
         "    clipped = sum(1 for k, f in enumerate(factors) if active[k] and f < 1.0)\n"
         "    clipped += sum(int(bool(x > 1.0)) * 0 for x in norms)\n",
         ["tests/test_device_paths.py"],
     ),
     "a frozen group counts its steps after the first write (and crashes there)": (
-        "marsm_dist/_step.py",
+        "marsm_dist/_step_phases.py",
         "        if not containers:  # a group none of whose matrices got a gradient anywhere: nothing "
         "to count\n            continue\n",
         "",
         ["tests/test_no_half_done_step.py::test_fsdp2_frozen_group"],
     ),
     "a stale plan found only by the exchange, after the first write": (
-        "marsm_dist/optimizer.py",
-        "local_problem(self.param_groups, matrix, self.state) or stale_shards(ctx, matrix)",
-        "local_problem(self.param_groups, matrix, self.state)",
+        "marsm_dist/_step_guards.py",
+        "    stale = work.step_map.stale_part(work.matrix)\n",
+        "    stale = None\n",
         ["tests/test_no_half_done_step.py::test_a_stale_plan_is_refused_before_the_first_write"],
     ),
     "replica broadcasts posted by this rank's own bytes": (
@@ -144,7 +144,7 @@ MUTANTS = {
         ["tests/test_collective_order.py::test_two_team_plans_on_the_fake_group"],
     ),
     "hyperparameters compared by their repr": (
-        "marsm_dist/_step_checks.py",
+        "marsm_dist/sharding/agreement.py",
         "    if isinstance(value, Tensor) and value.numel() == 1:\n        value = float(value)",
         "    if isinstance(value, Tensor):\n        value = repr(value)",
         ["tests/test_hyperparameter_tensors.py::test_values_are_compared_exactly"],

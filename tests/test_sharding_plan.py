@@ -250,3 +250,17 @@ def test_per_expert_refuses_a_layout_whose_expert_is_not_one_run():
                                       (Piece(0, 2, 4), Piece(0, 5, 8))))
     with pytest.raises(ValueError, match="not one run"):
         per_expert(layout)
+
+
+def test_elementwise_chunks_are_one_owners_buckets():
+    """functional.chunks (the step's elementwise unit) cuts as the plan's buckets do for one owner."""
+    import random
+
+    from marsm_dist.functional import chunks
+    from marsm_dist.sharding.plan import plan_buckets
+
+    rng = random.Random(0)
+    for _ in range(500):
+        numels = [rng.randint(0, 20) for _ in range(rng.randint(0, 12))]
+        limit = rng.randint(1, 40)
+        assert chunks(numels, limit) == [list(b) for b in plan_buckets(numels, [0] * len(numels), 1, limit)]

@@ -208,7 +208,7 @@ def ddp_team_run(rank, world_size):
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = fm.make_opt(model, ns_dtype=torch.float32, process_group=dist.group.WORLD, ns_team_max=4)
     out = result(model, opt, train(ddp, opt, rank, world_size))
-    return {**out, "teams": opt._context.distributor.engine.plan.teams}
+    return {**out, "teams": opt._step_map.distributor.engine.plan.teams}
 
 
 def test_idle_ranks_split_the_largest_matrix_and_change_nothing():

@@ -1,6 +1,7 @@
 """DeepSpeed: ``"optimizer": {"type": "MARSM", "params": {...}}`` in the JSON config, ZeRO 0-3.
 
-``import marsm_dist.adapters.deepspeed`` before ``deepspeed.initialize`` is the whole setup:
+``import marsm_dist.adapters.deepspeed`` before ``deepspeed.initialize`` is the whole setup (the
+import calls :func:`install`, which is idempotent; importing ``marsm_dist`` alone touches nothing):
 
 * DeepSpeed resolves an unknown optimizer type by ``getattr(torch.optim, name)`` and has no
   plugin registry, so this module teaches its engine the name ``MARSM`` (any case), builds the
@@ -30,7 +31,6 @@ without universal checkpoints, and its universal converter only carries Adam's s
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -47,15 +47,21 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..optimizer import MARSM
+from ..options import CONFIG_OPTIONS
 from ..param_groups import param_decisions, split_by_route, split_experts
 from ..sharding.adapter import SideTableAdapter, Slot, check_group_serves, register_adapter
 from ..sharding.layout import MatrixLayout, Piece, flat_overlap
 from ._common import refuse_exact_mode
 from .deepspeed_moe import describe_moe_group, is_moe_group
 
-__all__ = ["DeepSpeedAdapter", "build_marsm", "describe_partitions"]
+__all__ = ["DeepSpeedAdapter", "build_marsm", "describe_partitions", "install"]
 
-_OPTIONS = set(inspect.signature(MARSM.__init__).parameters) - {"self", "params"}
+#: Asked after Megatron's DP-shard adapter and before its TP one (see marsm_dist.sharding.adapter):
+#: a ZeRO-3 placeholder of a Megatron-style TP layer carries both marks, and its shape is DeepSpeed's.
+PRIORITY = 30
+
+# What optimizer.params may set: every MARSM option a config file can hold.
+_OPTIONS = {o.name for o in CONFIG_OPTIONS}
 
 
 _EXACT_MODE = ("MARSM(approx=False) is not supported under DeepSpeed ZeRO/bf16 wrappers: the exact mode "
@@ -259,8 +265,19 @@ def _patch_engine() -> None:
     DeepSpeedEngine._marsm_patched = True
 
 
-if MARSM not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
-    zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(MARSM)
-torch.optim.MARSM = MARSM  # the name DeepSpeed's own fallback looks up
-_patch_engine()
-register_adapter(_ADAPTER)
+def install() -> None:
+    """Teach DeepSpeed the optimizer type ``"MARSM"`` and register this adapter (idempotent).
+
+    Patches ``DeepSpeedEngine`` (see :func:`_patch_engine`), lists MARSM among the optimizers ZeRO
+    accepts and as ``torch.optim.MARSM`` (the name DeepSpeed's own fallback looks up). Importing
+    this module calls it, which is the documented setup: ``import marsm_dist.adapters.deepspeed``
+    before ``deepspeed.initialize``.
+    """
+    if MARSM not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+        zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(MARSM)
+    torch.optim.MARSM = MARSM
+    _patch_engine()
+    register_adapter(_ADAPTER, priority=PRIORITY)
+
+
+install()  # for `import marsm_dist.adapters.deepspeed`, the one line the recipes document

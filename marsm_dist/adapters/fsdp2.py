@@ -1,6 +1,7 @@
 """FSDP2 and DTensor parameters on any device mesh: 1-D ``fully_shard``, HSDP, FSDP x TP.
 
-Registered when ``marsm_dist`` is imported, so ``MARSM(sharded_model.parameters())`` just works.
+Registered by :mod:`marsm_dist.sharding.adapter` at its first lookup (nothing to import), so
+``MARSM(sharded_model.parameters())`` just works.
 A DTensor's placements say which indices of each dim a mesh coordinate holds: ``Shard(d)`` cuts
 dim ``d`` as ``torch.chunk`` does (uneven, possibly empty), ``_StridedShard`` is the FSDP-after-TP
 form, ``Replicate()`` makes copies. This adapter turns them into a piece layout over the whole
@@ -28,7 +29,10 @@ from ..sharding.adapter import ShardingAdapter, check_group_serves, register_ada
 from ..sharding.layout import MatrixLayout, Runs, from_runs
 from ..sharding.subgroups import GroupRequest
 
-__all__ = ["FSDP2Adapter", "dtensor_layout"]
+__all__ = ["FSDP2Adapter", "dtensor_layout", "register"]
+
+#: Asked after every framework adapter (see marsm_dist.sharding.adapter): DTensor is torch's own type.
+PRIORITY = 10
 
 
 def _runs_of_tensor(idx: Tensor) -> Runs:
@@ -209,4 +213,6 @@ class FSDP2Adapter(ShardingAdapter):
         return dtensor_layout(tuple(p.shape), p.device_mesh, tuple(p.placements), ranks)
 
 
-register_adapter(FSDP2Adapter())
+def register() -> None:
+    """Register the FSDP2 adapter (the registry calls this at its first lookup; idempotent)."""
+    register_adapter(FSDP2Adapter(), priority=PRIORITY)

@@ -23,9 +23,8 @@ torchtitan never runs its zero-gradient dummy step (which would advance MARSM's 
 
 from __future__ import annotations
 
-import inspect
 import logging
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import field, make_dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -34,8 +33,10 @@ from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.config.override import override
 
 from ..optimizer import MARSM
+from ..options import CONFIG_OPTIONS
 from ..param_groups import param_groups
 from ..step_report import step_stats
+from ._common import refuse_exact_mode
 
 __all__ = ["MARSMContainer", "marsm"]
 
@@ -43,6 +44,37 @@ logger = logging.getLogger(__name__)
 
 # torchtitan's AdamW kwargs (ParamGroupConfig.optimizer_kwargs) -> MARSM's names for them.
 _FROM_ADAMW = {"lr": "lr", "weight_decay": "weight_decay", "betas": "adamw_betas", "eps": "adamw_eps"}
+
+
+# Fields of the Config beyond MARSM's own settings (routing adjustments, the AdamW branch's lr).
+_EXTRA_FIELDS = (
+    ("adamw_lr", float | None, None, "lr of the AdamW branch; None: the same as lr."),
+    ("marsm", list[str], list, "Glob patterns of parameter names forced to MARS-M."),
+    ("adamw", list[str], list, "Glob patterns of parameter names forced to the AdamW branch."),
+    ("experts", list[str], list, "Glob patterns of stacked MoE expert tensors (dim 0: experts) beside "
+                                 "GroupedExperts'."),
+)
+
+
+def _config_class() -> type:
+    """``MARSMContainer.Config``: an ``OptimizersContainer.Config`` with one field per MARSM setting a
+    config can hold (:data:`marsm_dist.options.CONFIG_OPTIONS`, defaults as a config writes them) and
+    the routing fields; each field's doc is in its metadata (``"help"``)."""
+    specs: list[tuple[str, Any, Any]] = []
+    for o in CONFIG_OPTIONS:
+        default = o.config_default
+        spec = field(default=default, metadata={"help": o.doc})
+        specs.append((o.name, o.config_type, spec))
+    for name, kind, default, doc in _EXTRA_FIELDS:
+        spec = (field(default_factory=default, metadata={"help": doc}) if callable(default)
+                else field(default=default, metadata={"help": doc}))
+        specs.append((name, kind, spec))
+    config = make_dataclass("Config", specs, bases=(OptimizersContainer.Config,), kw_only=True, slots=True)
+    config.__qualname__ = "MARSMContainer.Config"
+    config.__module__ = __name__
+    config.__doc__ = ("MARSM's hyperparameters and options (see ``marsm_dist.MARSM``) and the routing "
+                      "adjustments.")
+    return config
 
 
 class MARSMContainer(OptimizersContainer):
@@ -54,48 +86,7 @@ class MARSMContainer(OptimizersContainer):
     adjusted with ``marsm``/``adamw``); ``implementation`` is ignored (MARSM has no fused kernel).
     """
 
-    @dataclass(kw_only=True, slots=True)
-    class Config(OptimizersContainer.Config):
-        """MARSM's hyperparameters (see ``marsm_dist.MARSM``) and the routing adjustments."""
-
-        lr: float = 1e-3
-        """Learning rate of both branches (the lr scheduler scales it)."""
-        weight_decay: float = 0.1
-        """Decoupled weight decay, multiplied by the unscaled lr."""
-        momentum: float = 0.95
-        """EMA factor of the matrix momentum."""
-        gamma: float = 0.025
-        """Variance-reduction strength."""
-        ns_steps: int = 5
-        """Newton-Schulz iterations."""
-        ns_dtype: str = "bfloat16"
-        """Newton-Schulz compute dtype."""
-        ns_form: str = "auto"
-        """'plain', 'gram' or 'auto' (see marsm_dist.newton_schulz)."""
-        flatten: bool = False
-        """Orthogonalize >2-D tensors as (dim0, rest) matrices."""
-        adamw_betas: tuple[float, float] = (0.9, 0.95)
-        """(beta1, beta2) of the AdamW branch."""
-        adamw_eps: float = 1e-8
-        """eps of the AdamW branch."""
-        adamw_lr: float | None = None
-        """lr of the AdamW branch; None: the same as lr."""
-        owner_policy: str = "balanced"
-        """Which rank orthogonalizes each sharded matrix: 'balanced' or 'round_robin'."""
-        bucket_bytes: int = 256 * 2**20
-        """The unit of the step's extra memory."""
-        overlap: bool = True
-        """Pipeline the gather/scatter rounds of sharded matrices."""
-        ns_team_max: int = 1
-        """Ranks that may split one matrix's Newton-Schulz (a power of two)."""
-        on_nonfinite: str = "raise"
-        """'raise' or 'skip' a step whose gradients hold NaN/Inf."""
-        marsm: list[str] = field(default_factory=list)
-        """Glob patterns of parameter names forced to MARS-M."""
-        adamw: list[str] = field(default_factory=list)
-        """Glob patterns of parameter names forced to the AdamW branch."""
-        experts: list[str] = field(default_factory=list)
-        """Glob patterns of stacked MoE expert tensors (dim 0: experts) beside ``GroupedExperts``'."""
+    Config = _config_class()  # MARSM's settings from marsm_dist.options, plus the routing fields
 
     optimizers: list[MARSM]
 
@@ -103,6 +94,8 @@ class MARSMContainer(OptimizersContainer):
         if config.param_groups:
             raise ValueError("MARSMContainer routes parameters itself (marsm_dist.param_groups, adjusted "
                              "with the marsm/adamw patterns); leave param_groups empty")
+        refuse_exact_mode([config.approx], "MARSM's exact mode (approx=False) needs a second backward pass "
+                          "per step, which torchtitan's train_step does not run; use approx=True (default)")
         options = {name: getattr(config, name) for name in _marsm_options()}
         adamw_options = None if config.adamw_lr is None else {"lr": config.adamw_lr}
         self.model_parts = model_parts
@@ -144,8 +137,7 @@ class MARSMContainer(OptimizersContainer):
 
 def _marsm_options() -> list[str]:
     """The Config fields that are ``MARSM`` constructor arguments."""
-    accepted = set(inspect.signature(MARSM.__init__).parameters) - {"self", "params"}
-    return [f.name for f in fields(MARSMContainer.Config) if f.name in accepted]
+    return [o.name for o in CONFIG_OPTIONS]
 
 
 @override(target=OptimizersContainer.Config, description="MARS-M (marsm_dist) as the optimizer")

@@ -2,12 +2,44 @@
 
 An adapter answers, for the parameters it recognizes: the local tensor behind a parameter, grad
 or state tensor; the process group its shards are spread over; the piece layout of a matrix;
-and how to create a state tensor that the framework's checkpointing saves correctly. Adapters
-register themselves (``marsm_dist.adapters.*``); a plain tensor is a world of one.
+and how to create a state tensor that the framework's checkpointing saves correctly. A plain
+tensor, which no adapter claims, is a world of one.
+
+Registration is explicit, and importing ``marsm_dist`` registers nothing. The adapters come in
+two ways:
+
+* Loaded by this registry at a lookup (:func:`adapter_for`), once the package that makes their
+  tensors is imported (no such tensor can exist before): the FSDP2/DTensor adapter (torch only,
+  so at the first lookup) and Megatron's tensor-parallel adapter (once ``megatron.core`` is
+  imported; its builder also registers it). This module names their modules rather than importing
+  them: it sits below the adapters, and a plain ``MARSM`` should not pay for them before it is used.
+* Registered by the framework entry point that fills their side table: DeepSpeed's
+  ``install()`` (``import marsm_dist.adapters.deepspeed`` runs it) and Megatron's
+  ``ShardedMARSMOptimizer`` (its main shards).
+
+Which adapter answers does not depend on import order: the highest ``priority`` is asked first,
+ties by adapter name. The built-in ones, and why in this order:
+
+====  ====================  ==============================================================
+40    megatron-dp-shard     only the main shards it registered; they carry their parameter's
+                            tensor-parallel attributes, which the TP adapter (20) would claim
+30    deepspeed             ZeRO partitions it registered and ZeRO-3 placeholders (``ds_shape``):
+                            a placeholder of a Megatron-style TP layer (Megatron-DeepSpeed) also
+                            carries ``tensor_model_parallel``, but its shape is DeepSpeed's
+20    megatron              tensors with Megatron's marks (``tensor_model_parallel``, expert
+                            ``allreduce=False`` without DeepSpeed's ``group_name``)
+10    fsdp2                 any DTensor: torch's own type, asked after every framework's marks
+====  ====================  ==============================================================
+
+Exact side tables come first, then marks on the tensor, the most specific first. A third-party
+adapter picks its place with ``register_adapter(adapter, priority=...)``.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +52,7 @@ from .layout import MatrixLayout, whole
 from .subgroups import GroupRequest
 
 __all__ = ["ShardingAdapter", "SideTableAdapter", "Slot", "adapter_for", "check_group_serves",
-           "register_adapter", "slot_view"]
+           "register_adapter", "registered_adapters", "slot_view"]
 
 
 @dataclass(frozen=True)
@@ -138,18 +170,44 @@ class SideTableAdapter(ShardingAdapter):
 
 
 _PLAIN = ShardingAdapter()
-_ADAPTERS: list[ShardingAdapter] = []
+_ADAPTERS: list[tuple[int, ShardingAdapter]] = []  # (priority, adapter), in the order they are asked
+# Loaded at a lookup once the first package is imported: (that package, the marsm_dist module whose
+# register() registers the adapter). See the module doc.
+_DEFERRED: list[tuple[str, str]] = [("torch", "marsm_dist.adapters.fsdp2"),
+                                    ("megatron.core", "marsm_dist.adapters.megatron.tp_adapter")]
 
 
-def register_adapter(adapter: ShardingAdapter) -> None:
-    """Make ``adapter`` known to every MARSM optimizer (later registrations are asked first)."""
-    if all(type(a) is not type(adapter) for a in _ADAPTERS):
-        _ADAPTERS.insert(0, adapter)
+def register_adapter(adapter: ShardingAdapter, *, priority: int = 0) -> None:
+    """Make ``adapter`` known to every MARSM optimizer, asked before those of lower ``priority``
+    (ties: by ``adapter.name``). Idempotent: a second adapter of the same type is ignored."""
+    if any(type(a) is type(adapter) for _, a in _ADAPTERS):
+        return
+    _ADAPTERS.append((priority, adapter))
+    _ADAPTERS.sort(key=lambda e: (-e[0], e[1].name, type(e[1]).__qualname__))
+
+
+def registered_adapters() -> list[tuple[int, ShardingAdapter]]:
+    """``(priority, adapter)`` of the adapters registered so far, in the order they are asked
+    (those this registry loads itself only appear after a lookup)."""
+    return list(_ADAPTERS)
+
+
+def _load_deferred() -> None:
+    for entry in [e for e in _DEFERRED if e[0] in sys.modules]:
+        _DEFERRED.remove(entry)
+        try:
+            importlib.import_module(entry[1]).register()
+        except ImportError as err:  # a framework version the adapter cannot use: say so, once
+            warnings.warn(f"MARSM: {entry[0]} is imported but {entry[1]} failed to load ({err}); "
+                          f"its sharded tensors will be treated as whole tensors.", RuntimeWarning,
+                          stacklevel=3)
 
 
 def adapter_for(p: Tensor) -> ShardingAdapter:
     """The adapter that handles ``p`` (the plain one when none claims it)."""
-    for adapter in _ADAPTERS:
+    if _DEFERRED:  # one dict lookup per pending entry, until its package is imported
+        _load_deferred()
+    for _, adapter in _ADAPTERS:
         if adapter.handles(p):
             return adapter
     return _PLAIN

@@ -25,13 +25,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._timing import PhaseTimer
+from ..functional import chunks
 from ..newton_schulz import newton_schulz_flops
 from ..orthogonalize import NSConfig, matrix_view_shape, orthogonalize
 from .engine import ShardingEngine
-from .exchange import ReplicaGroup
 from .layout import MatrixLayout
-from .plan import plan_buckets
-from .subgroups import GroupRequest
+from .topology import replica_groups
 
 __all__ = ["Distributor", "MatrixSpec"]
 
@@ -52,31 +51,6 @@ class MatrixSpec:
     layout: MatrixLayout | None = None
     replica_group: Any = None
     name: str = ""
-
-
-def _replica_group(layout: MatrixLayout, pg: dist.ProcessGroup | GroupRequest | None, job_ranks: list[int],
-                   me: int, name: str, position: dict[int, int] | None = None) -> ReplicaGroup:
-    if pg is None:
-        raise ValueError(f"MARSM: {name} has {layout.num_replicas} copies but no replica group")
-    members = _members(pg, job_ranks[me])
-    position = position if position is not None else {g: r for r, g in enumerate(job_ranks)}
-    source: dict[int, int] = {}
-    for k, g in enumerate(members):
-        if g not in position:
-            raise ValueError(f"MARSM: the replica group of {name} holds rank {g}, outside the job group")
-        r = position[g]
-        if layout.pieces[r] != layout.pieces[me] or layout.replica_of(r) in source:
-            raise ValueError(f"MARSM: the replica group of {name} does not match its layout: its members "
-                             f"must hold the same pieces, one member per copy")
-        source[layout.replica_of(r)] = k
-    if sorted(source) != sorted(set(layout.replicas or (0,))):
-        raise ValueError(f"MARSM: the replica group of {name} has members of copies {sorted(source)}; "
-                         f"its layout has copies {sorted(set(layout.replicas or (0,)))}")
-    return ReplicaGroup(pg, source)
-
-
-def _members(pg: dist.ProcessGroup | GroupRequest, me: int) -> list[int]:
-    return list(pg.set_of(me) or ()) if isinstance(pg, GroupRequest) else dist.get_process_group_ranks(pg)
 
 
 class Distributor:
@@ -105,30 +79,11 @@ class Distributor:
         self.engine: ShardingEngine | None = None
         if self.shared:
             self.engine = ShardingEngine([matrices[i].layout for i in self.shared], group, policy,
-                                         bucket_numel, self.timer, device, self._replica_groups(), overlap,
+                                         bucket_numel, self.timer, device,
+                                         replica_groups(matrices, self.shared, group), overlap,
                                          max_team)
-
-    def _replica_groups(self) -> dict[tuple[int, ...], ReplicaGroup]:
-        out: dict[tuple[int, ...], ReplicaGroup] = {}
-        job = dist.get_process_group_ranks(self.group) if self.group is not None else [0]
-        me = dist.get_rank(self.group) if self.group is not None else 0
-        position = {g: r for r, g in enumerate(job)}
-        members: dict[tuple[int, ...], list[int]] = {}
-        for i in self.shared:
-            m = self.matrices[i]
-            if m.layout.num_replicas <= 1:
-                continue
-            # Every matrix is checked, not only the first of its replica pattern: matrices with the
-            # same pattern share one group, so each must hold its pieces as that group's members do.
-            rg = _replica_group(m.layout, m.replica_group, job, me, m.name, position)
-            ranks = _members(m.replica_group, job[me])
-            if m.layout.replicas not in out:
-                out[m.layout.replicas], members[m.layout.replicas] = rg, ranks
-            elif sorted(ranks) != sorted(members[m.layout.replicas]):
-                raise ValueError(f"MARSM: {m.name} has the copies of other matrices (replica pattern "
-                                 f"{m.layout.replicas}) but another replica group ({ranks}, not "
-                                 f"{members[m.layout.replicas]}); matrices with one pattern must share one")
-        return out
+        # Fixed by the plan: read once here, not from the plan on every step.
+        self._flops_balance = self.engine.plan.flops_balance if self.engine is not None else 1.0
 
     def close(self) -> None:
         """Release the process groups the plan made (every rank of the job group, at one point)."""
@@ -168,7 +123,7 @@ class Distributor:
         tensors in their shape, shared ones as this rank's flat pieces. Results come bucket by
         bucket; a caller that applies and drops each holds about one bucket at a time."""
         own = [i for i in self.own if momenta[i] is not None]
-        for bucket in plan_buckets([momenta[i].numel() for i in own], [0] * len(own), 1, self.bucket_numel):
+        for bucket in chunks([momenta[i].numel() for i in own], self.bucket_numel):
             ids = [own[b] for b in bucket]
             with self.timer.phase("newton_schulz"):
                 done = orthogonalize([momenta[i].view(self.matrices[i].shape) for i in ids],
@@ -190,7 +145,8 @@ class Distributor:
 
     @property
     def flops_balance(self) -> float:
-        return self.engine.plan.flops_balance if self.engine is not None else 1.0
+        """The plan's busiest rank's Newton-Schulz FLOPs over the mean (1.0: none shared)."""
+        return self._flops_balance
 
     @property
     def owned_matrices(self) -> int:

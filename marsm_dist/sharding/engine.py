@@ -70,6 +70,7 @@ class ShardingEngine:
                 self._opened.append(open_groups(rg.group, self.device))
                 rg.group = self._opened[-1].group_of(rg.group.set_of(dist.get_rank()))
         self.teams = TeamRunner(self.plan.teams, group, rank, self.exchange.counters, self.device)
+        self._in_team = {i for i in range(len(layouts)) if self.teams.member_of(i)}  # asked per matrix
 
     def close(self) -> None:
         """Release the process groups this plan made (each is destroyed when no plan uses it).
@@ -157,7 +158,7 @@ class ShardingEngine:
                        device: torch.device) -> list[Tensor | None]:
         """NS of the round's matrices this rank owns alone, and of the one its team splits."""
         mine = [j for j, i in enumerate(idx)
-                if self.plan.owners[i] == self.rank and not self.teams.member_of(i)]
+                if self.plan.owners[i] == self.rank and i not in self._in_team]
         outputs: list[Tensor | None] = [None] * len(idx)
         with self.timer.phase("newton_schulz"):
             done = orthogonalize([fulls[j] for j in mine], [configs[idx[j]] for j in mine])
@@ -165,7 +166,7 @@ class ShardingEngine:
                 outputs[j] = o
             del done
             for j, i in enumerate(idx):  # at most one team per rank and round
-                if self.teams.member_of(i):
+                if i in self._in_team:
                     outputs[j] = self.teams.orthogonalize(i, self.layouts[i].shape, fulls[j], configs[i],
                                                           device)
         return outputs

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 
+from .adapter import Slot
 from .layout import MatrixLayout, Piece, _merged
 
-__all__ = ["per_expert"]
+__all__ = ["expert_slots", "per_expert"]
 
 
 def per_expert(layout: MatrixLayout) -> list[tuple[MatrixLayout, tuple[int, ...]]]:
@@ -53,3 +54,23 @@ def per_expert(layout: MatrixLayout) -> list[tuple[MatrixLayout, tuple[int, ...]
     return [(MatrixLayout(rest, tuple(_merged(p) for p in pieces[e]), split_dim, blocks, layout.replicas,
                           sizes),
              tuple(max(s, 0) for s in starts[e])) for e in range(experts)]
+
+
+def expert_slots(slot: Slot, layout: MatrixLayout | None, rank: int, raw: str | None
+                 ) -> list[tuple[Slot, MatrixLayout | None, str]]:
+    """``slot`` (dim 0: experts) as one slot per expert: its own shape, layout and place in the
+    container's local data (``rank``: this rank in the layout's group), so the rest of the step
+    treats each expert as a matrix of its own. ``raw``: the tensor's name, for messages."""
+    base = slot.offset if slot.numel >= 0 else 0
+    shape = tuple(slot.shape[1:])
+    n = math.prod(shape)
+    if layout is None:
+        cuts = [(None, base + e * n, n) for e in range(slot.shape[0])]
+    else:
+        cuts = [(lay, base + starts[rank], lay.local_numel(rank)) for lay, starts in per_expert(layout)]
+    out = []
+    for e, (lay, offset, numel) in enumerate(cuts):
+        label = f"{raw}[{e}]" if raw is not None else None
+        part = Slot(shape, lay, offset, numel, label, e)
+        out.append((part, lay, repr(label) if label else f"expert {e} of slot of {shape}"))
+    return out

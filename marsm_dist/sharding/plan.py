@@ -24,8 +24,8 @@ from ..newton_schulz import newton_schulz_flops
 from .pinned_plan import plan_levels, plan_owners_within
 from .teams import member_cost, plan_teams
 
-__all__ = ["OWNER_POLICIES", "ExchangePlan", "level_pack", "lower_bound", "make_plan", "plan_buckets",
-           "plan_owners", "plan_owners_within", "plan_rounds"]
+__all__ = ["OWNER_POLICIES", "ExchangePlan", "level_pack", "lower_bound", "make_plan",
+           "plan_buckets", "plan_owners", "plan_owners_within", "plan_rounds"]
 
 OWNER_POLICIES = ("round_robin", "balanced")
 
@@ -128,6 +128,7 @@ def plan_buckets(numels: list[int], owners: list[int], world_size: int, bucket_n
                 heads[r] += 1
         buckets.append(tuple(sorted(current)))
     return buckets
+
 
 
 def plan_rounds(costs: list[int], numels: list[int], world_size: int, bucket_numel: int

@@ -9,8 +9,10 @@ by columns of the wide orientation X (m x n, m <= n): with X = [X_1 ... X_k],
 
 so each member does ``2 m^2 n / k + m^3`` multiply-adds per iteration instead of ``2 m^2 n + m^3``,
 and the team moves one m x m matrix per iteration. The normalization needs the whole matrix's
-Frobenius norm: one more all-reduce of a scalar. The result is the plain form's, up to the order of
-the Gram sums (tested against it in float32 and float64).
+Frobenius norm: one more all-reduce of a scalar. The iteration is the plain form's own loop
+(:func:`marsm_dist.newton_schulz.newton_schulz_columns`); this module only supplies the all-reduce.
+The result is the plain form's, up to the order of the Gram sums (tested against it in float32 and
+float64).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..newton_schulz import NS_COEFFICIENTS, NS_EPS, _round, _rounding
+from ..newton_schulz import NS_COEFFICIENTS, NS_EPS, Reduce, newton_schulz_columns
 
 __all__ = ["split_newton_schulz"]
 
@@ -42,26 +44,17 @@ def split_newton_schulz(
     roundings before the sum would add error the plain form does not have); each member then
     rounds S to ``dtype``, where the plain form's one product rounds.
     """
-    if block.ndim != 2:
-        raise ValueError(f"split_newton_schulz needs a 2-D block, got shape {tuple(block.shape)}")
-    a, b, c = coefficients
-    rnd = _rounding(dtype, block.device)  # bf16 emulated on CPUs without bf16 matmuls, as plain
-    work = dtype if rnd is None else torch.float32
-    X = block.to(dtype).to(work)
-    acc = torch.float64 if work == torch.float64 else torch.float32  # what the sums travel in
-    sq = X.to(acc).square().sum().reshape(1)
-    _sum(sq, group)
-    norm = _round(rnd, sq.sqrt().to(dtype).to(work))
-    X = _round(rnd, X / _round(rnd, norm + eps))
-    for _ in range(steps):
-        S = torch.mm(X, X.mT).to(acc)
-        _sum(S, group)
-        S = _round(rnd, S.to(dtype).to(work))
-        P = _round(rnd, torch.addmm(S, S, S, beta=b, alpha=c))  # b S + c S^2
-        X = _round(rnd, torch.addmm(X, P, X, beta=a))  # a X + (b S + c S^2) X
-    return X.to(dtype)
+    return newton_schulz_columns(block, steps, reduce=_team_sum(group), dtype=dtype,
+                                 coefficients=coefficients, eps=eps)
 
 
-def _sum(t: Tensor, group: dist.ProcessGroup | None) -> None:
-    if group is not None and dist.get_world_size(group) > 1:
+def _team_sum(group: dist.ProcessGroup | None) -> Reduce | None:
+    """The all-reduce over ``group``; None (nothing to sum) for a team of one."""
+    if group is None or dist.get_world_size(group) == 1:
+        return None
+
+    def reduce(t: Tensor) -> Tensor:
         dist.all_reduce(t, group=group)
+        return t
+
+    return reduce

@@ -6,10 +6,15 @@ route by shape and give the 2-D token and position embeddings and the output hea
 update (measured on a tiny GPT-2: loss 4.76 against 3.18 at step 20). The Trainer calls anything
 that is not an Optimizer class as a factory with the model instead (``factory()(model,
 **kwargs)``), which is what :class:`MARSMForTrainer` is.
+
+:func:`install` makes the Trainer refuse the first way: it wraps ``Trainer.create_optimizer`` to
+check the MARSM it built. It imports ``transformers.trainer``, so it runs only once that is imported
+anyway (see :mod:`marsm_dist.adapters.hf`), and ``MARSM``'s own constructor knows nothing of it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -20,11 +25,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..._validation import register_build_check
 from ...optimizer import MARSM
 from ...param_groups import DEFAULT_HEAD_NAMES, param_groups
 
-__all__ = ["MARSMForTrainer"]
+__all__ = ["MARSMForTrainer", "install", "install_if_loaded", "refuse_unrouted_trainer_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ class MARSMForTrainer:
                  adamw_options: Mapping[str, Any] | None = None,
                  process_group: Any = "auto", **options: Any) -> MARSM:
         """Return ``MARSM(param_groups(model, ...), **options)`` (see the class docstring)."""
+        install_if_loaded()  # the Trainer is calling: refuse (MARSM, ...) in the next one too
         groups = param_groups(model, marsm=marsm, adamw=adamw, head_names=head_names, experts=experts,
                               marsm_options=marsm_options, adamw_options=adamw_options)
         if isinstance(process_group, str):
@@ -88,26 +93,9 @@ def _deepspeed_in_use() -> bool:
     return str(shared.get("distributed_type", "")).endswith("DEEPSPEED")
 
 
-def _built_by_trainer() -> bool:
-    """True when the Trainer's own ``create_optimizer`` is calling ``MARSM(...)`` right now."""
-    if "transformers.trainer" not in sys.modules:
-        return False
-    frame = sys._getframe(2)
-    for _ in range(6):
-        if frame is None:
-            return False
-        if (frame.f_code.co_name == "create_optimizer"
-                and frame.f_globals.get("__name__") == "transformers.trainer"):
-            return True
-        frame = frame.f_back
-    return False
-
-
 def refuse_unrouted_trainer_groups(groups: list[dict[str, Any]]) -> None:
     """Refuse ``optimizer_cls_and_kwargs=(MARSM, ...)``: the Trainer's groups would send its
     embeddings and head (2-D) to MARS-M. Groups that say ``use_marsm`` are the user's choice."""
-    if not _built_by_trainer():  # one dict lookup when transformers' Trainer is not even imported
-        return
     if not any(p.dim() >= 2 for g in groups if g.get("use_marsm") is None for p in g["params"]):
         return
     raise TypeError(
@@ -117,4 +105,43 @@ def refuse_unrouted_trainer_groups(groups: list[dict[str, Any]]) -> None:
         f"{WORKING_LINE}\n(or build MARSM from groups that set 'use_marsm': marsm_dist.param_groups(model))")
 
 
-register_build_check(refuse_unrouted_trainer_groups)
+def _check_built(trainer: Any) -> None:
+    """Refuse the MARSM that ``trainer.create_optimizer`` just built from its own groups: the
+    ``optimizer_cls_and_kwargs`` route with the class (a factory builds from the model)."""
+    chosen = getattr(trainer, "optimizer_cls_and_kwargs", None)
+    cls = chosen[0] if chosen else None
+    if not (isinstance(cls, type) and issubclass(cls, MARSM) and isinstance(trainer.optimizer, MARSM)):
+        return
+    try:
+        refuse_unrouted_trainer_groups(trainer.optimizer.param_groups)
+    except TypeError:
+        trainer.optimizer = None  # not kept: a second create_optimizer would return it unchecked
+        raise
+
+
+def install() -> None:
+    """Make ``transformers.Trainer.create_optimizer`` refuse a MARSM built from the Trainer's own
+    param groups (idempotent). Imports ``transformers.trainer``."""
+    from transformers import trainer as hf_trainer
+
+    original = hf_trainer.Trainer.create_optimizer
+    if getattr(original, "_marsm_checked", False):
+        return
+
+    @functools.wraps(original)
+    def create_optimizer(self: Any, *args: Any, **kwargs: Any) -> Any:
+        builds = self.optimizer is None  # otherwise the Trainer hands back what it was given
+        optimizer = original(self, *args, **kwargs)
+        if builds:
+            _check_built(self)
+        return optimizer
+
+    create_optimizer._marsm_checked = True  # type: ignore[attr-defined]
+    hf_trainer.Trainer.create_optimizer = create_optimizer
+
+
+def install_if_loaded() -> None:
+    """:func:`install`, if ``transformers.trainer`` is imported already (else nothing: importing it
+    here would cost seconds for a process that may never build a Trainer)."""
+    if "transformers.trainer" in sys.modules:
+        install()

@@ -16,10 +16,10 @@ with context parallelism (TP x DP x CP) when CP > 1. Every data-parallel (DP) an
 in that group: gathered from one copy's TP ranks to its owner, which runs Newton-Schulz on the full
 matrix, scattered back to that copy and broadcast over the DP (x CP) group to the other copies
 (which end bitwise identical). Matrices Megatron does not mark (replicated over TP, DP and CP) are
-divided over the same group through ``MARSM(process_group=...)``. A fused QKV weight is one matrix,
-as in the spec; ``split_qkv=True`` orthogonalizes the Q, K and V rows of every query group as
-separate matrices instead (each TP rank holds whole query groups, so no exchange is needed, and the
-result is the same with and without TP; every rank runs those itself).
+divided over the same group through ``MARSM(process_group=...)``. A fused QKV weight is one matrix
+(docs/algorithm.md sections 2 and 10); ``split_qkv=True`` orthogonalizes the Q, K and V rows of
+every query group as separate matrices instead (each TP rank holds whole query groups, so no
+exchange is needed, and the result is the same with and without TP; every rank runs those itself).
 
 MoE (SequentialMLP: each local expert's weights are separate tensors, Megatron's
 ``allreduce=False``): Megatron's expert-parallel param groups become ``experts=True`` groups, and

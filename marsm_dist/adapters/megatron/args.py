@@ -1,21 +1,44 @@
-"""``--marsm-*`` command-line flags for Megatron-LM's ``extra_args_provider``, and what they select."""
+"""``--marsm-*`` command-line flags for Megatron-LM's ``extra_args_provider``, and what they select.
+
+One flag per MARSM setting a config can hold (:data:`marsm_dist.options.CONFIG_OPTIONS`), except
+those Megatron's own flags already give (``--lr``, ``--weight-decay``, ``--adam-beta1/2``,
+``--adam-eps``: see ``get_megatron_marsm_optimizer``) and the exact mode, which Megatron's loop
+cannot run; plus ``--marsm-split-qkv``.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from ...options import CONFIG_OPTIONS, Option
+
 __all__ = ["add_marsm_args", "marsm_kwargs_from_args"]
+
+# Set from Megatron's own arguments (OptimizerConfig), or refused in Megatron's loop (approx=False).
+_NOT_FLAGS = frozenset({"lr", "weight_decay", "adamw_betas", "adamw_eps", "approx"})
+
+
+def _flag_options() -> list[Option]:
+    return [o for o in CONFIG_OPTIONS if o.name not in _NOT_FLAGS]
+
+
+def _add(group: argparse._ArgumentGroup, o: Option) -> None:
+    flag = "--marsm-" + o.name.replace("_", "-")
+    help_text = o.doc.replace("%", "%%")
+    if o.config_type is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=o.default, help=help_text)
+    elif o.arity > 1:
+        group.add_argument(flag, type=float, nargs=o.arity, default=list(o.default), help=help_text)
+    else:
+        group.add_argument(flag, type=o.config_type, default=o.config_default, help=help_text)
 
 
 def add_marsm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``--marsm-*`` flags for Megatron-LM's ``extra_args_provider`` (mirroring ``--muon-*``)."""
     g = parser.add_argument_group("MARS-M")
-    g.add_argument("--marsm-momentum", type=float, default=0.95)
-    g.add_argument("--marsm-gamma", type=float, default=0.025)
-    g.add_argument("--marsm-ns-steps", type=int, default=5)
-    g.add_argument("--marsm-ns-dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    g.add_argument("--marsm-owner-policy", choices=["balanced", "round_robin"], default="balanced")
+    for o in _flag_options():
+        _add(g, o)
     g.add_argument("--marsm-split-qkv", action="store_true",
                    help="orthogonalize Q, K, V of each query group separately")
     return parser
@@ -23,6 +46,9 @@ def add_marsm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def marsm_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The MARSM keyword arguments that :func:`add_marsm_args`'s flags select."""
-    return dict(momentum=args.marsm_momentum, gamma=args.marsm_gamma, ns_steps=args.marsm_ns_steps,
-                ns_dtype=args.marsm_ns_dtype,
-                owner_policy=args.marsm_owner_policy, split_qkv=args.marsm_split_qkv)
+    kwargs: dict[str, Any] = {}
+    for o in _flag_options():
+        value = getattr(args, "marsm_" + o.name)
+        kwargs[o.name] = tuple(value) if o.arity > 1 else value
+    kwargs["split_qkv"] = args.marsm_split_qkv
+    return kwargs

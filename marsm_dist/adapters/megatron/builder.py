@@ -25,6 +25,7 @@ from .._common import refuse_exact_mode
 from .routing import marsm_param_groups, match_param_groups
 from .sharded import ShardedMARSMOptimizer
 from .tp_adapter import mark_experts, mark_mains, mark_qkv_split
+from .tp_adapter import register as register_tp_adapter
 from .tp_layout import job_group, rank_coordinates
 
 __all__ = ["get_megatron_marsm_optimizer"]
@@ -71,6 +72,7 @@ def get_megatron_marsm_optimizer(
     refuse_exact_mode([marsm_kwargs.get("approx", True)], _EXACT_MODE)
     if split_qkv and distributed:
         raise NotImplementedError("split_qkv is not supported with use_distributed_optimizer yet")
+    register_tp_adapter()  # Megatron's tensors, and the marks set below
     if split_qkv:
         mark_qkv_split(model_chunks)
     groups = marsm_param_groups(model_chunks, config, config_overrides)

@@ -18,8 +18,9 @@ over) the ranks' pieces are disjoint; those wrappers are not tested here.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -34,15 +35,42 @@ from torch import Tensor
 from ...sharding.layout import flat_overlap
 from .routing import match_param_groups
 
-if TYPE_CHECKING:
-    from .sharded import ShardedMARSMOptimizer
-
 __all__ = ["flat_range_boxes", "flat_range_pieces", "load_flat_state", "sharded_flat_state"]
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offset, size) inside a tensor
 # The fp32 master weights of bf16/fp16 parameters, under the name Megatron's Float16 optimizers use,
 # so that the replicated MARS-M optimizer (Float16OptimizerWithFloat16Params) reads them too.
 MASTER = "fp32_param"
+
+
+class FlatShard(Protocol):
+    """This rank's flat range ``[start, stop)`` of one parameter and its fp32 copy (``main``)."""
+
+    name: str
+    param: Tensor
+    main: Tensor
+
+    @property
+    def start(self) -> int: ...
+
+    @property
+    def stop(self) -> int: ...
+
+    def model_range(self, t: Tensor) -> Tensor: ...
+
+
+class ShardedOptimizer(Protocol):
+    """What this module reads of :class:`~.sharded.ShardedMARSMOptimizer`. A protocol, not an import:
+    that module imports this one, and the modules of this package form no circle."""
+
+    optimizer: torch.optim.Optimizer  # the MARSM that steps the main shards
+    config: Any  # Megatron's OptimizerConfig
+    init_state_fn: Callable[..., Any]
+
+    @property
+    def shards(self) -> Sequence[FlatShard]: ...
+
+    def _extract_common_per_param_step(self, state_dict: dict[str, Any]) -> Any: ...
 
 
 def flat_range_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[Box]:
@@ -133,7 +161,7 @@ def flat_range_pieces(entry: ShardedTensor | ShardedTensorFactory, state: Tensor
     return pieces
 
 
-def sharded_flat_state(opt: ShardedMARSMOptimizer, model_sharded_state_dict: Any,
+def sharded_flat_state(opt: ShardedOptimizer, model_sharded_state_dict: Any,
                        is_loading: bool) -> dict[str, Any]:
     """MARSM's state dict with every state tensor replaced by its :func:`flat_range_pieces`.
 
@@ -177,7 +205,7 @@ def sharded_flat_state(opt: ShardedMARSMOptimizer, model_sharded_state_dict: Any
     return out
 
 
-def load_flat_state(opt: ShardedMARSMOptimizer, sd: dict[str, Any]) -> None:
+def load_flat_state(opt: ShardedOptimizer, sd: dict[str, Any]) -> None:
     """Load a :func:`sharded_flat_state` that dist-checkpointing filled in, into the live state."""
     masters = sd.get("fp32_from_fp16_params", {})
     sd = sd.get("optimizer", sd)

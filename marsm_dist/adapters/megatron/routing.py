@@ -8,7 +8,7 @@ import torch
 from megatron.core.optimizer import OptimizerConfig, _get_param_groups
 from megatron.core.optimizer.optimizer import param_group_identifier_keys
 
-from ...param_groups import param_decisions, split_by_route
+from ...param_groups import param_decisions, split_by_route, takes_marsm
 
 __all__ = ["marsm_param_groups", "marsm_routes", "match_param_groups"]
 
@@ -39,7 +39,7 @@ def marsm_param_groups(model_chunks: list[torch.nn.Module], config: OptimizerCon
     groups = []
     for group in _get_param_groups(model_chunks, config, config_overrides):
         experts = {"experts": True} if group.get("is_expert_parallel") else {}
-        parts = split_by_route(group, lambda p: routes.get(id(p), p.ndim >= 2))
+        parts = split_by_route(group, lambda p: routes.get(id(p), takes_marsm(None, p.shape)))
         groups += [{**part, **experts} for part in parts]
     return groups
 

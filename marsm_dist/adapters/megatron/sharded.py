@@ -44,7 +44,6 @@ from torch import Tensor
 from ...optimizer import MARSM
 from ...sharding.adapter import SideTableAdapter, Slot, register_adapter
 from ...sharding.layout import flat_overlap
-from . import tp_adapter  # noqa: F401  (registered before this module's adapter: see MegatronDPShardAdapter)
 from .checkpoint import load_flat_state, sharded_flat_state
 from .routing import match_param_groups
 from .tp_adapter import is_expert_parallel
@@ -113,8 +112,8 @@ def _params_device(param_groups: list[dict[str, Any]], model_chunks: list[torch.
 
 class MegatronDPShardAdapter(SideTableAdapter):
     """Main shards of :class:`ShardedMARSMOptimizer`, registered with their (slot, group) when they
-    are created. Registered after the TP adapter (this module imports it first), so it is asked
-    first: a main shard carries its parameter's TP attributes, which the TP adapter would claim."""
+    are created. Asked before the TP adapter (priority 40 against 20): a main shard carries its
+    parameter's TP attributes, which the TP adapter would claim."""
 
     name = "megatron-dp-shard"
     prepopulate_state = False  # Megatron calls init_state_fn when it needs state templates
@@ -127,6 +126,7 @@ class MegatronDPShardAdapter(SideTableAdapter):
 
 
 _ADAPTER = MegatronDPShardAdapter()
+PRIORITY = 40  # the highest built-in: see MegatronDPShardAdapter and marsm_dist.sharding.adapter
 
 
 class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
@@ -157,6 +157,7 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
         ranges = dp_shard_ranges(model_chunks)
         names = {p: n for chunk in model_chunks for n, p in chunk.named_parameters()}
 
+        register_adapter(_ADAPTER, priority=PRIORITY)  # this optimizer is what fills its side table
         self._shards: list[_Shard] = []
         groups = []
         for g in param_groups:
@@ -272,6 +273,3 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
         if self.grad_scaler is not None:
             sd["grad_scaler"] = self.grad_scaler.state_dict()
         return sd
-
-
-register_adapter(_ADAPTER)

@@ -28,7 +28,12 @@ from ...sharding.adapter import SideTableAdapter, Slot, register_adapter
 from ...sharding.layout import MatrixLayout
 from .tp_layout import copies_group, expert_layout, job_group, rank_coordinates, tp_layout
 
-__all__ = ["MegatronTPAdapter", "is_expert_parallel", "mark_experts", "mark_mains", "mark_qkv_split"]
+__all__ = ["MegatronTPAdapter", "is_expert_parallel", "mark_experts", "mark_mains", "mark_qkv_split",
+           "register"]
+
+#: Below the DP-shard (40) and DeepSpeed (30) adapters, whose tensors may carry Megatron's marks too,
+#: above FSDP2 (10): see marsm_dist.sharding.adapter.
+PRIORITY = 20
 
 
 @dataclass(frozen=True)
@@ -160,4 +165,7 @@ def mark_qkv_split(model_chunks: list[torch.nn.Module]) -> None:
                 ADAPTER.register(p, _Marks(qkv_split=(cfg.num_attention_heads // groups, head_dim)))
 
 
-register_adapter(ADAPTER)
+def register() -> None:
+    """Register the TP adapter (idempotent). The builder calls it; the registry does too, at a
+    lookup once ``megatron.core`` is imported, for a ``MARSM`` built on Megatron's tensors directly."""
+    register_adapter(ADAPTER, priority=PRIORITY)
