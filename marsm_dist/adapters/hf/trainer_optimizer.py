@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ...functional import takes_marsm
 from ...optimizer import MARSM
 from ...param_groups import DEFAULT_HEAD_NAMES, param_groups
 
@@ -96,7 +97,7 @@ def _deepspeed_in_use() -> bool:
 def refuse_unrouted_trainer_groups(groups: list[dict[str, Any]]) -> None:
     """Refuse ``optimizer_cls_and_kwargs=(MARSM, ...)``: the Trainer's groups would send its
     embeddings and head (2-D) to MARS-M. Groups that say ``use_marsm`` are the user's choice."""
-    if not any(p.dim() >= 2 for g in groups if g.get("use_marsm") is None for p in g["params"]):
+    if not any(takes_marsm(None, p.shape) for g in groups if g.get("use_marsm") is None for p in g["params"]):
         return
     raise TypeError(
         "MARSM was built by the Hugging Face Trainer from its own param groups, which carry no "
