@@ -20,9 +20,10 @@ from torch import Tensor
 
 from . import functional as F
 from ._timing import PhaseTimer
-from .options import BY_NAME, on_device
+from .options import BY_NAME
 from .orthogonalize import NSConfig
 from .sharding.adapter import ShardingAdapter, Slot, adapter_for, slot_view
+from .sharding.agreement import on_device
 from .sharding.distributor import Distributor, MatrixSpec
 from .sharding.experts import expert_slots
 from .sharding.layout import replicated
@@ -191,18 +192,19 @@ class StepMap:
         specs: list[MatrixSpec] = []
         for group in param_groups:
             for i, p in enumerate(group["params"]):
-                slots = self._matrices(param_groups, group, i, p, groups[id(p)], process_group, specs)
+                slots = self._matrices(param_groups, group, i, p, groups[id(p)],
+                                       process_group if replicate else None, specs)
                 self.slot_lists[id(p)] = slots
         self.distributor = Distributor(specs, self.group, self.device, policy=owner_policy,
                                        bucket_numel=bucket_numel, timer=timer, overlap=overlap,
                                        max_team=max_team)
 
     def _matrices(self, param_groups: list[Group], group: Group, i: int, p: Tensor, pg: Any,
-                  process_group: Any, specs: list[MatrixSpec]) -> list[Slot]:
+                  replicas: Any, specs: list[MatrixSpec]) -> list[Slot]:
         """``p``'s slots, each matrix among them given its layout over the job group (split per
-        expert in an ``experts`` group) and appended to ``specs``."""
+        expert in an ``experts`` group) and appended to ``specs``. ``replicas``: the group plain
+        parameters are replicated over, if more than one rank."""
         adapter, name = self.adapters[id(p)], param_name(param_groups, group, i)
-        replicate = process_group is not None and dist.get_world_size(process_group) > 1
         slots: list[Slot] = []
         for slot in self.slot_lists[id(p)]:
             if not routes_to_marsm(group, slot):
@@ -210,8 +212,8 @@ class StepMap:
                 continue
             if slot.layout is not None:
                 layout, copies = over_job_group(adapter, p, slot, pg, self.group, name)
-            elif replicate and pg is None:
-                layout, copies = replicated(slot.shape, dist.get_world_size(process_group)), process_group
+            elif replicas is not None and pg is None:
+                layout, copies = replicated(slot.shape, dist.get_world_size(replicas)), replicas
             else:
                 layout, copies = None, None
             if group.get("experts") and len(slot.shape) >= 3:

@@ -126,7 +126,7 @@ class MARSM(StateMixin, Optimizer):
         step_map = self._step_maps.get(key)
         if step_map is None or not step_map.serves(self.param_groups):
             new = StepMap(self.param_groups, process_group=self.process_group,
-                          owner_policy=self.owner_policy, bucket_numel=max(1, self.bucket_bytes // 4),
+                          owner_policy=self.owner_policy, bucket_numel=self._bucket_numel,
                           timer=self._timer, overlap=self.overlap, max_team=self.ns_team_max)
             stale = [step_map] if step_map is not None else []
             if len(self._step_maps) >= _MAX_MAPS:  # groups were rebuilt; forget old layouts
@@ -141,6 +141,11 @@ class MARSM(StateMixin, Optimizer):
                 self.init_state()
         self._step_map = step_map
         return step_map
+
+    @property
+    def _bucket_numel(self) -> int:
+        """``bucket_bytes`` in elements (counted as float32): the step's unit of extra memory."""
+        return max(1, self.bucket_bytes // 4)
 
     @staticmethod
     def _drop_maps(stale: list[StepMap]) -> None:
@@ -223,7 +228,7 @@ class MARSM(StateMixin, Optimizer):
         timer.reset()
         sent0, received0 = step_map.distributor.exchanged_bytes()
         with timer.phase("elementwise"):
-            work = step_map.collect(self.param_groups, max(1, self.bucket_bytes // 4))
+            work = step_map.collect(self.param_groups, self._bucket_numel)
             for work_of_group in work.matrix + work.adamw:
                 for p in work_of_group.containers():
                     self._ensure_state(work_of_group.group, p)

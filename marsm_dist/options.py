@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .newton_schulz import NS_COEFFICIENTS, NS_FORMS
+from .sharding.agreement import on_device
 from .sharding.plan import OWNER_POLICIES
 
 __all__ = ["AGREED_KEYS", "ARGUMENTS", "ARITY", "CONFIG_OPTIONS", "INSTANCE_ATTRIBUTES",
@@ -104,11 +105,6 @@ def check_dtype(value: Any, where: str, read: bool) -> None:
 
 def _fail(name: str, value: Any, where: str, why: str) -> None:
     raise ValueError(f"Invalid {name}{where}: {value!r} ({why})")
-
-
-def on_device(value: Any) -> bool:
-    """True for a tensor whose value would take a device-to-host read to know (not on the CPU)."""
-    return isinstance(value, torch.Tensor) and value.device.type != "cpu"
 
 
 def number(value: Any, read: bool = True) -> float | None:

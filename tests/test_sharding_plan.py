@@ -252,15 +252,14 @@ def test_per_expert_refuses_a_layout_whose_expert_is_not_one_run():
         per_expert(layout)
 
 
-def test_elementwise_chunks_are_one_owners_buckets():
-    """functional.chunks (the step's elementwise unit) cuts as the plan's buckets do for one owner."""
-    import random
-
+def test_elementwise_chunks_by_hand():
+    """functional.chunks (the step's elementwise unit, and each rank's queue in plan_buckets):
+    consecutive positions, at most ``limit`` elements a chunk, a larger tensor alone."""
     from marsm_dist.functional import chunks
-    from marsm_dist.sharding.plan import plan_buckets
 
-    rng = random.Random(0)
-    for _ in range(500):
-        numels = [rng.randint(0, 20) for _ in range(rng.randint(0, 12))]
-        limit = rng.randint(1, 40)
-        assert chunks(numels, limit) == [list(b) for b in plan_buckets(numels, [0] * len(numels), 1, limit)]
+    assert chunks([], 5) == []
+    assert chunks([3, 3, 3], 6) == [[0, 1], [2]]
+    assert chunks([10, 1, 1], 4) == [[0], [1, 2]]
+    assert chunks([1, 10, 1], 4) == [[0], [1], [2]]
+    assert chunks([0, 0, 5], 5) == [[0, 1, 2]]
+    assert chunks([4, 4], 4) == [[0], [1]]

@@ -20,6 +20,7 @@ import heapq
 import math
 from dataclasses import dataclass
 
+from ..functional import chunks
 from ..newton_schulz import newton_schulz_flops
 from .pinned_plan import plan_levels, plan_owners_within
 from .teams import member_cost, plan_teams
@@ -114,20 +115,11 @@ def plan_buckets(numels: list[int], owners: list[int], world_size: int, bucket_n
     queues: list[list[int]] = [[] for _ in range(world_size)]
     for i, owner in enumerate(owners):
         queues[owner].append(i)
-    heads, buckets = [0] * world_size, []
-    while any(heads[r] < len(queues[r]) for r in range(world_size)):
-        current = []
-        for r in range(world_size):
-            held = 0
-            while heads[r] < len(queues[r]):
-                i = queues[r][heads[r]]
-                if held and held + numels[i] > bucket_numel:
-                    break
-                current.append(i)
-                held += numels[i]
-                heads[r] += 1
-        buckets.append(tuple(sorted(current)))
-    return buckets
+    # Round k takes every rank's k-th chunk of its own queue.
+    per_rank = [[[queue[j] for j in chunk] for chunk in chunks([numels[i] for i in queue], bucket_numel)]
+                for queue in queues]
+    rounds = max((len(c) for c in per_rank), default=0)
+    return [tuple(sorted(i for c in per_rank if k < len(c) for i in c[k])) for k in range(rounds)]
 
 
 
