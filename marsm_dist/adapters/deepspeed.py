@@ -25,8 +25,8 @@ import calls :func:`install`, which is idempotent; importing ``marsm_dist`` alon
 DeepSpeed applies its gradient clipping and its fp16/bf16 overflow check before it calls
 ``MARSM.step``; an overflow step never reaches the optimizer, so momentum, P and parameters stay
 untouched. ``engine.save_checkpoint``/``load_checkpoint`` save and restore MARS-M's state as it
-is (flat, per partition). Resuming at another world size is not supported: DeepSpeed refuses it
-without universal checkpoints, and its universal converter only carries Adam's state names.
+is (flat, per partition), at the same world size. To resume at another world size, ZeRO stage or
+framework, export the state with :func:`marsm_dist.checkpoint.save_neutral` (``docs/checkpoints.md``).
 """
 
 from __future__ import annotations
@@ -46,12 +46,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..checkpoint.held import register_wrapper_view
 from ..optimizer import MARSM
 from ..options import CONFIG_OPTIONS
 from ..param_groups import param_decisions, split_by_route, split_experts
 from ..sharding.adapter import SideTableAdapter, Slot, check_group_serves, register_adapter
 from ..sharding.layout import MatrixLayout, Piece, flat_overlap
 from ._common import refuse_exact_mode
+from .deepspeed_checkpoint import zero3_view
 from .deepspeed_moe import describe_moe_group, is_moe_group
 
 __all__ = ["DeepSpeedAdapter", "build_marsm", "describe_partitions", "install"]
@@ -278,6 +280,7 @@ def install() -> None:
     torch.optim.MARSM = MARSM
     _patch_engine()
     register_adapter(_ADAPTER, priority=PRIORITY)
+    register_wrapper_view(zero3_view)
 
 
 install()  # for `import marsm_dist.adapters.deepspeed`, the one line the recipes document

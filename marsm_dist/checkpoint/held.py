@@ -1,0 +1,168 @@
+"""What this rank holds of each named tensor of a MARS-M optimizer: the walk every checkpoint
+path shares, framework-free (the sharding adapters describe each parameter's pieces).
+
+A parameter container (a parameter, a DTensor, a ZeRO flat partition) holds one or more slots;
+each slot is one original parameter, known by name. For every slot this rank holds elements of,
+:func:`held_tensors` lists the boxes of the full tensor those elements are, so a state tensor's
+part of that parameter can be written and read by box, at any sharding, without a gather.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .._step_work import routes_to_marsm
+from ..optimizer import MARSM
+from ..sharding.adapter import Slot, adapter_for, slot_view
+from .boxes import Box, piece_boxes
+
+__all__ = ["BRANCH_KEYS", "HeldTensor", "find_marsm", "held_tensors", "marsm_in", "names_from_model",
+           "register_wrapper_view"]
+
+#: The state tensors of each branch, as the neutral form keys them (``step`` is kept apart).
+BRANCH_KEYS = {"marsm": ("exp_avg", "last_grad", "lookahead_grad"), "adamw": ("exp_avg", "exp_avg_sq")}
+
+# Module wrappers that prefix parameter names without changing the model (DDP, torch.compile,
+# activation checkpointing, FSDP1): a name is kept without them, so it is the plain model's.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+NameMap = Callable[[str], "str | None"]
+
+
+@dataclass
+class HeldTensor:
+    """One named parameter (a slot of an optimizer's container) as this rank holds it."""
+
+    name: str
+    shape: tuple[int, ...]
+    branch: str  # "marsm" or "adamw"
+    group_index: int
+    container: Tensor
+    slot: Slot
+    boxes: list[Box]
+
+    def local(self, t: Tensor) -> Tensor:
+        """This rank's elements of the slot inside container-shaped tensor ``t``, flat (a view:
+        writes land in ``t``)."""
+        return slot_view(adapter_for(self.container).local(t), self.slot).view(-1)
+
+
+# Wrapper -> a context in which the MARSM it holds lists all its parameters, or None. A framework
+# whose wrapper hands the optimizer its parameters only inside a step (DeepSpeed's ZeRO-3) registers
+# one (its adapter does, at install).
+_VIEWS: list[Callable[[Any], contextlib.AbstractContextManager[Any] | None]] = []
+
+
+def register_wrapper_view(view: Callable[[Any], contextlib.AbstractContextManager[Any] | None]) -> None:
+    """Register ``view(wrapper)``: a context in which the ``MARSM`` under ``wrapper`` lists all its
+    parameters in ``param_groups``, or None if ``wrapper`` is not the framework's (idempotent)."""
+    if view not in _VIEWS:
+        _VIEWS.append(view)
+
+
+def _chain(obj: Any) -> list[Any]:
+    chain = [obj]
+    while not isinstance(chain[-1], MARSM) and len(chain) < 5:
+        inner = getattr(chain[-1], "optimizer", None)
+        if inner is None:
+            break
+        chain.append(inner)
+    return chain
+
+
+@contextlib.contextmanager
+def marsm_in(obj: Any) -> Iterator[MARSM]:
+    """The ``MARSM`` inside ``obj`` (see :func:`find_marsm`), with every wrapper's registered view
+    entered, so its ``param_groups`` list every parameter it holds state for."""
+    chain = _chain(obj)
+    opt = find_marsm(obj)
+    with contextlib.ExitStack() as stack:
+        for wrapper in chain[:-1]:
+            for view in _VIEWS:
+                context = view(wrapper)
+                if context is not None:
+                    stack.enter_context(context)
+        yield opt
+
+
+def find_marsm(obj: Any) -> MARSM:
+    """The ``MARSM`` inside ``obj``: itself, or the optimizer a wrapper holds (a DeepSpeed engine
+    or ZeRO wrapper, Accelerate's or Lightning's optimizer wrappers)."""
+    last = _chain(obj)[-1]
+    if isinstance(last, MARSM):
+        return last
+    raise TypeError(f"{type(obj).__name__} is not a MARSM optimizer and wraps none (looked through "
+                    f".optimizer); the neutral checkpoint form holds MARS-M's state")
+
+
+def strip_wrappers(name: str) -> str:
+    """``name`` without wrapper prefixes (``module.`` of DDP, ``_orig_mod.`` of torch.compile)."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def names_from_model(model: torch.nn.Module | Iterable[tuple[str, Tensor]]) -> dict[int, str]:
+    """Parameter id -> its name in ``model`` (wrapper prefixes removed), for optimizers built
+    from bare parameters."""
+    pairs = model.named_parameters() if isinstance(model, torch.nn.Module) else model
+    return {id(p): strip_wrappers(n) for n, p in pairs}
+
+
+def _base_name(group: dict[str, Any], i: int, p: Tensor, slot: Slot, slots: int,
+               names: Mapping[int, str] | None) -> str | None:
+    if slot.name is not None:
+        return strip_wrappers(slot.name)
+    if slots > 1:
+        return None  # a flat buffer's slot needs its own name
+    if names is not None and id(p) in names:
+        return names[id(p)]
+    group_names = group.get("param_names")
+    return strip_wrappers(group_names[i]) if group_names is not None else None
+
+
+def _rank_pieces(p: Tensor, slot: Slot):
+    if slot.layout is None:
+        return None
+    group = adapter_for(p).process_group(p)
+    return slot.layout.pieces[dist.get_rank(group) if group is not None else 0]
+
+
+def held_tensors(optimizer: MARSM, names: Mapping[int, str] | None = None,
+                 name_map: NameMap | None = None) -> list[HeldTensor]:
+    """Every named parameter of ``optimizer`` with this rank's boxes of it (possibly none).
+
+    Names come from the adapter (ZeRO knows the module's names), then ``names`` (id -> name),
+    then the group's ``param_names``; ``name_map`` renames (None: leave the parameter out).
+    Raises ValueError naming a parameter with no name, and NotImplementedError for experts.
+    """
+    held = []
+    for gi, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            slots = adapter_for(p).slots(p)
+            for k, slot in enumerate(slots):
+                name = _base_name(group, i, p, slot, len(slots), names)
+                if name is None:
+                    raise ValueError(
+                        f"param_groups[{gi}]['params'][{i}]" + (f" slot {k}" if len(slots) > 1 else "")
+                        + " has no name: build MARSM from param_groups(model, named=True) or named "
+                        "parameters, or pass model= so names come from model.named_parameters()")
+                if slot.expert is not None:
+                    raise NotImplementedError(
+                        f"{name}: expert groups (experts=True) have no neutral checkpoint form yet; "
+                        f"use the framework's own checkpoint at the same expert-parallel size")
+                if name_map is not None:
+                    name = name_map(name)
+                    if name is None:
+                        continue
+                branch = "marsm" if routes_to_marsm(group, slot) else "adamw"
+                boxes = piece_boxes(slot.layout, slot.shape, _rank_pieces(p, slot))
+                held.append(HeldTensor(name, tuple(slot.shape), branch, gi, p, slot, boxes))
+    return held
