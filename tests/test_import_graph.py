@@ -1,7 +1,7 @@
 """The package's import structure: no circles, no import up a floor, no side effects on import.
 
 The floors, from the bottom: math (no ``torch.distributed``) -> sharding -> optimizer -> adapters
--> entry points (the package itself and the demo). A module may import its own floor and those
+-> entry points (the package itself, the demo and command lines). A module may import its own floor and those
 below. The graph is read from the source (AST), so imports under ``TYPE_CHECKING`` and inside
 functions count too. Run this file as a script to print the graph's report.
 """
@@ -23,6 +23,9 @@ PACKAGE = ROOT / "marsm_dist"
 # The modules at the top of the package that make up the math floor: they know no ranks.
 MATH = {"newton_schulz", "functional", "param_groups", "orthogonalize", "stats", "_timing"}
 FLOORS = ("math", "sharding", "optimizer", "adapters", "entry")
+# Command lines inside a package (``python -m marsm_dist.checkpoint``): entry points, which may
+# ask an adapter to read its framework's files.
+ENTRY_MODULES = ("cli", "__main__")
 
 
 def modules() -> dict[str, Path]:
@@ -39,7 +42,7 @@ def modules() -> dict[str, Path]:
 def floor(name: str) -> str:
     """The floor of module ``name`` (from where it sits in the package)."""
     parts = name.split(".")
-    if len(parts) == 1 or parts[1] == "demo":
+    if len(parts) == 1 or parts[1] == "demo" or parts[-1] in ENTRY_MODULES:
         return "entry"
     if parts[1] in ("sharding", "adapters"):
         return parts[1]

@@ -53,7 +53,8 @@ from ..param_groups import param_decisions, split_by_route, split_experts
 from ..sharding.adapter import SideTableAdapter, Slot, check_group_serves, register_adapter
 from ..sharding.layout import MatrixLayout, Piece, flat_overlap
 from ._common import refuse_exact_mode
-from .deepspeed_checkpoint import zero3_view
+from .deepspeed_checkpoint import patch_universal_loading, zero3_view
+from .deepspeed_files import register as register_checkpoint_files
 from .deepspeed_moe import describe_moe_group, is_moe_group
 
 __all__ = ["DeepSpeedAdapter", "build_marsm", "describe_partitions", "install"]
@@ -281,6 +282,8 @@ def install() -> None:
     _patch_engine()
     register_adapter(_ADAPTER, priority=PRIORITY)
     register_wrapper_view(zero3_view)
+    patch_universal_loading()
+    register_checkpoint_files()
 
 
 install()  # for `import marsm_dist.adapters.deepspeed`, the one line the recipes document

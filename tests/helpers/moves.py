@@ -28,7 +28,7 @@ def _model(weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
     return model
 
 
-def _deepspeed(rank: int, world_size: int, stage: int, model: torch.nn.Module):
+def _deepspeed(rank: int, world_size: int, stage: int, model: torch.nn.Module, universal: bool = False):
     import deepspeed
 
     import marsm_dist.adapters.deepspeed  # noqa: F401
@@ -37,6 +37,8 @@ def _deepspeed(rank: int, world_size: int, stage: int, model: torch.nn.Module):
     cfg = {"train_micro_batch_size_per_gpu": fm.GLOBAL_BATCH // world_size, "gradient_accumulation_steps": 1,
            "gradient_clipping": 0.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
            "optimizer": {"type": "MARSM", "params": {"lr": LR, "ns_dtype": "float32"}}}
+    if universal:
+        cfg["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     return engine
 
@@ -44,11 +46,11 @@ def _deepspeed(rank: int, world_size: int, stage: int, model: torch.nn.Module):
 class Run:
     """One kind of run at one world size: ``train``, ``full_weights``, and what holds the state."""
 
-    def __init__(self, kind: str, rank: int, world_size: int, weights=None) -> None:
+    def __init__(self, kind: str, rank: int, world_size: int, weights=None, universal: bool = False) -> None:
         self.kind, self.model = kind, _model(weights)
         self.rank, self.world = rank, world_size
         if kind.startswith("ds-z"):
-            self.engine = _deepspeed(rank, world_size, int(kind[-1]), self.model)
+            self.engine = _deepspeed(rank, world_size, int(kind[-1]), self.model, universal)
             self.holder, self.forward = self.engine, self.engine
             return
         if kind == "fsdp2":
@@ -108,3 +110,46 @@ def resume(rank: int, world_size: int, kind: str, path: str, start: int, steps: 
     straight = Run(kind, rank, world_size)
     straight.train(start + steps)
     return {"resumed": run.full_weights(), "straight": straight.full_weights()}
+
+
+def stop_deepspeed(rank: int, world_size: int, kind: str, path: str, steps: int) -> None:
+    """Train ``steps`` steps under DeepSpeed and save its own checkpoint (``engine.save_checkpoint``)."""
+    run = Run(kind, rank, world_size)
+    run.train(steps)
+    run.engine.save_checkpoint(path, tag=f"global_step{steps}")
+
+
+def resume_universal(rank: int, world_size: int, kind: str, path: str, start: int, steps: int) -> dict:
+    """Load a universal checkpoint into a DeepSpeed engine of ``kind`` and continue; also run the
+    same kind and shape uninterrupted."""
+    run = Run(kind, rank, world_size, universal=True)
+    run.engine.load_checkpoint(path)
+    run.train(steps, start=start)
+    straight = Run(kind, rank, world_size)
+    straight.train(start + steps)
+    return {"resumed": run.full_weights(), "straight": straight.full_weights()}
+
+
+def resume_neutral(rank: int, world_size: int, kind: str, weights: str, path: str, start: int,
+                   steps: int) -> dict:
+    """Load weights and a neutral checkpoint (converted offline) into a run of ``kind``, continue."""
+    run = Run(kind, rank, world_size, torch.load(weights))
+    load_neutral(run.holder, path, model=run.model)
+    run.train(steps, start=start)
+    return {"resumed": run.full_weights()}
+
+
+def stop_deepspeed_adamw(rank: int, world_size: int, path: str) -> None:
+    """A ZeRO-2 run of DeepSpeed's own AdamW, saved: a checkpoint that is not MARS-M's."""
+    import deepspeed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    model = _model(None)
+    cfg = {"train_micro_batch_size_per_gpu": fm.GLOBAL_BATCH // world_size, "zero_optimization": {"stage": 2},
+           "optimizer": {"type": "AdamW", "params": {"lr": LR, "torch_adam": True}}, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    x, y = fm.batch(NAME, 0)
+    lo, hi = rank * fm.GLOBAL_BATCH // world_size, (rank + 1) * fm.GLOBAL_BATCH // world_size
+    engine.backward(engine(x[lo:hi], y[lo:hi]))
+    engine.step()
+    engine.save_checkpoint(path, tag="global_step1")
