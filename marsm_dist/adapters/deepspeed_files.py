@@ -135,7 +135,7 @@ def write_universal(source: Source, dst: str | os.PathLike, tag: str | None = No
         folder = zero / p.name
         folder.mkdir(parents=True, exist_ok=True)
         for key, (_, load) in [("fp32", source_master(p)), *p.keys.items()]:
-            torch.save({"param": load().clone(), "cat_dim": 0}, folder / f"{key}.pt")
+            torch.save({"param": _own_storage(load()), "cat_dim": 0}, folder / f"{key}.pt")
         torch.save(torch.tensor(p.step, dtype=torch.float32), folder / "step.pt")
         if progress is not None:
             progress(p.name)
@@ -151,6 +151,11 @@ def write_universal(source: Source, dst: str | os.PathLike, tag: str | None = No
         shutil.copy2(source.extra["model_file"], out / name)  # ZeRO-1/2 and ZeRO-3 engines look for each
     (Path(dst) / "latest_universal").write_text(tag)
     return out
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    # torch.save writes a view's whole storage: a view into a bigger buffer is copied first.
+    return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
 
 
 def source_master(p: SourceParam) -> tuple[torch.dtype, Callable[[], torch.Tensor]]:

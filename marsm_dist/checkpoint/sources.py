@@ -20,6 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
+from ..functional import takes_marsm
 from .held import BRANCH_KEYS, strip_wrappers
 from .manifest import MANIFEST, jsonable, read_manifest
 
@@ -103,11 +104,31 @@ def _split_path(fqn: str, mapping: dict[str, Any]) -> tuple[str, str, str] | Non
     return None
 
 
+def branch_of(hyperparameters: dict[str, Any], shape: tuple[int, ...]) -> str:
+    """The branch a saved parameter took: its group's ``use_marsm``, else its shape (the rule)."""
+    use = hyperparameters.get("use_marsm")
+    stacked = bool(hyperparameters.get("experts"))
+    return "marsm" if takes_marsm(use if isinstance(use, bool) else None, shape, stacked) else "adamw"
+
+
+def _dcp_groups(path: Path, fqns: dict[str, dict[str, str]]) -> dict[str, dict[str, Any]]:
+    """Parameter name -> its group's hyperparameters, from the ``param_groups.<i>.<key>`` entries
+    (``params`` lists each group's parameter names)."""
+    values = _read_bytes(path, [f for keys in fqns.values() for f in keys.values()])
+    by_name = {}
+    for keys in fqns.values():
+        group = {k: values[f] for k, f in keys.items()}
+        for name in group.pop("params", []):
+            kept = {k: v for k, v in group.items() if k != "param_names"}
+            by_name[strip_wrappers(str(name))] = jsonable(kept)
+    return by_name
+
+
 def _dcp_optimizer(path: Path) -> Source:
     metadata = dcp.FileSystemReader(path).read_metadata()
     mapping = metadata.planner_data or {}
     tensors: dict[str, dict[str, tuple[str, Any]]] = {}
-    hyper_fqns: dict[str, dict[str, str]] = {}
+    group_fqns: dict[str, dict[str, str]] = {}
     for fqn, md in metadata.state_dict_metadata.items():
         parts = _split_path(fqn, mapping)
         if parts is None:
@@ -116,16 +137,16 @@ def _dcp_optimizer(path: Path) -> Source:
         if section == "state" and isinstance(md, TensorStorageMetadata):
             tensors.setdefault(strip_wrappers(name), {})[key] = (fqn, md)
         elif section == "param_groups" and isinstance(md, BytesStorageMetadata):
-            hyper_fqns.setdefault(strip_wrappers(name), {})[key] = fqn
-    hyper_values = _read_bytes(path, [f for d in hyper_fqns.values() for f in d.values()])
+            group_fqns.setdefault(name, {})[key] = fqn  # name: the group's index
+    hyper = _dcp_groups(path, group_fqns)
     params = []
     for name, keys in tensors.items():
-        hyper = {k: hyper_values[f] for k, f in hyper_fqns.get(name, {}).items()}
         step = _read_tensor(path, *keys["step"])().item() if "step" in keys else 0.0
-        branch = "marsm" if "last_grad" in keys else "adamw"
+        shapes = [tuple(md.size) for k, (_, md) in keys.items() if k != "step"]
+        shape = shapes[0] if shapes else ()
+        branch = branch_of(hyper.get(name, {}), shape)
         shaped = {k: (fqn, md) for k, (fqn, md) in keys.items() if k in BRANCH_KEYS[branch]}
-        shape = tuple(next(iter(shaped.values()))[1].size) if shaped else ()
-        params.append(SourceParam(name, shape, branch, float(step), jsonable(hyper), {
+        params.append(SourceParam(name, shape, branch, float(step), hyper.get(name, {}), {
             k: (md.properties.dtype, _read_tensor(path, fqn, md)) for k, (fqn, md) in shaped.items()}))
     return Source(str(path), "dcp", "torch.distributed.checkpoint (get_optimizer_state_dict)", None, params)
 
@@ -146,9 +167,10 @@ def _torch_file(path: Path) -> Source:
         hyper = jsonable({k: v for k, v in group.items() if k not in ("params", "param_names")})
         for pid, name in zip(group["params"], names, strict=True):
             state = sd["state"].get(pid, {})
-            branch = "marsm" if "last_grad" in state else "adamw"
+            shapes = [tuple(v.shape) for k, v in state.items() if torch.is_tensor(v) and k != "step"]
+            shape = shapes[0] if shapes else ()
+            branch = branch_of(hyper, shape)
             keys = {k: (v.dtype, (lambda v=v: v)) for k, v in state.items() if k in BRANCH_KEYS[branch]}
-            shape = tuple(next(iter(state[k] for k in keys)).shape) if keys else ()
             step = float(state["step"]) if "step" in state else 0.0
             params.append(SourceParam(strip_wrappers(name), shape, branch, step, hyper, keys,
                                       state.get("lookahead_ready")))
