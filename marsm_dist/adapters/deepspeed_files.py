@@ -33,7 +33,7 @@ from ..checkpoint.held import BRANCH_KEYS
 from ..checkpoint.sources import Source, SourceParam, register_source
 from ..options import SAVED_GROUP_KEYS
 
-__all__ = ["is_deepspeed_checkpoint", "read_deepspeed", "register", "write_universal"]
+__all__ = ["is_deepspeed_checkpoint", "read_deepspeed", "register", "source_from_states", "write_universal"]
 
 _RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
@@ -89,17 +89,22 @@ def read_deepspeed(path: Path) -> Source:
     optimizer's: its param groups lack MARS-M's keys)."""
     tag = _tag_dir(Path(path))
     files = sorted(tag.glob("*zero_pp_rank_*_optim_states.pt"), key=lambda f: int(_RANK.search(f.name)[1]))
-    sds = [_load(f)["optimizer_state_dict"] for f in files]
     model_file = sorted(tag.glob("*model_states.pt"))[0]
-    model_states = _load(model_file)
+    sds = [_load(f)["optimizer_state_dict"] for f in files]
+    return source_from_states(sds, _load(model_file)["param_shapes"], str(path),
+                              dict(tag_dir=str(tag), model_file=str(model_file)))
+
+
+def source_from_states(sds: list[dict], shapes: list[dict], path: str, extra: dict[str, Any]) -> Source:
+    """The Source of every rank's ``optimizer_state_dict`` (ZeRO-1/2's or ZeRO-3's, in rank order)
+    and the model's ``param_shapes``; each loader joins one state tensor of one parameter."""
     stage3 = "fp32_flat_groups" in sds[0]
     bases = [sd["optimizer_state_dict" if stage3 else "base_optimizer_state"] for sd in sds]
     groups = bases[0]["param_groups"]
     missing = [k for k in SAVED_GROUP_KEYS if k not in groups[0]]
     if missing:
-        raise ValueError(f"{tag} is not a MARS-M checkpoint: its param groups have no {missing} (keys "
+        raise ValueError(f"{path} is not a MARS-M checkpoint: its param groups have no {missing} (keys "
                          f"{sorted(k for k in groups[0] if k != 'params')}: another optimizer's state)")
-    shapes = model_states["param_shapes"]
     shape_of = {n: tuple(s) for g in shapes for n, s in g.items()}
     masters = [sd["fp32_flat_groups" if stage3 else "single_partition_of_fp32_groups"] for sd in sds]
     params = []
@@ -114,10 +119,9 @@ def read_deepspeed(path: Path) -> Source:
         step = float(state["step"]) if "step" in state else 0.0
         params.append(SourceParam(name, shape_of[name], branch, step, hyper, keys, master=master))
     kept = ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad", "ds_version")
-    extra = dict(stage=3 if stage3 else int(sds[0].get("zero_stage", 2)), tag_dir=str(tag),
-                 model_file=str(model_file), groups=groups,
+    extra = dict(extra, stage=3 if stage3 else int(sds[0].get("zero_stage", 2)), groups=groups,
                  global_state={k: sds[0][k] for k in kept if k in sds[0]})
-    return Source(str(path), "deepspeed", f"deepspeed ZeRO-{extra['stage']}", len(sds), params, extra=extra)
+    return Source(path, "deepspeed", f"deepspeed ZeRO-{extra['stage']}", len(sds), params, extra=extra)
 
 
 def write_universal(source: Source, dst: str | os.PathLike, tag: str | None = None,

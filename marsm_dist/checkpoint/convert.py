@@ -92,8 +92,11 @@ def _entry(p: SourceParam, groups: list[dict[str, Any]]) -> dict[str, Any]:
     return entry
 
 
-def write_neutral(source: Source, dst: Path, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Write ``source`` in the neutral form at ``dst`` (one process; see the module docstring)."""
+def write_neutral(source: Source, dst: Path, progress: Callable[[str], None] | None = None,
+                  storage_writer: Any = None) -> dict[str, Any]:
+    """Write ``source`` in the neutral form at ``dst`` (one process; see the module docstring).
+    ``storage_writer``: DCP's writer for the tensors instead of files under ``dst`` (the manifest
+    still goes to ``dst``)."""
     tensors = {}
     for p in source.params:
         for key, (dtype, load) in p.keys.items():
@@ -103,7 +106,8 @@ def write_neutral(source: Source, dst: Path, progress: Callable[[str], None] | N
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save({}, checkpoint_id=dst, planner=_LoaderPlanner(tensors), no_dist=True)
+        dcp.save({}, checkpoint_id=None if storage_writer else dst, storage_writer=storage_writer,
+                 planner=_LoaderPlanner(tensors), no_dist=True)
     manifest = dict(format=FORMAT, version=VERSION, written_by=source.written_by,
                     world_size=source.world_size, converted_from=source.format,
                     time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), torch=torch.__version__,
