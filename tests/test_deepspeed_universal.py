@@ -38,19 +38,32 @@ def _largest(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def zero2_checkpoint(tmp_path_factory) -> Path:
-    """A ZeRO-2 run at W=2, stopped after 4 steps with DeepSpeed's own checkpoint."""
-    path = tmp_path_factory.mktemp("zero2") / "ckpt"
-    run_distributed(moves.stop_deepspeed, 2, "ds-z2", str(path), STOP, timeout=240)
-    return path
+def checkpoints(tmp_path_factory):
+    """DeepSpeed's own checkpoint of a run stopped after 4 steps, per source kind (made once)."""
+    made: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in made:
+            made[kind] = tmp_path_factory.mktemp(kind) / "ckpt"
+            run_distributed(moves.stop_deepspeed, 2, kind, str(made[kind]), STOP, timeout=240)
+        return made[kind]
+    return get
+
+
+@pytest.fixture(scope="module")
+def zero2_checkpoint(checkpoints) -> Path:
+    return checkpoints("ds-z2")
+
+
+def _universal(checkpoint: Path, out: Path) -> Path:
+    run = _cli("convert", str(checkpoint), str(out), "--to", "deepspeed-universal")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
 
 
 @pytest.fixture(scope="module")
 def universal(zero2_checkpoint, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("universal") / "ckpt"
-    run = _cli("convert", str(zero2_checkpoint), str(out), "--to", "deepspeed-universal")
-    assert run.returncode == 0, run.stderr[-3000:]
-    return out
+    return _universal(zero2_checkpoint, tmp_path_factory.mktemp("universal") / "ckpt")
 
 
 def test_inspect_names_every_parameter_of_the_zero_checkpoint(zero2_checkpoint):
@@ -73,8 +86,14 @@ def test_the_universal_layout_holds_every_state_key(universal):
     assert files == {"fp32.pt", "exp_avg.pt", "exp_avg_sq.pt", "step.pt"}
 
 
-@pytest.mark.parametrize(("kind", "world_size"), [("ds-z3", 3), ("ds-z1", 1)])
-def test_deepspeed_resumes_a_universal_checkpoint_at_another_size_and_stage(universal, kind, world_size):
+MOVES = [("ds-z2", "ds-z3", 3), ("ds-z2", "ds-z1", 1), ("ds-z3", "ds-z2", 3)]
+
+
+@pytest.mark.parametrize(("source", "kind", "world_size"), MOVES,
+                         ids=[f"{a}w2-to-{b}w{c}" for a, b, c in MOVES])
+def test_deepspeed_resumes_a_universal_checkpoint_at_another_size_and_stage(checkpoints, tmp_path, source,
+                                                                             kind, world_size):
+    universal = _universal(checkpoints(source), tmp_path / "universal")
     reference = fm.reference(moves.NAME, STOP + MORE, approx=True, ns_dtype=torch.float32)
     for result in run_distributed(moves.resume_universal, world_size, kind, str(universal), STOP, MORE,
                                   timeout=300):

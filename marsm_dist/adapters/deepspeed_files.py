@@ -91,8 +91,10 @@ def read_deepspeed(path: Path) -> Source:
     files = sorted(tag.glob("*zero_pp_rank_*_optim_states.pt"), key=lambda f: int(_RANK.search(f.name)[1]))
     model_file = sorted(tag.glob("*model_states.pt"))[0]
     sds = [_load(f)["optimizer_state_dict"] for f in files]
-    return source_from_states(sds, _load(model_file)["param_shapes"], str(path),
-                              dict(tag_dir=str(tag), model_file=str(model_file)))
+    model_states = _load(model_file)
+    return source_from_states(sds, model_states["param_shapes"], str(path),
+                              dict(tag_dir=str(tag), model_file=str(model_file),
+                                   ds_version=model_states.get("ds_version")))
 
 
 def source_from_states(sds: list[dict], shapes: list[dict], path: str, extra: dict[str, Any]) -> Source:
@@ -121,6 +123,8 @@ def source_from_states(sds: list[dict], shapes: list[dict], path: str, extra: di
     kept = ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad", "ds_version")
     extra = dict(extra, stage=3 if stage3 else int(sds[0].get("zero_stage", 2)), groups=groups,
                  global_state={k: sds[0][k] for k in kept if k in sds[0]})
+    # ZeRO-3's files keep the version in the model states only; DeepSpeed's loader asks for it.
+    extra["global_state"].setdefault("ds_version", extra.pop("ds_version", None))
     return Source(path, "deepspeed", f"deepspeed ZeRO-{extra['stage']}", len(sds), params, extra=extra)
 
 
