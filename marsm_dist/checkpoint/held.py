@@ -146,7 +146,7 @@ def held_tensors(optimizer: MARSM, names: Mapping[int, str] | None = None,
     held = []
     for gi, group in enumerate(optimizer.param_groups):
         for i, p in enumerate(group["params"]):
-            slots = adapter_for(p).slots(p)
+            slots = adapter_for(p).checkpoint_slots(p)
             for k, slot in enumerate(slots):
                 name = _base_name(group, i, p, slot, len(slots), names)
                 if name is None:

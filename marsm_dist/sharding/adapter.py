@@ -143,6 +143,12 @@ class ShardingAdapter:
         layout = self.layout(p)
         return [Slot(layout.shape, layout)]  # the full logical shape, not the local one
 
+    def checkpoint_slots(self, p: Tensor) -> list[Slot]:
+        """The slots a checkpoint keyed by full tensors reads (``marsm_dist.checkpoint``): each with
+        its parameter's full shape and layout on either branch. By default :meth:`slots`; an
+        adapter whose AdamW-branch slots are bare flat ranges gives the full ones here."""
+        return self.slots(p)
+
 
 class SideTableAdapter(ShardingAdapter):
     """An adapter for tensors that carry no mark of their own: the framework glue registers each one

@@ -47,7 +47,7 @@ from ...sharding.layout import flat_overlap
 from .checkpoint import load_flat_state, sharded_flat_state
 from .routing import match_param_groups
 from .tp_adapter import is_expert_parallel
-from .tp_layout import RankCoordinates, expert_layout, job_group, rank_coordinates, tp_layout
+from .tp_layout import RankCoordinates, dp_range_layout, expert_layout, job_group, rank_coordinates, tp_layout
 
 __all__ = ["MegatronDPShardAdapter", "ShardedMARSMOptimizer", "dp_shard_ranges"]
 
@@ -124,8 +124,23 @@ class MegatronDPShardAdapter(SideTableAdapter):
     def slots(self, p: Tensor) -> list[Slot]:
         return [self.info(p)[0]]
 
+    def checkpoint_slots(self, p: Tensor) -> list[Slot]:
+        return [self.info(p)[2]]
+
 
 _ADAPTER = MegatronDPShardAdapter()
+
+
+def checkpoint_slot(shard: _Shard, coords: list[RankCoordinates], pg: dist.ProcessGroup | None) -> Slot:
+    """What the neutral checkpoint form reads of a main shard: its parameter's full shape and
+    layout on either branch (the step's slot of an AdamW-branch shard is only its flat range)."""
+    p, numel = shard.param, shard.stop - shard.start
+    if is_expert_parallel(p):  # refused by the neutral form, by name (expert=)
+        return Slot(tuple(p.shape), None, 0, numel, shard.name, expert=0)
+    if pg is None:
+        return Slot(tuple(p.shape), None, 0, numel, shard.name)
+    layout = dp_range_layout(p, coords, shard.ranges)
+    return Slot(layout.shape, layout, 0, numel, shard.name)
 PRIORITY = 40  # the highest built-in: see MegatronDPShardAdapter and marsm_dist.sharding.adapter
 
 
@@ -170,7 +185,8 @@ class ShardedMARSMOptimizer(MixedPrecisionOptimizer):
                 # Megatron's grad-norm and zero-count helpers read these from the tensors they see.
                 copy_tensor_model_parallel_attributes(shard.main, p)
                 shard.main.shared = getattr(p, "shared", False)
-                _ADAPTER.register(shard.main, (self._slot(shard, g, coords, group), group))
+                _ADAPTER.register(shard.main, (self._slot(shard, g, coords, group), group,
+                                               checkpoint_slot(shard, coords, group)))
                 self._shards.append(shard)
                 mains.append(shard.main)
             groups.append({**g, "params": mains})

@@ -161,3 +161,16 @@ def expert_layout(p: Tensor, coords: Sequence[RankCoordinates], etp_size: int,
         replicas = [c.edp * etp_size + c.etp for c in coords]
     return MatrixLayout(tuple(full), pieces, split_dim=split, num_blocks=blocks,
                         replicas=tuple(replicas) if len(set(replicas)) > 1 else None)
+
+
+def dp_range_layout(p: Tensor, coords: Sequence[RankCoordinates], dp_ranges: Sequence[tuple[int, int]]
+                    ) -> MatrixLayout:
+    """The full layout of a dense parameter under the distributed optimizer, whatever its branch:
+    TP-marked ones as :func:`tp_layout`; the others are copies on every TP rank, cut over the DP
+    ranks by ``dp_ranges`` (one copy per TP rank). The neutral checkpoint form reads it."""
+    tp_size = max(c.tp for c in coords) + 1
+    if getattr(p, "tensor_model_parallel", False):
+        return tp_layout(p, [(c.tp, c.dp) for c in coords], tp_size, dp_ranges)
+    pieces = tuple((Piece(0, *dp_ranges[c.dp]),) if dp_ranges[c.dp][1] > dp_ranges[c.dp][0] else ()
+                   for c in coords)
+    return MatrixLayout(tuple(p.shape), pieces, replicas=tuple(c.tp for c in coords) if tp_size > 1 else None)
