@@ -55,3 +55,18 @@ def test_without_the_optimizer_state_the_run_would_not_continue(tmp_path):
     run_distributed(moves.stop, 2, "ds-z2", str(tmp_path), STOP, timeout=240)
     fresh = run_distributed(moves.resume, 2, "fsdp2", str(tmp_path), STOP, MORE, False, timeout=240)[0]
     assert _largest(fresh["resumed"], fresh["straight"]) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["ds-z2-bf16", "ds-z3-bf16"])
+def test_bf16_master_weights_travel_with_weights_true(tmp_path, kind):
+    """DeepSpeed bf16 keeps fp32 master weights that the model's bf16 weights round: with
+    ``weights=True`` they travel and the run continues bitwise; without, it does not (the control)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run_distributed(moves.stop, 2, kind, a, STOP, True, timeout=240)
+    exact = run_distributed(moves.resume, 2, kind, a, STOP, MORE, True, True, timeout=240)
+    run_distributed(moves.stop, 2, kind, b, STOP, False, timeout=240)
+    rounded = run_distributed(moves.resume, 2, kind, b, STOP, MORE, True, False, timeout=240)
+    assert all(_largest(r["resumed"], r["straight"]) == 0.0 for r in exact)
+    assert all(_largest(r["resumed"], r["straight"]) > 1e-3 for r in rounded)

@@ -143,3 +143,16 @@ def _refused_on_every_rank(rank, world_size, path):
 def test_every_rank_refuses_together(saved):
     errors = run_distributed(_refused_on_every_rank, 2, str(saved))
     assert all(e is not None and "'c.weight' has shape (3, 7)" in e for e in errors)
+
+
+def test_master_weights_round_trip_and_are_refused_when_not_saved(tmp_path, saved):
+    model = fm.build("awkward")
+    opt = _trained(model)
+    save_neutral(opt, tmp_path / "with", weights=True)
+    twin = fm.build("awkward")
+    twin_opt = MARSM(param_groups(twin, named=True), lr=0.02, ns_dtype=torch.float32)
+    load_neutral(twin_opt, tmp_path / "with", weights=True)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    with pytest.raises(ValueError, match="saved without weights"):
+        load_neutral(twin_opt, saved, weights=True)

@@ -46,14 +46,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..checkpoint.held import register_wrapper_view
+from ..checkpoint.held import register_master_sync, register_wrapper_view
 from ..optimizer import MARSM
 from ..options import CONFIG_OPTIONS
 from ..param_groups import param_decisions, split_by_route, split_experts
 from ..sharding.adapter import SideTableAdapter, Slot, check_group_serves, register_adapter
 from ..sharding.layout import MatrixLayout, Piece, flat_overlap
 from ._common import refuse_exact_mode
-from .deepspeed_checkpoint import patch_universal_loading, zero3_view
+from .deepspeed_checkpoint import master_sync, patch_universal_loading, zero3_view
 from .deepspeed_files import register as register_checkpoint_files
 from .deepspeed_moe import describe_moe_group, is_moe_group
 
@@ -282,6 +282,7 @@ def install() -> None:
     _patch_engine()
     register_adapter(_ADAPTER, priority=PRIORITY)
     register_wrapper_view(zero3_view)
+    register_master_sync(master_sync)
     patch_universal_loading()
     register_checkpoint_files()
 

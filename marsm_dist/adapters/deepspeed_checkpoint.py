@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -20,7 +20,8 @@ import torch
 from ..optimizer import MARSM
 from ..options import restore_group_types
 
-__all__ = ["load_stage3_universal", "patch_universal_loading", "zero3_view"]
+__all__ = ["load_stage3_universal", "master_sync", "patch_universal_loading", "stage3_fp32_to_model",
+           "zero3_view"]
 
 
 @contextlib.contextmanager
@@ -86,6 +87,12 @@ def load_stage3_universal(wrapper: Any, checkpoint_dir: str) -> None:
     for group, saved in zip(opt.param_groups, saved_groups, strict=True):
         group.update({k: v for k, v in saved.items() if k != "params"})
         restore_group_types(group)  # ns_dtype was saved by name
+    stage3_fp32_to_model(wrapper)
+    opt._unscreened = {id(p) for p in opt.state}  # loaded state is screened for NaN/Inf, as always
+
+
+def stage3_fp32_to_model(wrapper: Any) -> None:
+    """ZeRO-3: copy each sub-group's fp32 partition to the model's partitioned (bit16) parameters."""
     for sub_group, flat in enumerate(wrapper.fp32_partitioned_groups_flat):
         if flat.numel():
             wrapper.fp16_partitioned_groups_flat[sub_group].data.copy_(flat.data)
@@ -93,7 +100,17 @@ def load_stage3_universal(wrapper: Any, checkpoint_dir: str) -> None:
                                     wrapper.fp16_partitioned_groups[sub_group])
         for partitioned, q in zip(wrapper.fp16_partitioned_groups[sub_group], updated, strict=True):
             partitioned.data = q.data
-    opt._unscreened = {id(p) for p in opt.state}  # loaded state is screened for NaN/Inf, as always
+
+
+def master_sync(wrapper: Any) -> Callable[[], None] | None:
+    """After ``load_neutral(weights=True)`` wrote the fp32 partitions: the model's bit16 copies
+    follow them (ZeRO-3: its partitions; ZeRO-1/2 and the BF16_Optimizer: copied and all-gathered
+    by DeepSpeed's ``update_lp_params``). None for another wrapper."""
+    if not isinstance(getattr(wrapper, "optimizer", None), MARSM):
+        return None
+    if hasattr(wrapper, "fp32_partitioned_groups_flat"):
+        return lambda: stage3_fp32_to_model(wrapper)
+    return getattr(wrapper, "update_lp_params", None)
 
 
 def patch_universal_loading() -> None:

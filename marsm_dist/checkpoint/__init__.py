@@ -8,8 +8,9 @@
 """
 
 from .held import find_marsm, names_from_model
+from .load import load_neutral
 from .manifest import MANIFEST, read_manifest
-from .neutral import load_neutral, save_neutral, state_key
+from .neutral import save_neutral, state_key
 
 __all__ = ["MANIFEST", "find_marsm", "load_neutral", "names_from_model", "read_manifest", "save_neutral",
            "state_key"]

@@ -24,7 +24,8 @@ from ..sharding.adapter import Slot, adapter_for, slot_view
 from .boxes import Box, piece_boxes
 
 __all__ = ["BRANCH_KEYS", "HeldTensor", "find_marsm", "held_tensors", "marsm_in", "names_from_model",
-           "register_wrapper_view"]
+           "names_through_wrappers", "register_inner", "register_master_sync", "register_param_aliases",
+           "register_wrapper_view", "sync_model_params"]
 
 #: The state tensors of each branch, as the neutral form keys them (``step`` is kept apart).
 BRANCH_KEYS = {"marsm": ("exp_avg", "last_grad", "lookahead_grad"), "adamw": ("exp_avg", "exp_avg_sq")}
@@ -67,10 +68,23 @@ def register_wrapper_view(view: Callable[[Any], contextlib.AbstractContextManage
         _VIEWS.append(view)
 
 
+# Wrapper -> the wrapper or optimizer directly inside it, where ``.optimizer`` skips a level
+# (Megatron's ChainedOptimizer hands out its inner wrapper's optimizer); None: use ``.optimizer``.
+_INNER: list[Callable[[Any], Any]] = []
+
+
+def register_inner(inner: Callable[[Any], Any]) -> None:
+    """Register ``inner(wrapper)``: what ``wrapper`` directly wraps, or None (then ``.optimizer``)."""
+    if inner not in _INNER:
+        _INNER.append(inner)
+
+
 def _chain(obj: Any) -> list[Any]:
     chain = [obj]
-    while not isinstance(chain[-1], MARSM) and len(chain) < 5:
-        inner = getattr(chain[-1], "optimizer", None)
+    while not isinstance(chain[-1], MARSM) and len(chain) < 6:
+        inner = next((found for find in _INNER if (found := find(chain[-1])) is not None), None)
+        if inner is None:
+            inner = getattr(chain[-1], "optimizer", None)
         if inner is None:
             break
         chain.append(inner)
@@ -90,6 +104,58 @@ def marsm_in(obj: Any) -> Iterator[MARSM]:
                 if context is not None:
                     stack.enter_context(context)
         yield opt
+
+
+# Wrapper -> a function that copies the MARSM's parameters (the fp32 master weights) to the model's
+# own (bf16 copies, all-gathered partitions), or None: for load_neutral(weights=True).
+_SYNCS: list[Callable[[Any], Callable[[], None] | None]] = []
+
+
+def register_master_sync(sync: Callable[[Any], Callable[[], None] | None]) -> None:
+    """Register ``sync(wrapper)``: a function that refreshes the model's parameters from the
+    master weights the ``MARSM`` under ``wrapper`` holds, or None for another framework's wrapper
+    (idempotent). Called on every rank after the neutral form loads master weights."""
+    if sync not in _SYNCS:
+        _SYNCS.append(sync)
+
+
+def sync_model_params(obj: Any) -> int:
+    """Refresh the model's parameters from freshly loaded master weights, through every wrapper
+    around the ``MARSM`` in ``obj``; returns how many syncs ran (0: the optimizer steps the model's
+    own parameters, FSDP2 and DDP)."""
+    ran = 0
+    for wrapper in _chain(obj)[:-1]:
+        for sync in _SYNCS:
+            action = sync(wrapper)
+            if action is not None:
+                action()
+                ran += 1
+    return ran
+
+
+# Wrapper -> (optimizer parameter, model parameter) pairs where the optimizer steps copies (fp32
+# mains of bf16 parameters), so a copy is named as its model parameter; or None.
+_ALIASES: list[Callable[[Any], Iterable[tuple[Tensor, Tensor]] | None]] = []
+
+
+def register_param_aliases(aliases: Callable[[Any], Iterable[tuple[Tensor, Tensor]] | None]) -> None:
+    """Register ``aliases(wrapper)``: (the optimizer's copy, the model parameter it stands for)
+    pairs for a wrapper whose optimizer steps fp32 copies, or None for another wrapper."""
+    if aliases not in _ALIASES:
+        _ALIASES.append(aliases)
+
+
+def names_through_wrappers(obj: Any, names: Mapping[int, str] | None) -> Mapping[int, str] | None:
+    """``names`` (parameter id -> name) with each wrapper's copies named as their parameters."""
+    if names is None:
+        return None
+    out = dict(names)
+    for wrapper in _chain(obj)[:-1]:
+        for aliases in _ALIASES:
+            for copy, param in aliases(wrapper) or ():
+                if id(param) in names:
+                    out[id(copy)] = names[id(param)]
+    return out
 
 
 def find_marsm(obj: Any) -> MARSM:

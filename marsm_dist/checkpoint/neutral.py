@@ -15,7 +15,6 @@ import os
 import time
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,16 +22,23 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from ..optimizer import MARSM
-from ..options import AGREED_KEYS
 from ..sharding.adapter import adapter_for
-from .held import BRANCH_KEYS, HeldTensor, NameMap, held_tensors, marsm_in, names_from_model
-from .manifest import FORMAT, VERSION, jsonable, read_manifest, write_manifest
-from .planners import BoxedTensor, BoxLoadPlanner, BoxSavePlanner
+from .held import (
+    BRANCH_KEYS,
+    HeldTensor,
+    NameMap,
+    held_tensors,
+    marsm_in,
+    names_from_model,
+    names_through_wrappers,
+)
+from .manifest import FORMAT, VERSION, jsonable, write_manifest
+from .planners import BoxedTensor, BoxSavePlanner
 
-__all__ = ["load_neutral", "save_neutral", "state_key"]
+__all__ = ["WEIGHTS_KEY", "save_neutral", "state_key"]
 
-# Schedulers move lr; the branch is checked per parameter (a use_marsm of None routes by shape).
-_NOT_COMPARED = {"lr", "initial_lr", "use_marsm", "experts"}
+#: The key of a parameter's master weights (``save_neutral(weights=True)``).
+WEIGHTS_KEY = "param"
 
 
 def state_key(name: str, key: str) -> str:
@@ -40,29 +46,35 @@ def state_key(name: str, key: str) -> str:
     return f"state.{name}.{key}"
 
 
-def _names(model: Any, names: Mapping[int, str] | None) -> Mapping[int, str] | None:
+def names_for(model: Any, names: Mapping[int, str] | None) -> Mapping[int, str] | None:
     if model is not None:
         return names_from_model(model)
     return names
 
 
-def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+def hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     return jsonable({k: v for k, v in group.items() if k not in ("params", "param_names")})
 
 
-def _distributed() -> bool:
+def distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _gather(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
-    if not _distributed():
+def gather(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
+    if not distributed():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
 
 
-def _describe(opt: MARSM, held: list[HeldTensor]) -> tuple[dict[str, BoxedTensor], dict[str, Any], list[str]]:
+def weights_key(name: str) -> str:
+    """The DCP key of parameter ``name``'s master weights."""
+    return f"{WEIGHTS_KEY}.{name}"
+
+
+def _describe(opt: MARSM, held: list[HeldTensor], weights: bool
+              ) -> tuple[dict[str, BoxedTensor], dict[str, Any], list[str]]:
     """This rank's tensors to write and its part of the manifest."""
     tensors: dict[str, BoxedTensor] = {}
     params: dict[str, Any] = {}
@@ -72,7 +84,7 @@ def _describe(opt: MARSM, held: list[HeldTensor]) -> tuple[dict[str, BoxedTensor
         state = opt._ensure_state(group, h.container)
         keys = [k for k in BRANCH_KEYS[h.branch] if k in state]
         entry = dict(shape=list(h.shape), branch=h.branch, step=float(state["step"]), keys=keys,
-                     hyperparameters=_hyperparameters(group), adapter=adapter_for(h.container).name)
+                     hyperparameters=hyperparameters(group), adapter=adapter_for(h.container).name)
         if "lookahead_ready" in state:
             entry["lookahead_ready"] = bool(state["lookahead_ready"])
         if h.name in params and params[h.name]["shape"] != entry["shape"]:
@@ -81,6 +93,8 @@ def _describe(opt: MARSM, held: list[HeldTensor]) -> tuple[dict[str, BoxedTensor
         params[h.name] = entry
         for key in keys:
             tensors[state_key(h.name, key)] = BoxedTensor(h.shape, h.boxes, h.local(state[key]))
+        if weights:  # the optimizer's own parameter: the fp32 master where the framework keeps one
+            tensors[weights_key(h.name)] = BoxedTensor(h.shape, h.boxes, h.local(h.container))
     return tensors, params, problems
 
 
@@ -100,7 +114,7 @@ def _merge(fragments: list[tuple[dict[str, Any], list[str]]]) -> tuple[dict[str,
 
 def save_neutral(optimizer: Any, path: str | os.PathLike, *, model: Any = None,
                  names: Mapping[int, str] | None = None, name_map: NameMap | None = None,
-                 framework: str | None = None,
+                 framework: str | None = None, weights: bool = False,
                  process_group: dist.ProcessGroup | None = None) -> dict[str, Any]:
     """Export MARS-M's state to ``path`` in the neutral form (collective: call it on every rank).
 
@@ -113,18 +127,22 @@ def save_neutral(optimizer: Any, path: str | os.PathLike, *, model: Any = None,
         name_map: renames each parameter (return None to leave it out), e.g. Megatron's names to
             the Hugging Face ones another framework will load under.
         framework: a label recorded as the writer (default: the sharding adapters' names).
+        weights: also write the parameters the optimizer steps, as ``param.<name>``: the fp32
+            master weights under mixed precision (DeepSpeed, Megatron), which the model's bf16
+            weights would round; ``load_neutral(weights=True)`` restores them.
         process_group: the group that saves together (default: every rank).
 
     Returns the manifest. Nothing is written when the ranks disagree (a ValueError says why).
     """
     with marsm_in(optimizer) as opt:
-        return _save(opt, path, held_tensors(opt, _names(model, names), name_map), framework, process_group)
+        held = held_tensors(opt, names_through_wrappers(optimizer, names_for(model, names)), name_map)
+        return _save(opt, path, held, framework, weights, process_group)
 
 
-def _save(opt: MARSM, path: str | os.PathLike, held: list[HeldTensor], framework: str | None,
+def _save(opt: MARSM, path: str | os.PathLike, held: list[HeldTensor], framework: str | None, weights: bool,
           process_group: dist.ProcessGroup | None) -> dict[str, Any]:
-    tensors, params, problems = _describe(opt, held)
-    params, problems = _merge(_gather((params, problems), process_group))
+    tensors, params, problems = _describe(opt, held, weights)
+    params, problems = _merge(gather((params, problems), process_group))
     if problems:
         raise ValueError("save_neutral: nothing written: " + "; ".join(problems[:10]))
     groups: list[dict[str, Any]] = []
@@ -138,128 +156,15 @@ def _save(opt: MARSM, path: str | os.PathLike, held: list[HeldTensor], framework
     with warnings.catch_warnings():  # DCP's "assuming the intent is to save in a single process"
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({}, checkpoint_id=path, planner=BoxSavePlanner(tensors), process_group=process_group,
-                 no_dist=not _distributed())
-    world = dist.get_world_size(process_group) if _distributed() else 1
+                 no_dist=not distributed())
+    world = dist.get_world_size(process_group) if distributed() else 1
     manifest = dict(format=FORMAT, version=VERSION, written_by=framework or "+".join(adapters),
+                    weights=weights,
                     world_size=world, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     torch=torch.__version__, groups=groups, params=params,
                     seconds=round(time.perf_counter() - start, 3))
-    if not _distributed() or dist.get_rank(process_group) == 0:
+    if not distributed() or dist.get_rank(process_group) == 0:
         write_manifest(path, manifest)
-    if _distributed():
+    if distributed():
         dist.barrier(process_group)  # every rank returns once the checkpoint is complete
     return manifest
-
-
-def _check_part(h: HeldTensor, state: dict[str, Any], manifest: dict[str, Any], stored: Mapping[str, Any],
-                path: Any) -> tuple[list[str], list[str]]:
-    """The keys to read for ``h`` and what is wrong with the checkpoint for it."""
-    entry = manifest["params"].get(h.name)
-    if entry is None:
-        return [], [f"no state for parameter {h.name!r} in {path} (it holds {len(manifest['params'])} "
-                    f"parameters; pass name_map= if the names differ between the two runs)"]
-    if tuple(entry["shape"]) != h.shape:
-        return [], [f"{h.name!r} has shape {tuple(entry['shape'])} in the checkpoint, {h.shape} here"]
-    keys = [k for k in BRANCH_KEYS[h.branch] if k in state]
-    problems = []
-    for key in keys:
-        md = stored.get(state_key(h.name, key))
-        if md is None:
-            other = entry["branch"] != h.branch
-            saved = f"it was saved on the {entry['branch']} branch" if other else "the checkpoint is damaged"
-            problems.append(f"{state_key(h.name, key)!r} is missing ({h.name!r} takes the {h.branch} branch "
-                            f"here; {saved})")
-        elif tuple(md.size) != h.shape:
-            problems.append(f"{state_key(h.name, key)!r} has shape {tuple(md.size)}, the parameter {h.shape}")
-    return keys, problems
-
-
-def _damaged(path: str | os.PathLike, metadata: Any, fqns: set[str]) -> list[str]:
-    """The keys among ``fqns`` whose data file is missing or shorter than the metadata says."""
-    sizes: dict[str, int] = {}
-    problems = []
-    for index, info in metadata.storage_data.items():
-        if index.fqn not in fqns:
-            continue
-        if info.relative_path not in sizes:
-            file = Path(path) / info.relative_path
-            sizes[info.relative_path] = file.stat().st_size if file.is_file() else -1
-        have = sizes[info.relative_path]
-        if have < info.offset + info.length:
-            state = "missing" if have < 0 else f"{have} bytes, short of {info.offset + info.length}"
-            problems.append(f"{index.fqn!r}: its data file {info.relative_path} is {state} (damaged)")
-    return sorted(set(problems))
-
-
-def _differences(opt: MARSM, held: list[HeldTensor], manifest: dict[str, Any]) -> list[str]:
-    found = set()
-    for h in held:
-        entry = manifest["params"].get(h.name)
-        if entry is None:
-            continue
-        saved = manifest["groups"][entry["group"]]
-        mine = _hyperparameters(opt.param_groups[h.group_index])
-        found |= {f"{k}: {saved[k]!r} saved, {mine[k]!r} here" for k in AGREED_KEYS
-                  if k in saved and k in mine and k not in _NOT_COMPARED and saved[k] != mine[k]}
-    return sorted(found)
-
-
-def load_neutral(optimizer: Any, path: str | os.PathLike, *, model: Any = None,
-                 names: Mapping[int, str] | None = None, name_map: NameMap | None = None,
-                 strict: bool = True, process_group: dist.ProcessGroup | None = None) -> dict[str, Any]:
-    """Load MARS-M's state from a neutral checkpoint into ``optimizer`` (collective).
-
-    Every parameter the optimizer holds is matched by name (see :func:`save_neutral` for
-    ``model``, ``names`` and ``name_map``) and each rank reads only its own elements. The
-    hyperparameters stay the optimizer's own (set them as the saved run had them; a difference
-    other than ``lr`` is warned about). Everything is checked on every rank before anything is
-    read: a missing parameter or key, a different shape, a parameter on the other branch
-    (MARS-M vs AdamW), and, with ``strict``, a saved parameter that nothing here loads. Then
-    nothing is changed and every rank raises ValueError naming the keys.
-
-    Returns the manifest.
-    """
-    manifest = read_manifest(path)
-    with marsm_in(optimizer) as opt:
-        _load(opt, path, manifest, held_tensors(opt, _names(model, names), name_map), strict, process_group)
-    return manifest
-
-
-def _load(opt: MARSM, path: str | os.PathLike, manifest: dict[str, Any], held: list[HeldTensor], strict: bool,
-          process_group: dist.ProcessGroup | None) -> None:
-    metadata = dcp.FileSystemReader(path).read_metadata()
-    stored = metadata.state_dict_metadata
-    tensors: dict[str, BoxedTensor] = {}
-    problems: list[str] = []
-    for h in held:
-        state = opt._ensure_state(opt.param_groups[h.group_index], h.container)
-        keys, wrong = _check_part(h, state, manifest, stored, path)
-        problems += wrong
-        if not wrong:
-            tensors.update({state_key(h.name, k): BoxedTensor(h.shape, h.boxes, h.local(state[k]))
-                            for k in keys})
-    problems += _damaged(path, metadata, set(tensors))
-    gathered = _gather(([h.name for h in held], problems), process_group)
-    problems = [p for _, probs in gathered for p in probs]
-    loaded = {n for names_, _ in gathered for n in names_}
-    if strict:
-        problems += [f"parameter {n!r} of the checkpoint is not in this optimizer (strict=False loads "
-                     f"the others)" for n in sorted(set(manifest["params"]) - loaded)]
-    if problems:
-        raise ValueError(f"load_neutral({str(path)!r}): nothing loaded: " + "; ".join(problems[:10])
-                         + (f"; and {len(problems) - 10} more" if len(problems) > 10 else ""))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load({}, checkpoint_id=path, planner=BoxLoadPlanner(tensors), process_group=process_group,
-                 no_dist=not _distributed())
-    for h in held:
-        entry, state = manifest["params"][h.name], opt.state[h.container]
-        state["step"] = torch.tensor(entry["step"], dtype=torch.float32)
-        if "lookahead_ready" in state:
-            state["lookahead_ready"] = bool(entry.get("lookahead_ready", False))
-    # Loaded state may be damaged: the next steps screen it for NaN/Inf, as after load_state_dict.
-    opt._unscreened = {id(p) for p in opt.state}
-    differ = _differences(opt, held, manifest)
-    if differ and (not _distributed() or dist.get_rank() == 0):
-        warnings.warn(f"load_neutral: hyperparameters differ from the saved run's ({'; '.join(differ)}); "
-                      f"the state is loaded, the optimizer keeps its own", stacklevel=3)

@@ -3,8 +3,9 @@ tests: each kind builds the ``awkward`` model from given full weights, trains on
 global batch, and exports or imports MARS-M's state in the neutral form.
 
 Kinds: ``ddp``, ``fsdp2``, ``fsdp2xtp`` (a 2x2 dp x tp mesh: W=4), ``ds-z0`` .. ``ds-z3``
-(DeepSpeed from the JSON config). The weights travel as a plain full state dict, as a Hugging
-Face model's would; the optimizer state travels in the neutral form only.
+(DeepSpeed from the JSON config; ``ds-z2-bf16``, ``ds-z3-bf16``: bf16 with fp32 master weights).
+The weights travel as a plain full state dict, as a Hugging Face model's would; the optimizer
+state travels in the neutral form only.
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ def _model(weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
     return model
 
 
-def _deepspeed(rank: int, world_size: int, stage: int, model: torch.nn.Module, universal: bool = False):
+def _deepspeed(rank: int, world_size: int, kind: str, model: torch.nn.Module, universal: bool = False):
     import deepspeed
 
     import marsm_dist.adapters.deepspeed  # noqa: F401
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     cfg = {"train_micro_batch_size_per_gpu": fm.GLOBAL_BATCH // world_size, "gradient_accumulation_steps": 1,
-           "gradient_clipping": 0.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
+           "gradient_clipping": 0.0, "zero_optimization": {"stage": int(kind[4])}, "steps_per_print": 10**9,
+           "bf16": {"enabled": kind.endswith("-bf16")},
            "optimizer": {"type": "MARSM", "params": {"lr": LR, "ns_dtype": "float32"}}}
     if universal:
         cfg["checkpoint"] = {"load_universal": True}
@@ -50,7 +52,7 @@ class Run:
         self.kind, self.model = kind, _model(weights)
         self.rank, self.world = rank, world_size
         if kind.startswith("ds-z"):
-            self.engine = _deepspeed(rank, world_size, int(kind[-1]), self.model, universal)
+            self.engine = _deepspeed(rank, world_size, kind, self.model, universal)
             self.holder, self.forward = self.engine, self.engine
             return
         if kind == "fsdp2":
@@ -88,24 +90,25 @@ class Run:
                 for n, p in self.model.named_parameters()}
 
 
-def stop(rank: int, world_size: int, kind: str, path: str, steps: int) -> dict:
-    """Train ``steps`` steps, then save the weights (rank 0) and the neutral optimizer state."""
+def stop(rank: int, world_size: int, kind: str, path: str, steps: int, masters: bool = False) -> dict:
+    """Train ``steps`` steps, then save the weights (rank 0) and the neutral optimizer state
+    (``masters``: with the optimizer's fp32 master weights)."""
     run = Run(kind, rank, world_size)
     run.train(steps)
     weights = run.full_weights()
     if rank == 0:
         torch.save(weights, os.path.join(path, "weights.pt"))
-    return save_neutral(run.holder, os.path.join(path, "optim"), model=run.model)
+    return save_neutral(run.holder, os.path.join(path, "optim"), model=run.model, weights=masters)
 
 
 def resume(rank: int, world_size: int, kind: str, path: str, start: int, steps: int,
-           optimizer_state: bool = True) -> dict:
+           optimizer_state: bool = True, masters: bool = False) -> dict:
     """Continue from ``stop``'s checkpoint for ``steps`` steps; also run the same kind and shape
     uninterrupted from the start, and return both final weights. ``optimizer_state=False``: the
     weights only (the control: fresh momentum)."""
     run = Run(kind, rank, world_size, torch.load(os.path.join(path, "weights.pt")))
     if optimizer_state:
-        load_neutral(run.holder, os.path.join(path, "optim"), model=run.model)
+        load_neutral(run.holder, os.path.join(path, "optim"), model=run.model, weights=masters)
     run.train(steps, start=start)
     straight = Run(kind, rank, world_size)
     straight.train(start + steps)

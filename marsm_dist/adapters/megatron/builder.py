@@ -20,6 +20,7 @@ from megatron.core.optimizer import (
 )
 from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler, MegatronGradScaler
 
+from ...checkpoint.held import register_inner, register_master_sync, register_param_aliases
 from ...optimizer import MARSM
 from .._common import refuse_exact_mode
 from .routing import marsm_param_groups, match_param_groups
@@ -73,6 +74,9 @@ def get_megatron_marsm_optimizer(
     if split_qkv and distributed:
         raise NotImplementedError("split_qkv is not supported with use_distributed_optimizer yet")
     register_tp_adapter()  # Megatron's tensors, and the marks set below
+    register_master_sync(_copy_mains_to_model)  # for load_neutral(weights=True)
+    register_param_aliases(_mains_of)  # the neutral form names the fp32 mains as their parameters
+    register_inner(_only_chained)
     if split_qkv:
         mark_qkv_split(model_chunks)
     groups = marsm_param_groups(model_chunks, config, config_overrides)
@@ -86,6 +90,28 @@ def get_megatron_marsm_optimizer(
     build = ShardedMARSMOptimizer if distributed else _replicated  # the one choice of wrapper
     scaler = _grad_scaler(config)
     return ChainedOptimizer([build(config, model_chunks, groups, kwargs, scaler, init_state_fn)])
+
+
+def _copy_mains_to_model(wrapper: Any) -> Callable[[], None] | None:
+    """A Megatron mixed-precision wrapper around MARSM: its fp32 mains -> the model's bf16/fp16."""
+    if isinstance(getattr(wrapper, "optimizer", None), MARSM) and hasattr(
+            wrapper, "_copy_main_params_to_model_params"):
+        return wrapper._copy_main_params_to_model_params
+    return None
+
+
+def _only_chained(wrapper: Any) -> Any:
+    """The one optimizer a ChainedOptimizer holds (its ``.optimizer`` skips to MARSM itself)."""
+    chained = getattr(wrapper, "chained_optimizers", None)
+    return chained[0] if isinstance(wrapper, ChainedOptimizer) and len(chained) == 1 else None
+
+
+def _mains_of(wrapper: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Megatron's fp16/bf16 wrapper around MARSM: (fp32 main, model parameter) pairs."""
+    if not (isinstance(getattr(wrapper, "optimizer", None), MARSM) and hasattr(wrapper, "float16_groups")):
+        return None
+    groups = zip(wrapper.float16_groups, wrapper.fp32_from_float16_groups, strict=True)
+    return [(main, param) for params, mains in groups for param, main in zip(params, mains, strict=True)]
 
 
 def _replicated(config: OptimizerConfig, model_chunks: list[torch.nn.Module], groups: list[dict[str, Any]],
