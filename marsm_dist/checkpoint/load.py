@@ -126,7 +126,11 @@ def _load(opt: MARSM, path: str | os.PathLike, manifest: dict[str, Any], held: l
     stored = metadata.state_dict_metadata
     tensors: dict[str, BoxedTensor] = {}
     problems: list[str] = []
+    seen: set[str] = set()
     for h in held:
+        if h.name in seen:
+            problems.append(f"two parameters here are named {h.name!r}: give name_map= to tell them apart")
+        seen.add(h.name)
         state = opt._ensure_state(opt.param_groups[h.group_index], h.container)
         keys, wrong = _check_part(h, state, manifest, stored, path)
         problems += wrong

@@ -87,7 +87,7 @@ def _describe(opt: MARSM, held: list[HeldTensor], weights: bool
                      hyperparameters=hyperparameters(group), adapter=adapter_for(h.container).name)
         if "lookahead_ready" in state:
             entry["lookahead_ready"] = bool(state["lookahead_ready"])
-        if h.name in params and params[h.name]["shape"] != entry["shape"]:
+        if h.name in params:  # e.g. Megatron's split_qkv slots, named per local query group
             problems.append(f"two parameters are named {h.name!r} (shapes {params[h.name]['shape']} and "
                             f"{entry['shape']}): give name_map= to tell them apart")
         params[h.name] = entry
