@@ -410,3 +410,25 @@ def test_config_refuses_torchtitan_param_groups():
     cfg = MARSMContainer.Config(param_groups=default_adamw().param_groups)
     with pytest.raises(ValueError, match="leave param_groups empty"):
         cfg.build(model_parts=[build(0)])
+
+
+def test_the_container_exports_and_imports_the_neutral_form(tmp_path):
+    """``save_neutral(container, ...)`` reaches the one part's MARSM; names are torchtitan's FQNs."""
+    from marsm_dist.checkpoint import load_neutral, save_neutral
+
+    model = build(0)
+    optimizers = job_config().build(model_parts=[model])
+    for step in range(2):
+        x, y = batch(step)
+        model(x, y).backward()
+        optimizers.step()
+        optimizers.zero_grad()
+    manifest = save_neutral(optimizers, tmp_path / "neutral")
+    assert {e["step"] for e in manifest["params"].values()} == {2.0}
+    twin = build(1)
+    twin_optimizers = job_config().build(model_parts=[twin])
+    load_neutral(twin_optimizers, tmp_path / "neutral")
+    (mine,), (theirs,) = optimizers.optimizers, twin_optimizers.optimizers
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        for key, value in mine.state[p].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(theirs.state[q][key])), key

@@ -32,6 +32,7 @@ from torchtitan.components.checkpointer.utils import canonical_fqn
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.config.override import override
 
+from ..checkpoint.held import register_inner
 from ..optimizer import MARSM
 from ..options import CONFIG_OPTIONS
 from ..param_groups import param_groups
@@ -77,6 +78,13 @@ def _config_class() -> type:
     return config
 
 
+def _one_part(wrapper: Any) -> MARSM | None:
+    """A one-part container's MARSM (with pipeline stages, pass ``container.optimizers[i]``)."""
+    if isinstance(wrapper, MARSMContainer) and len(wrapper.optimizers) == 1:
+        return wrapper.optimizers[0]
+    return None
+
+
 class MARSMContainer(OptimizersContainer):
     """torchtitan's ``OptimizersContainer`` holding one ``MARSM`` per model part.
 
@@ -100,6 +108,7 @@ class MARSMContainer(OptimizersContainer):
         adamw_options = None if config.adamw_lr is None else {"lr": config.adamw_lr}
         self.model_parts = model_parts
         self.optimizers = []
+        register_inner(_one_part)  # save_neutral(container, ...) reaches the MARSM of a one-part model
         all_params: list[nn.Parameter] = []
         for part in model_parts:
             groups = param_groups(part, marsm=config.marsm, adamw=config.adamw, experts=config.experts,
