@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 from marsm_dist import MARSM, param_groups
 from marsm_dist.checkpoint import load_neutral
@@ -54,12 +54,14 @@ def _fresh() -> tuple[torch.nn.Module, MARSM]:
     return model, MARSM(param_groups(model, named=True), lr=0.02, ns_dtype=torch.float32)
 
 
-@pytest.mark.parametrize("layout", ["dcp", "torch"])
+@pytest.mark.parametrize("layout", ["dcp", "dcp-flat", "torch"])
 def test_a_frameworks_own_layout_converts_and_loads_bitwise(tmp_path, layout, capsys):
     model, opt = _trained()
     src = tmp_path / "src"
-    if layout == "dcp":  # as FSDP2 / torchtitan / Accelerate save it
-        dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=src, no_dist=True)
+    if layout.startswith("dcp"):  # as FSDP2 and Accelerate save it; flattened, as torchtitan does
+        options = StateDictOptions(flatten_optimizer_state_dict=layout == "dcp-flat")
+        state = {"optim": get_optimizer_state_dict(model, opt, options=options)}
+        dcp.save(state, checkpoint_id=src, no_dist=True)
     else:  # as the HF Trainer saves optimizer.pt
         torch.save(opt.state_dict(), src)
     assert main(["convert", str(src), str(tmp_path / "neutral"), "--to", "neutral", "--quiet"]) == 0

@@ -113,12 +113,13 @@ def branch_of(hyperparameters: dict[str, Any], shape: tuple[int, ...]) -> str:
 
 def _dcp_groups(path: Path, fqns: dict[str, dict[str, str]]) -> dict[str, dict[str, Any]]:
     """Parameter name -> its group's hyperparameters, from the ``param_groups.<i>.<key>`` entries
-    (``params`` lists each group's parameter names)."""
+    (``params`` lists each group's parameter names) or, in the flattened form torchtitan saves
+    (``flatten_optimizer_state_dict=True``), ``param_groups.<name>.<key>``."""
     values = _read_bytes(path, [f for keys in fqns.values() for f in keys.values()])
     by_name = {}
-    for keys in fqns.values():
+    for label, keys in fqns.items():
         group = {k: values[f] for k, f in keys.items()}
-        for name in group.pop("params", []):
+        for name in group.pop("params", None) or [label]:
             kept = {k: v for k, v in group.items() if k != "param_names"}
             by_name[strip_wrappers(str(name))] = jsonable(kept)
     return by_name
