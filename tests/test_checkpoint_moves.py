@@ -32,6 +32,7 @@ MOVES = [
     ("fsdp2", 2, "ds-z3", 3),  # another framework
     ("ds-z3", 3, "fsdp2", 2),
     ("ddp", 2, "fsdp2xtp", 4),  # replicated -> 2-D (dp x tp) sharding
+    ("fsdp2xtp", 4, "ds-z2", 2),  # 2-D sharding, with copies over tp, -> flat partitions
 ]
 
 
