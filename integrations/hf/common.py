@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from marsm_dist import step_stats
-from marsm_dist.adapters.hf import MARSMStatsCallback
+from marsm_dist.adapters.hf import MARSMCheckpointCallback, MARSMStatsCallback
 
 
 def parse_args(description: str) -> argparse.Namespace:
@@ -35,6 +35,9 @@ def parse_args(description: str) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--save-steps", type=int, default=20)
     p.add_argument("--resume", default=None, help="a checkpoint directory to resume from")
+    p.add_argument("--neutral", action="store_true",
+                   help="checkpoints any framework and world size resumes from (MARSMCheckpointCallback); "
+                        "with --resume, a checkpoint of another framework or world size resumes from it")
     p.add_argument("--batch-size", type=int, default=8, help="per device")
     p.add_argument("--lr", type=float, default=2e-2)
     p.add_argument("--ns-dtype", default="bfloat16", help="Newton-Schulz dtype (float32 to compare runs)")
@@ -107,11 +110,15 @@ class LossLog(TrainerCallback):
 def train(args: argparse.Namespace, training: TrainingArguments, **trainer_kwargs) -> None:
     """Train (or resume, ``--resume``) the tiny model (``--model``, GPT-2 unless given) with the
     Trainer; ``trainer_kwargs`` carry the recipe's MARS-M line. MARSMStatsCallback prints each
-    logging step's sharding figures."""
+    logging step's sharding figures; ``--neutral`` adds MARSMCheckpointCallback, whose checkpoints
+    move between the recipes (DeepSpeed ZeRO, FSDP2, DDP) and world sizes."""
     losses = LossLog()
     model = MODELS[getattr(args, "model", "gpt2")](args.seed)
+    callbacks = [MARSMStatsCallback(), losses]
+    if getattr(args, "neutral", False):
+        callbacks.append(MARSMCheckpointCallback())
     trainer = Trainer(model=model, args=training, train_dataset=CountingSequences(),
-                      callbacks=[MARSMStatsCallback(), losses], **trainer_kwargs)
+                      callbacks=callbacks, **trainer_kwargs)
     trainer.train(resume_from_checkpoint=args.resume)
     finish(args, losses, lambda: asdict(step_stats(trainer.optimizer)))
 

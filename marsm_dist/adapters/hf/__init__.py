@@ -11,6 +11,8 @@ also take ``"type": "MARSM"`` in its JSON config, see ``integrations/hf/``)::
 
 ``MARSMForTrainer`` routes embeddings and the output head to the AdamW branch, which the
 Trainer's own param groups cannot say; ``MARSMStatsCallback`` logs what the sharded step did.
+``MARSMCheckpointCallback`` makes the Trainer's checkpoints resumable under another framework
+or world size (DeepSpeed ZeRO <-> FSDP2 <-> DDP; see :mod:`.neutral_checkpoint`).
 
 Passing ``MARSM`` itself (``optimizer_cls_and_kwargs=(MARSM, {...})``) is refused with the line
 above, by :func:`~.trainer_optimizer.install`, which wraps ``Trainer.create_optimizer``. It runs
@@ -25,7 +27,7 @@ from typing import Any
 
 from .trainer_optimizer import install_if_loaded
 
-__all__ = ["MARSMForTrainer", "MARSMStatsCallback"]
+__all__ = ["MARSMCheckpointCallback", "MARSMForTrainer", "MARSMStatsCallback"]
 
 
 def __getattr__(name: str) -> Any:
@@ -42,6 +44,12 @@ def __getattr__(name: str) -> Any:
 
         install()  # whoever takes the callback builds a Trainer
         return MARSMStatsCallback
+    if name == "MARSMCheckpointCallback":  # subclasses TrainerCallback too: imported on use
+        from .neutral_checkpoint import MARSMCheckpointCallback
+        from .trainer_optimizer import install
+
+        install()  # as above; its own constructor installs the resume hook it needs
+        return MARSMCheckpointCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
