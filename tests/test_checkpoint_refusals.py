@@ -156,3 +156,11 @@ def test_master_weights_round_trip_and_are_refused_when_not_saved(tmp_path, save
         assert torch.equal(p, q), name
     with pytest.raises(ValueError, match="saved without weights"):
         load_neutral(twin_opt, saved, weights=True)
+
+
+def test_names_drop_wrapper_levels_but_keep_a_models_own_module():
+    from marsm_dist.checkpoint.held import strip_wrappers
+
+    assert strip_wrappers("module.module.decoder.layers.0.w") == "decoder.layers.0.w"  # DDP, Megatron
+    assert strip_wrappers("_orig_mod.layers.0._checkpoint_wrapped_module.w") == "layers.0.w"
+    assert strip_wrappers("adapter.module.weight") == "adapter.module.weight"  # the model's own

@@ -30,9 +30,11 @@ __all__ = ["BRANCH_KEYS", "HeldTensor", "find_marsm", "held_tensors", "marsm_in"
 #: The state tensors of each branch, as the neutral form keys them (``step`` is kept apart).
 BRANCH_KEYS = {"marsm": ("exp_avg", "last_grad", "lookahead_grad"), "adamw": ("exp_avg", "exp_avg_sq")}
 
-# Module wrappers that prefix parameter names without changing the model (DDP, torch.compile,
-# activation checkpointing, FSDP1): a name is kept without them, so it is the plain model's.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+# Module wrappers that add a level to parameter names without changing the model: torch.compile,
+# activation checkpointing and FSDP1 anywhere in the name, DDP (and Megatron's wrappers) as leading
+# ``module.`` levels. A name is kept without them, so it is the plain model's.
+_WRAPPER_LEVELS = {"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
+_LEADING_WRAPPER = "module"
 
 NameMap = Callable[[str], "str | None"]
 
@@ -169,10 +171,12 @@ def find_marsm(obj: Any) -> MARSM:
 
 
 def strip_wrappers(name: str) -> str:
-    """``name`` without wrapper prefixes (``module.`` of DDP, ``_orig_mod.`` of torch.compile)."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+    """``name`` without wrapper levels (leading ``module.`` of DDP, ``_orig_mod.`` of torch.compile,
+    ``_checkpoint_wrapped_module.``); a model's own submodule called ``module`` deeper in is kept."""
+    parts = [part for part in name.split(".") if part not in _WRAPPER_LEVELS]
+    while len(parts) > 1 and parts[0] == _LEADING_WRAPPER:
+        parts.pop(0)
+    return ".".join(parts)
 
 
 def names_from_model(model: torch.nn.Module | Iterable[tuple[str, Tensor]]) -> dict[int, str]:
@@ -220,14 +224,15 @@ def held_tensors(optimizer: MARSM, names: Mapping[int, str] | None = None,
                         f"param_groups[{gi}]['params'][{i}]" + (f" slot {k}" if len(slots) > 1 else "")
                         + " has no name: build MARSM from param_groups(model, named=True) or named "
                         "parameters, or pass model= so names come from model.named_parameters()")
-                if slot.expert is not None:
-                    raise NotImplementedError(
-                        f"{name}: expert groups (experts=True) have no neutral checkpoint form yet; "
-                        f"use the framework's own checkpoint at the same expert-parallel size")
                 if name_map is not None:
                     name = name_map(name)
                     if name is None:
                         continue
+                if slot.expert is not None:
+                    raise NotImplementedError(
+                        f"{name}: expert groups (experts=True) have no neutral checkpoint form yet; "
+                        f"use the framework's own checkpoint at the same expert-parallel size (or "
+                        f"leave the experts out: a name_map that returns None for them)")
                 branch = "marsm" if routes_to_marsm(group, slot) else "adamw"
                 boxes = piece_boxes(slot.layout, slot.shape, _rank_pieces(p, slot))
                 held.append(HeldTensor(name, tuple(slot.shape), branch, gi, p, slot, boxes))
