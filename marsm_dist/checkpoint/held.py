@@ -230,9 +230,9 @@ def held_tensors(optimizer: MARSM, names: Mapping[int, str] | None = None,
                         continue
                 if slot.expert is not None:
                     raise NotImplementedError(
-                        f"{name}: expert groups (experts=True) have no neutral checkpoint form yet; "
-                        f"use the framework's own checkpoint at the same expert-parallel size (or "
-                        f"leave the experts out: a name_map that returns None for them)")
+                        f"{name}: one local expert's shard (Megatron's distributed optimizer) has no "
+                        f"neutral checkpoint form yet; use the framework's own checkpoint at the same "
+                        f"expert-parallel size, or leave the experts out (a name_map returning None)")
                 branch = "marsm" if routes_to_marsm(group, slot) else "adamw"
                 boxes = piece_boxes(slot.layout, slot.shape, _rank_pieces(p, slot))
                 held.append(HeldTensor(name, tuple(slot.shape), branch, gi, p, slot, boxes))
