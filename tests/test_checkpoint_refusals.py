@@ -164,3 +164,27 @@ def test_names_drop_wrapper_levels_but_keep_a_models_own_module():
     assert strip_wrappers("module.module.decoder.layers.0.w") == "decoder.layers.0.w"  # DDP, Megatron
     assert strip_wrappers("_orig_mod.layers.0._checkpoint_wrapped_module.w") == "layers.0.w"
     assert strip_wrappers("adapter.module.weight") == "adapter.module.weight"  # the model's own
+
+
+def test_channels_last_and_empty_parameters_round_trip(tmp_path):
+    """A whole tensor with its own strides (a channels_last convolution) is one box read and
+    written through them; an empty parameter writes nothing and loads as nothing."""
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4), nn.Linear(4, 0))
+        return model.to(memory_format=torch.channels_last)
+
+    model = build()
+    opt = MARSM(param_groups(model, named=True), lr=0.01)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert not opt.state[model[0].weight]["exp_avg"].is_contiguous()  # the case under test
+    save_neutral(opt, tmp_path / "ckpt", weights=True)
+    twin = build()
+    twin_opt = MARSM(param_groups(twin, named=True), lr=0.01)
+    load_neutral(twin_opt, tmp_path / "ckpt", weights=True)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert all(torch.equal(torch.as_tensor(opt.state[p][k]), torch.as_tensor(twin_opt.state[q][k]))
+                   for k in opt.state[p])

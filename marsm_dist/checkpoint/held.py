@@ -53,8 +53,11 @@ class HeldTensor:
 
     def local(self, t: Tensor) -> Tensor:
         """This rank's elements of the slot inside container-shaped tensor ``t``, flat (a view:
-        writes land in ``t``)."""
-        return slot_view(adapter_for(self.container).local(t), self.slot).view(-1)
+        writes land in ``t``); a whole tensor with its own strides (``channels_last``) as it is."""
+        local = slot_view(adapter_for(self.container).local(t), self.slot)
+        if self.slot.numel < 0 and self.slot.layout is None and not local.is_contiguous():
+            return local  # its one box is the whole tensor: read and written through its strides
+        return local.view(-1)
 
 
 # Wrapper -> a context in which the MARSM it holds lists all its parameters, or None. A framework

@@ -3,6 +3,7 @@ named tensor into its state, after every rank has checked the checkpoint against
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -43,6 +44,8 @@ def _check_part(h: HeldTensor, state: dict[str, Any], manifest: dict[str, Any], 
                     f"parameters; pass name_map= if the names differ between the two runs)"]
     if tuple(entry["shape"]) != h.shape:
         return [], [f"{h.name!r} has shape {tuple(entry['shape'])} in the checkpoint, {h.shape} here"]
+    if math.prod(h.shape) == 0:
+        return [], []  # an empty parameter: nothing was written, nothing to read
     keys = [k for k in BRANCH_KEYS[h.branch] if k in state]
     problems = []
     for key in keys:
@@ -137,7 +140,7 @@ def _load(opt: MARSM, path: str | os.PathLike, manifest: dict[str, Any], held: l
         if not wrong:
             tensors.update({state_key(h.name, k): BoxedTensor(h.shape, h.boxes, h.local(state[k]))
                             for k in keys})
-        if weights and not wrong:
+        if weights and not wrong and math.prod(h.shape):
             md = stored.get(weights_key(h.name))
             if md is None or tuple(md.size) != h.shape:
                 problems.append(f"{weights_key(h.name)!r} is missing or not of shape {h.shape}")

@@ -40,7 +40,8 @@ __all__ = ["BoxLoadPlanner", "BoxSavePlanner", "BoxedTensor"]
 
 @dataclasses.dataclass
 class BoxedTensor:
-    """This rank's part of one full tensor: its boxes, over ``flat`` (the rank's elements, flat)."""
+    """This rank's part of one full tensor: its boxes, over ``flat`` (the rank's elements, flat;
+    or the whole tensor in its own shape and strides, one box)."""
 
     shape: tuple[int, ...]
     boxes: list[Box]
@@ -48,6 +49,8 @@ class BoxedTensor:
 
     def view(self, k: int) -> Tensor:
         box = self.boxes[k]
+        if self.flat.dim() != 1 or self.flat.shape == box.sizes:  # the whole tensor, any strides
+            return self.flat.view(box.sizes) if self.flat.is_contiguous() else self.flat
         return self.flat[box.start:box.start + box.numel].view(box.sizes)
 
     def chunks(self) -> list[ChunkStorageMetadata]:
