@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,4 +119,13 @@ def test_another_optimizers_deepspeed_checkpoint_is_refused_naming_its_keys(tmp_
     run_distributed(moves.stop_deepspeed_adamw, 2, str(out), timeout=240)
     run = _cli("convert", str(out), str(tmp_path / "never"), "--to", "neutral")
     assert run.returncode == 2 and "another optimizer's state" in run.stderr and "'ns_steps'" in run.stderr
+    assert not (tmp_path / "never").exists() and not (tmp_path / "never.partial").exists()
+
+
+def test_a_missing_rank_file_is_refused_before_anything_is_written(zero2_checkpoint, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(zero2_checkpoint, damaged)
+    next(damaged.glob("global_step*/zero_pp_rank_1_*optim_states.pt")).unlink()
+    run = _cli("convert", str(damaged), str(tmp_path / "never"), "--to", "deepspeed-universal")
+    assert run.returncode == 2 and "1 rank files" in run.stderr and "written by 2 ranks" in run.stderr
     assert not (tmp_path / "never").exists() and not (tmp_path / "never.partial").exists()

@@ -97,10 +97,23 @@ def read_deepspeed(path: Path) -> Source:
                                    ds_version=model_states.get("ds_version")))
 
 
+def _check_ranks(sds: list[dict], path: str) -> None:
+    """Every rank's file is there: at least as many as the largest partition count recorded (a
+    MoE group's may be smaller: it is cut over the expert-data-parallel ranks)."""
+    counts = []
+    for sd in sds:
+        count = sd.get("partition_count")
+        counts += count if isinstance(count, list) else [count] if count is not None else []
+    if counts and max(counts) > len(sds):
+        raise ValueError(f"{path}: {len(sds)} rank files (zero_pp_rank_*_optim_states.pt), but the "
+                         f"checkpoint was written by {max(counts)} ranks: a rank's file is missing")
+
+
 def source_from_states(sds: list[dict], shapes: list[dict], path: str, extra: dict[str, Any]) -> Source:
     """The Source of every rank's ``optimizer_state_dict`` (ZeRO-1/2's or ZeRO-3's, in rank order)
     and the model's ``param_shapes``; each loader joins one state tensor of one parameter."""
     stage3 = "fp32_flat_groups" in sds[0]
+    _check_ranks(sds, path)
     bases = [sd["optimizer_state_dict" if stage3 else "base_optimizer_state"] for sd in sds]
     groups = bases[0]["param_groups"]
     missing = [k for k in SAVED_GROUP_KEYS if k not in groups[0]]
@@ -111,6 +124,10 @@ def source_from_states(sds: list[dict], shapes: list[dict], path: str, extra: di
     masters = [sd["fp32_flat_groups" if stage3 else "single_partition_of_fp32_groups"] for sd in sds]
     params = []
     for name, pieces in _pieces(sds, shapes, stage3).items():
+        held, numel = sum(n for *_, n in pieces), math.prod(shape_of[name])
+        if held != numel:
+            raise ValueError(f"{path}: the partitions hold {held} of the {numel} elements of {name!r}: "
+                             f"a rank's file is missing or damaged")
         g = pieces[0][1] if pieces else 0
         state = bases[0]["state"].get(g, {})
         branch = "marsm" if "last_grad" in state else "adamw"
