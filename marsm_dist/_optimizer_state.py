@@ -91,8 +91,16 @@ class StateMixin:
         check_loadable(state_dict, [(p, param_name(self.param_groups, g, i))
                                     for g in self.param_groups for i, p in enumerate(g["params"])])
         super().load_state_dict(state_dict)
-        # Loaded state may be damaged: steps screen it for NaN/Inf (in the step's one all-reduce)
-        # until each parameter has passed one; from then on finite inputs keep it finite.
+        self.note_state_loaded()
+
+    def note_state_loaded(self) -> None:
+        """Tell the optimizer its state (and maybe its groups) came from a checkpoint, by
+        ``load_state_dict`` or a tool writing it in place (``marsm_dist.checkpoint``, DeepSpeed's
+        universal loading): group values get their types back (``ns_dtype`` saved by name), and
+        the state is screened for NaN/Inf (in the step's one all-reduce) until each parameter has
+        passed one step; from then on finite inputs keep it finite."""
+        for group in self.param_groups:
+            restore_group_types(group)
         self._unscreened = {id(p) for p in self.state}
 
     @torch.no_grad()

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from ..optimizer import MARSM
-from ..options import restore_group_types
 
 __all__ = ["load_stage3_universal", "master_sync", "patch_universal_loading", "stage3_fp32_to_model",
            "zero3_view"]
@@ -86,9 +85,8 @@ def load_stage3_universal(wrapper: Any, checkpoint_dir: str) -> None:
         opt.state[flat] = state
     for group, saved in zip(opt.param_groups, saved_groups, strict=True):
         group.update({k: v for k, v in saved.items() if k != "params"})
-        restore_group_types(group)  # ns_dtype was saved by name
     stage3_fp32_to_model(wrapper)
-    opt._unscreened = {id(p) for p in opt.state}  # loaded state is screened for NaN/Inf, as always
+    opt.note_state_loaded()
 
 
 def stage3_fp32_to_model(wrapper: Any) -> None:
@@ -133,9 +131,7 @@ def patch_universal_loading() -> None:
     def load12(self, *args, **kwargs):
         out = stage12(self, *args, **kwargs)
         if isinstance(self.optimizer, MARSM):
-            for group in self.optimizer.param_groups:
-                restore_group_types(group)
-            self.optimizer._unscreened = {id(p) for p in self.optimizer.state}
+            self.optimizer.note_state_loaded()
         return out
 
     DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3 = load3

@@ -10,7 +10,6 @@ Everything is written to ``DST.partial`` and renamed at the end: a failed conver
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import time
@@ -21,12 +20,10 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from ..options import SAVED_GROUP_KEYS
 from .manifest import FORMAT, VERSION, jsonable, write_manifest
+from .planners import LoaderSavePlanner
 from .sources import Source, SourceParam
 
 __all__ = ["FORMATS", "check_source", "convert", "register_writer", "write_neutral"]
@@ -50,35 +47,6 @@ def check_source(source: Source) -> list[str]:
             problems += [f"'state.{p.name}.{k}' is missing ({p.name!r} is on the {p.branch} branch)"
                          for k in REQUIRED[p.branch] if k not in p.keys]
     return problems
-
-
-class _LoaderPlanner(DefaultSavePlanner):
-    """Writes each (fqn -> shape, dtype, loader) as one full tensor, loading it when DCP's writer
-    gets to it (one at a time) and checking its shape."""
-
-    def __init__(self, tensors: dict[str, tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]):
-        super().__init__()
-        self._tensors = tensors
-
-    def create_local_plan(self) -> SavePlan:
-        plan = super().create_local_plan()
-        items = []
-        for fqn, (shape, dtype, _) in self._tensors.items():
-            chunk = ChunkStorageMetadata(offsets=torch.Size([0] * len(shape)), sizes=torch.Size(shape))
-            data = TensorWriteData(chunk=chunk, properties=TensorProperties(dtype=dtype),
-                                   size=torch.Size(shape))
-            items.append(WriteItem(index=MetadataIndex(fqn, chunk.offsets), type=WriteItemType.TENSOR,
-                                   tensor_data=data))
-        self.plan = dataclasses.replace(plan, items=plan.items + items)
-        return self.plan
-
-    def resolve_data(self, write_item: WriteItem):
-        shape, _, load = self._tensors[write_item.index.fqn]
-        tensor = load()
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{write_item.index.fqn!r} has shape {tuple(tensor.shape)}, its parameter "
-                             f"{shape}")
-        return tensor
 
 
 def _entry(p: SourceParam, groups: list[dict[str, Any]]) -> dict[str, Any]:
@@ -107,7 +75,7 @@ def write_neutral(source: Source, dst: Path, progress: Callable[[str], None] | N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({}, checkpoint_id=None if storage_writer else dst, storage_writer=storage_writer,
-                 planner=_LoaderPlanner(tensors), no_dist=True)
+                 planner=LoaderSavePlanner(tensors), no_dist=True)
     manifest = dict(format=FORMAT, version=VERSION, written_by=source.written_by,
                     world_size=source.world_size, converted_from=source.format,
                     time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), torch=torch.__version__,

@@ -165,8 +165,7 @@ def _load(opt: MARSM, path: str | os.PathLike, manifest: dict[str, Any], held: l
         state["step"] = torch.tensor(entry["step"], dtype=torch.float32)
         if "lookahead_ready" in state:
             state["lookahead_ready"] = bool(entry.get("lookahead_ready", False))
-    # Loaded state may be damaged: the next steps screen it for NaN/Inf, as after load_state_dict.
-    opt._unscreened = {id(p) for p in opt.state}
+    opt.note_state_loaded()  # loaded state may be damaged: the next steps screen it for NaN/Inf
     differ = _differences(opt, held, manifest)
     if differ and (not distributed() or dist.get_rank() == 0):
         warnings.warn(f"load_neutral: hyperparameters differ from the saved run's ({'; '.join(differ)}); "

@@ -11,7 +11,7 @@ deduplication writes each once.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from .boxes import Box
 
-__all__ = ["BoxLoadPlanner", "BoxSavePlanner", "BoxedTensor"]
+__all__ = ["BoxLoadPlanner", "BoxSavePlanner", "BoxedTensor", "LoaderSavePlanner"]
 
 
 @dataclasses.dataclass
@@ -68,23 +68,57 @@ class BoxSavePlanner(DefaultSavePlanner):
         self._by_index: dict[MetadataIndex, Tensor] = {}
 
     def create_local_plan(self) -> SavePlan:
-        plan = super().create_local_plan()
         items = []
         for fqn, part in self._tensors.items():
-            properties = TensorProperties(dtype=part.flat.dtype)
             for k, chunk in enumerate(part.chunks()):
-                index = MetadataIndex(fqn, chunk.offsets)
-                self._by_index[index] = part.view(k)
-                items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
-                    chunk=chunk, properties=properties, size=torch.Size(part.shape))))
-        self.plan = dataclasses.replace(plan, items=plan.items + items)
-        return self.plan
+                item = _write_item(fqn, chunk, part.flat.dtype, part.shape, WriteItemType.SHARD)
+                self._by_index[item.index] = part.view(k)
+                items.append(item)
+        return _with_items(self, items)
 
     def resolve_data(self, write_item: WriteItem):
         index = MetadataIndex(write_item.index.fqn, write_item.index.offset)
         if index in self._by_index:
             return self._by_index[index]
         return super().resolve_data(write_item)
+
+
+class LoaderSavePlanner(DefaultSavePlanner):
+    """Writes each ``fqn -> (shape, dtype, loader)`` as one full tensor, calling the loader when
+    DCP's writer gets to it (one at a time, on the CPU) and checking the shape it returns."""
+
+    def __init__(self, tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype, Callable[[], Tensor]]]):
+        super().__init__()
+        self._tensors = tensors
+
+    def create_local_plan(self) -> SavePlan:
+        items = []
+        for fqn, (shape, dtype, _) in self._tensors.items():
+            whole = ChunkStorageMetadata(offsets=torch.Size([0] * len(shape)), sizes=torch.Size(shape))
+            items.append(_write_item(fqn, whole, dtype, shape, WriteItemType.TENSOR))
+        return _with_items(self, items)
+
+    def resolve_data(self, write_item: WriteItem):
+        shape, _, load = self._tensors[write_item.index.fqn]
+        tensor = load()
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{write_item.index.fqn!r} has shape {tuple(tensor.shape)}, its parameter "
+                             f"{shape}")
+        return tensor
+
+
+def _write_item(fqn: str, chunk: ChunkStorageMetadata, dtype: torch.dtype, shape: tuple[int, ...],
+                kind: WriteItemType) -> WriteItem:
+    """DCP's write item for ``chunk`` of the full tensor ``fqn`` of ``shape``."""
+    data = TensorWriteData(chunk=chunk, properties=TensorProperties(dtype=dtype), size=torch.Size(shape))
+    return WriteItem(index=MetadataIndex(fqn, chunk.offsets), type=kind, tensor_data=data)
+
+
+def _with_items(planner: DefaultSavePlanner, items: list[WriteItem]) -> SavePlan:
+    """DCP's default local plan (for the planner's plain state dict) with ``items`` added."""
+    plan = DefaultSavePlanner.create_local_plan(planner)
+    planner.plan = dataclasses.replace(plan, items=plan.items + items)
+    return planner.plan
 
 
 class BoxLoadPlanner(LoadPlanner):

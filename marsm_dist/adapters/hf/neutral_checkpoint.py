@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 
 from ...checkpoint import MANIFEST, load_neutral, read_manifest, save_neutral
 from ...checkpoint.held import strip_wrappers
+from ...checkpoint.neutral import distributed
 
 __all__ = ["NEUTRAL_DIR", "MARSMCheckpointCallback", "install"]
 
@@ -100,12 +101,12 @@ class MARSMCheckpointCallback(TrainerCallback):
 
 # ------------------------------------------------------------------------------- saving helpers
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if distributed() else 0
 
 
 def _agreed(values: list[Any]) -> list[Any]:
     """Rank 0's ``values`` on every rank (a decision every rank must take alike)."""
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.broadcast_object_list(values, src=0)
     return values
 
