@@ -109,9 +109,22 @@ def update_momenta(matrix: list[GroupWork], stats: ReducedStatistics, state: Map
     kept.clear()
 
 
-def orthogonalize_and_apply(work: Any, stats: ReducedStatistics, state: Mapping, timer: Any) -> None:
+def update_scales(matrix: list[GroupWork], stats: ReducedStatistics) -> dict[int, float]:
+    """s of every active matrix by its group's ``lr_scale`` (by distributor index), worked out
+    before the step writes anything: a callable rule that fails leaves the step untouched."""
+    scales: dict[int, float] = {}
+    for work, (k, sel) in zip(matrix, _active_slices(matrix, stats), strict=True):
+        g = work.group
+        for j in sel:
+            scales[stats.matrix_ids[k + j]] = scale_for(work.slots[j].shape, g["flatten"],
+                                                        g.get("lr_scale", "mars_m"))
+    return scales
+
+
+def orthogonalize_and_apply(work: Any, stats: ReducedStatistics, state: Mapping, timer: Any,
+                            scales: Mapping[int, float]) -> None:
     """NS of every active matrix through the distributor; W <- W (1 - lr wd) - lr s O as each
-    bucket's results arrive."""
+    bucket's results arrive (``scales``: s by distributor index, see :func:`update_scales`)."""
     distributor, matrix = work.step_map.distributor, work.matrix
     momenta: list[Tensor | None] = [None] * len(distributor.matrices)
     where: dict[int, tuple[GroupWork, int]] = {}
@@ -125,11 +138,11 @@ def orthogonalize_and_apply(work: Any, stats: ReducedStatistics, state: Mapping,
             k += 1
     for i, o in distributor.results(momenta, stats.configs):
         w, j = where[i]
-        g, values = w.group, stats.values(w.group)
+        values = stats.values(w.group)
         with timer.phase("apply"):
             F.apply_matrix_update_([w.local_params[j]], [o], lr=values["lr"],
                                    weight_decay=values["weight_decay"],
-                                   scales=[scale_for(w.slots[j].shape, g["flatten"])])
+                                   scales=[scales[i]])
         del o
 
 
@@ -152,9 +165,10 @@ def finish_matrices(matrix: list[GroupWork], stats: ReducedStatistics, state: Ma
 def apply_step(work: Any, stats: ReducedStatistics, state: Mapping, timer: Any) -> None:
     """Every write of the step, in order: the AdamW branch and the momenta (elementwise), then
     Newton-Schulz and the matrix update bucket by bucket, then the counters and P."""
+    scales = update_scales(work.matrix, stats)
     with timer.phase("elementwise"):
         for entry in work.adamw:
             adamw_step(entry, state, work.chunk_numel, stats.values(entry.group))
         update_momenta(work.matrix, stats, state, work.chunk_numel)
-    orthogonalize_and_apply(work, stats, state, timer)
+    orthogonalize_and_apply(work, stats, state, timer, scales)
     finish_matrices(work.matrix, stats, state)

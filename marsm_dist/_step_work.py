@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import functional as F
 from ._timing import PhaseTimer
+from .ns_coefficients import coefficient_schedule
 from .options import BY_NAME
 from .orthogonalize import NSConfig
 from .sharding.adapter import ShardingAdapter, Slot, adapter_for, slot_view
@@ -99,7 +100,8 @@ class GroupWork:
         g = self.group
         form = g.get("ns_form", "auto")
         BY_NAME["ns_form"].check(form, "", True)
-        return NSConfig(g["ns_steps"], g["ns_dtype"], g["ns_coefficients"], g["flatten"], form)
+        schedule = coefficient_schedule(g["ns_coefficients"])  # hashable, however it was written
+        return NSConfig(g["ns_steps"], g["ns_dtype"], schedule, g["flatten"], form)
 
 
 @dataclass(eq=False)

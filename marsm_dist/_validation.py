@@ -67,7 +67,7 @@ def warn_shape_routing(param_groups: list[dict[str, Any]]) -> None:
 
 # Names other optimizers use for what MARSM calls otherwise (torch.optim.AdamW, torch.optim.Muon).
 _ALIASES = {"betas": "adamw_betas", "eps": "adamw_eps", "beta": "momentum", "ns_coeffs": "ns_coefficients",
-            "nesterov": None, "adjust_lr_fn": None}
+            "nesterov": None, "adjust_lr_fn": "lr_scale"}
 
 
 def constructor_signature() -> inspect.Signature:

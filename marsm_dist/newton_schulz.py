@@ -30,12 +30,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .ns_coefficients import NS_COEFFICIENTS, Coefficients, Schedule, coefficients_for_steps
+
 __all__ = ["NS_COEFFICIENTS", "NS_EPS", "NS_FORMS", "NSForm", "Reduce", "emulates_bfloat16", "newton_schulz",
            "newton_schulz_columns", "newton_schulz_flops", "resolve_form"]
 
-# Coefficients of the quintic x -> a x + b x^3 + c x^5 and the normalization guard, as in Keller
-# Jordan's Muon and the MARS-M reference implementation (AGI-Arena/MARS, MARS_M).
-NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+# The normalization guard, as in Keller Jordan's Muon and the MARS-M reference (AGI-Arena/MARS,
+# MARS_M); the coefficients and their schedules are in ns_coefficients.
 NS_EPS: float = 1e-7
 
 NSForm = Literal["auto", "plain", "gram"]
@@ -71,7 +72,7 @@ def newton_schulz(
     steps: int = 5,
     *,
     dtype: torch.dtype = torch.bfloat16,
-    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    coefficients: Coefficients = NS_COEFFICIENTS,
     eps: float = NS_EPS,
     norm_over: Literal["matrix", "tensor"] = "matrix",
     form: NSForm = "auto",
@@ -83,7 +84,9 @@ def newton_schulz(
         steps: number of iterations (5 in the spec).
         dtype: compute dtype; the result is returned in it. bfloat16 is the reference's choice,
             float32 gives a reproducible result for tests.
-        coefficients: ``(a, b, c)`` of the quintic.
+        coefficients: ``(a, b, c)`` of the quintic, a list of one triple per iteration (the last
+            repeats), or a preset's name (``"quintic"``, ``"polar_express"``); see
+            :mod:`marsm_dist.ns_coefficients`.
         eps: added to the Frobenius norm before the input is normalized.
         norm_over: ``"matrix"`` normalizes every matrix of a batch by its own norm (a batch of
             independent matrices). ``"tensor"`` uses one norm over the whole tensor, which is
@@ -101,6 +104,7 @@ def newton_schulz(
         raise ValueError(f"Invalid ns_steps: {steps}")
     if norm_over not in ("matrix", "tensor"):
         raise ValueError(f"Invalid norm_over: {norm_over!r} (expected 'matrix' or 'tensor')")
+    schedule = coefficients_for_steps(coefficients, steps)
     shape = G.shape
     use_gram = resolve_form(form, shape, steps, dtype) == "gram"
     rnd = _rounding(dtype, G.device)
@@ -122,7 +126,7 @@ def newton_schulz(
     denom = _round(rnd, norm + eps)
     # In place where X is already a copy (the input is never written).
     X = _round(rnd, X.div_(denom) if X.data_ptr() != G.data_ptr() else X / denom)
-    X = _iterations(X, steps, coefficients, rnd, "gram" if use_gram else "plain")
+    X = _iterations(X, schedule, rnd, "gram" if use_gram else "plain")
     if transposed:
         X = X.mT
     return X.reshape(shape).to(dtype)
@@ -130,7 +134,7 @@ def newton_schulz(
 
 def newton_schulz_columns(
     block: Tensor, steps: int = 5, *, reduce: Reduce | None = None, dtype: torch.dtype = torch.bfloat16,
-    coefficients: tuple[float, float, float] = NS_COEFFICIENTS, eps: float = NS_EPS,
+    coefficients: Coefficients = NS_COEFFICIENTS, eps: float = NS_EPS,
 ) -> Tensor:
     """This block's columns of NS(X), for ``X`` (m x n, m <= n) split by columns over a team.
 
@@ -148,7 +152,7 @@ def newton_schulz_columns(
     sq = sq if reduce is None else reduce(sq)
     norm = _round(rnd, sq.sqrt().to(dtype).to(work))
     X = _round(rnd, X / _round(rnd, norm + eps))
-    return _iterations(X, steps, coefficients, rnd, "plain", reduce).to(dtype)
+    return _iterations(X, coefficients_for_steps(coefficients, steps), rnd, "plain", reduce).to(dtype)
 
 
 def resolve_form(form: str, shape: tuple[int, ...] | torch.Size, steps: int, dtype: torch.dtype) -> str:
@@ -260,34 +264,31 @@ def _gram_matrix(X: Tensor, rnd: Rounding, reduce: Reduce | None) -> Tensor:
     return _round(rnd, S)
 
 
-def _iterations(X: Tensor, steps: int, coefficients: tuple[float, float, float], rnd: Rounding,
-                form: str, reduce: Reduce | None = None) -> Tensor:
-    """``steps`` quintic iterations on the normalized wide ``X``: the one loop of every form.
+def _iterations(X: Tensor, schedule: Schedule, rnd: Rounding, form: str,
+                reduce: Reduce | None = None) -> Tensor:
+    """One quintic iteration per triple of ``schedule`` on the normalized wide ``X`` (every form).
 
     ``"plain"`` is the spec's loop; ``"gram"`` the same iteration on the m x m factor Q with
     X_k = Q_k X (module doc). ``reduce`` (see :func:`newton_schulz_columns`) makes ``X`` a column
     block of a matrix split over a team: only ``X X^T`` needs the other blocks, and every other
     product is m x m or acts on this block's own columns.
     """
-    a, b, c = coefficients
     if form == "plain":
-        for _ in range(steps):
+        for a, b, c in schedule:
             S = _gram_matrix(X, rnd, reduce)
             P = _round(rnd, _add_product(S, S, S, beta=b, alpha=c))  # b S + c S^2
             X = _round(rnd, _add_product(X, P, X, beta=a))  # a X + (b S + c S^2) X
         return X
-    left = steps
-    while left > 0:
-        seg = min(_GRAM_SEGMENT, left)
+    for start in range(0, len(schedule), _GRAM_SEGMENT):
+        segment = schedule[start:start + _GRAM_SEGMENT]
         S = _gram_matrix(X, rnd, reduce)
         Q: Tensor | None = None
-        for k in range(seg):
+        for k, (a, b, c) in enumerate(segment):
             base = _round(rnd, S * b)
             base.diagonal(dim1=-2, dim2=-1).add_(a)
             p = _round(rnd, _add_product(_round(rnd, base), S, S, alpha=c))  # a I + b S + c S^2
             Q = p if Q is None else _round(rnd, p @ Q)
-            if k < seg - 1:
+            if k < len(segment) - 1:
                 S = _round(rnd, _round(rnd, p @ S) @ p)  # X_{k+1} X_{k+1}^T
         X = _round(rnd, Q @ X)
-        left -= seg
     return X

@@ -11,23 +11,35 @@ it in the update).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .lr_scale import LRScale
 from .newton_schulz import NS_COEFFICIENTS, NS_FORMS
-from .sharding.agreement import on_device
+from .ns_coefficients import Coefficients, parse_coefficients
+from .option_checks import (
+    Check,
+    anything,
+    check_betas,
+    check_coefficients,
+    check_dtype,
+    check_lr_scale,
+    dtype_name,
+    flag,
+    in_range,
+    int_where,
+    number,
+    one_of,
+    resolve_dtype,
+)
 from .sharding.plan import OWNER_POLICIES
 
 __all__ = ["AGREED_KEYS", "ARGUMENTS", "ARITY", "CONFIG_OPTIONS", "INSTANCE_ATTRIBUTES",
            "NUMERIC_KEYS", "OPTIONS", "Option", "SAVED_GROUP_KEYS", "dtype_name", "group_defaults", "number",
            "resolve_dtype", "restore_group_types", "validate_group", "validate_optimizer_options"]
-
-Check = Callable[[Any, str, bool], None]  # (value, where, read device tensors) -> raise ValueError
-
 
 @dataclass(frozen=True)
 class Option:
@@ -48,6 +60,8 @@ class Option:
         config: settable from a framework's config file (JSON, torchtitan, Megatron flags).
         attribute: per-optimizer options: the optimizer's attribute that keeps it ("": its name,
             None: used at construction only).
+        parse_words: how a command line's words become the value (a flag taking one or more
+            words); None: one word of ``config_type`` (or ``arity`` numbers).
     """
 
     name: str
@@ -63,6 +77,7 @@ class Option:
     numeric: bool = False
     config: bool = True
     attribute: str | None = ""
+    parse_words: Callable[[list[str]], Any] | None = None
 
     @property
     def config_default(self) -> Any:
@@ -70,109 +85,8 @@ class Option:
         return dtype_name(self.default) if isinstance(self.default, torch.dtype) else self.default
 
     @property
-    def config_type(self) -> Any:  # (a dtype is a name in a config file)
-        return str if isinstance(self.default, torch.dtype) else self.annotation
-
-
-_DTYPES = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
-}
-
-
-def resolve_dtype(value: Any, name: str = "ns_dtype") -> torch.dtype:
-    """Accept a floating torch.dtype or its name (``"float32"``, ``"bf16"``, ``"torch.bfloat16"``)."""
-    if isinstance(value, str):
-        key = value.lower().removeprefix("torch.")
-        if key not in _DTYPES:
-            raise ValueError(f"Invalid {name}: {value!r} (expected one of {sorted(_DTYPES)})")
-        return _DTYPES[key]
-    if isinstance(value, torch.dtype) and value in _DTYPES.values():
-        return value
-    raise ValueError(f"Invalid {name}: {value!r} (expected torch.bfloat16, float16, float32 or float64)")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (what :func:`resolve_dtype` reads back)."""
-    return str(dtype).removeprefix("torch.")
-
-
-def check_dtype(value: Any, where: str, read: bool) -> None:
-    resolve_dtype(value, "ns_dtype" + where)
-
-
-def _fail(name: str, value: Any, where: str, why: str) -> None:
-    raise ValueError(f"Invalid {name}{where}: {value!r} ({why})")
-
-
-def number(value: Any, read: bool = True) -> float | None:
-    """The value as a float; None for a device tensor when ``read`` is False (reading it would
-    wait for the device: a step checks it after its one read instead)."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError("Tensor hyperparameters must have exactly one element")
-        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
-            raise ValueError(f"Tensor hyperparameters must be real numbers, got dtype {value.dtype}")
-        if (not read and on_device(value)) or value.device.type == "meta":  # (meta: no value at all)
-            return None
-        return float(value.item())
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"expected a number, got {type(value).__name__}")
-    return float(value)
-
-
-def in_range(name: str, lo: float, hi_open: float | None = None) -> Check:
-    def check(value: Any, where: str, read: bool) -> None:
-        try:
-            x = number(value, read)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"Invalid {name}{where}: {value!r} ({err})") from None
-        if x is not None and not (math.isfinite(x) and x >= lo and (hi_open is None or x < hi_open)):
-            why = f"must be in [{lo}, {hi_open})" if hi_open is not None else f"must be >= {lo}"
-            _fail(name, value, where, why)
-    return check
-
-
-def check_betas(value: Any, where: str, read: bool) -> None:
-    if not (isinstance(value, (tuple, list)) and len(value) == 2):
-        _fail("adamw_betas", value, where, "must be a pair (beta1, beta2)")
-    for i, beta in enumerate(value):
-        in_range(f"adamw_betas[{i}]", 0.0, 1.0)(beta, where, read)
-
-
-def check_triple(value: Any, where: str, read: bool) -> None:
-    if not (isinstance(value, (tuple, list)) and len(value) == 3
-            and all(isinstance(c, (int, float)) and math.isfinite(c) for c in value)):
-        _fail("ns_coefficients", value, where, "must be three finite numbers (a, b, c)")
-
-
-def flag(name: str, none_ok: bool = False) -> Check:
-    def check(value: Any, where: str, read: bool) -> None:
-        if not (isinstance(value, bool) or (none_ok and value is None)):
-            _fail(name, value, where, "must be True, False or None" if none_ok else "must be True or False")
-    return check
-
-
-def int_where(name: str, ok: Callable[[int], bool], why: str) -> Check:
-    def check(value: Any, where: str, read: bool) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
-            _fail(name, value, where, why)
-    return check
-
-
-def one_of(name: str, choices: Iterable[str]) -> Check:
-    choices = tuple(choices)
-
-    def check(value: Any, where: str, read: bool) -> None:
-        if value not in choices:
-            _fail(name, value, where, f"must be one of {', '.join(map(repr, choices))}")
-    return check
-
-
-def anything(value: Any, where: str, read: bool) -> None:
-    return None
+    def config_type(self) -> Any:  # (a dtype, or a rule that may also be a callable, is a name there)
+        return str if isinstance(self.default, (torch.dtype, str)) else self.annotation
 
 
 _SPARE_RANKS = ("sharded matrices only: where the plan leaves ranks idle for the whole step (more ranks "
@@ -203,8 +117,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("approx", True, bool, "True: the approximate correction (P = the last gradient, one backward "
            "per step); False: the exact one (call store_lookahead_grad() before each step).",
            flag("approx"), positional=True),
-    Option("ns_coefficients", NS_COEFFICIENTS, tuple[float, float, float], "the quintic's (a, b, c).",
-           check_triple, since="0.2", arity=3),
+    Option("ns_coefficients", NS_COEFFICIENTS, Coefficients, 'the quintic\'s (a, b, c); or a list of one '
+           'triple per Newton-Schulz iteration (the last repeats); or a preset: "quintic" (this triple) or '
+           '"polar_express" (arXiv:2505.16932: closer to orthogonal in as many iterations).',
+           check_coefficients, since="0.2", arity=3, parse_words=parse_coefficients),
     Option("flatten", False, bool, "orthogonalize tensors with more than 2 dims as (dim0, rest) matrices, "
            "with the scale from that shape (the common Muon convention). False: a batch of trailing 2-D "
            "matrices normalized by the whole-tensor norm, scale from the first two dims.",
@@ -214,6 +130,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("ns_form", "auto", str, '"plain" (the reference loop), "gram" (the same iteration on the small '
            'Gram factor: fewer FLOPs on rectangular matrices) or "auto" (Gram only in float32/float64 where '
            "it is clearly cheaper; bf16 always plain).", one_of("ns_form", NS_FORMS), since="0.2"),
+    Option("lr_scale", "mars_m", LRScale, "the update's scale s (W <- W - lr s O) from the matrix's shape "
+           '(A, B): "mars_m" 0.2 sqrt(max(A, B)) (the paper\'s; "match_rms_adamw" is the same by torch\'s '
+           'name), "muon" sqrt(max(1, A/B)) (Keller Jordan\'s Muon), "spectral" sqrt(A/B), or a callable '
+           "f((A, B)) -> s.",
+           check_lr_scale, since="0.3"),
     Option("use_marsm", None, bool | None, "group key: True sends the group's tensors to MARS-M, False to "
            "AdamW, None routes each by its shape (2+ dims: MARS-M). Set by marsm_dist.param_groups.",
            flag("use_marsm", none_ok=True), argument=False, since="0.2", config=False),
@@ -269,7 +190,7 @@ def restore_group_types(group: dict[str, Any]) -> None:
     converted are left for validation to refuse."""
     for key in ARITY:
         if isinstance(group.get(key), list):
-            group[key] = tuple(group[key])
+            group[key] = tuple(tuple(v) if isinstance(v, list) else v for v in group[key])
     try:
         if isinstance(group.get("ns_dtype"), str):
             group["ns_dtype"] = resolve_dtype(group["ns_dtype"])

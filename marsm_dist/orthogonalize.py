@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .functional import update_scale
+from .lr_scale import LRScale, lr_scale_factor
 from .newton_schulz import NSForm, newton_schulz
+from .ns_coefficients import Coefficients
 
 __all__ = ["NSConfig", "matrix_view_shape", "orthogonalize", "scale_for"]
 
@@ -21,7 +22,9 @@ class NSConfig:
     Attributes:
         steps: Newton-Schulz iterations.
         dtype: compute dtype of the iteration.
-        coefficients: the quintic's ``(a, b, c)``.
+        coefficients: the quintic's ``(a, b, c)``, one triple per iteration, or a preset's name
+            (see :mod:`marsm_dist.ns_coefficients`; the optimizer passes the canonical tuple of
+            triples, which is hashable).
         flatten: for tensors with more than 2 dims, reshape to ``(dim0, rest)`` first (the common
             Muon convention) instead of the spec's batch-of-trailing-matrices semantics.
         form: how the iteration is evaluated: ``"auto"``, ``"plain"`` or ``"gram"`` (see
@@ -30,7 +33,7 @@ class NSConfig:
 
     steps: int
     dtype: torch.dtype
-    coefficients: tuple[float, float, float]
+    coefficients: Coefficients
     flatten: bool = False
     form: NSForm = "auto"
 
@@ -45,9 +48,10 @@ def matrix_view_shape(shape: torch.Size | tuple[int, ...], flatten: bool) -> tup
     return tuple(shape)
 
 
-def scale_for(shape: torch.Size | tuple[int, ...], flatten: bool) -> float:
-    """The update scale 0.2 * sqrt(max(A, B)) for a tensor of ``shape`` under ``flatten``."""
-    return update_scale(matrix_view_shape(shape, flatten))
+def scale_for(shape: torch.Size | tuple[int, ...], flatten: bool, rule: LRScale = "mars_m") -> float:
+    """The update scale s of a tensor of ``shape`` under ``flatten`` by the ``lr_scale`` rule
+    (:mod:`marsm_dist.lr_scale`; the default is MARS-M's 0.2 * sqrt(max(A, B)))."""
+    return lr_scale_factor(rule, matrix_view_shape(shape, flatten))
 
 
 def orthogonalize(

@@ -66,6 +66,9 @@ RANK_VALUES = {
     "lr differs": (1, "lr", 0.021, ["'lr' differs between ranks"], ["'lr' differs between ranks"]),
     "ns_dtype differs": (1, "ns_dtype", torch.bfloat16, ["'ns_dtype' differs"], ["'ns_dtype' differs"]),
     "ns_steps differs": (0, "ns_steps", 4, ["'ns_steps' differs"], ["'ns_steps' differs"]),
+    "lr_scale differs": (1, "lr_scale", "muon", ["'lr_scale' differs"], ["'lr_scale' differs"]),
+    "ns_coefficients differs": (0, "ns_coefficients", "polar_express", ["'ns_coefficients' differs"],
+                                ["'ns_coefficients' differs"]),
     "approx differs": (1, "approx", False, ["no look-ahead gradient stored"], ["another rank refused"]),
     "momentum 1 on one rank": (1, "momentum", 1.0, ["Invalid momentum"], ["another rank refused"]),
 }

@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 import marsm_dist._step_work as step_work
-import marsm_dist.options as options
+import marsm_dist.option_checks as option_checks
 import marsm_dist.sharding.agreement as agreement
 from marsm_dist import MARSM
 from marsm_dist.diagnostics import HostReads
@@ -31,7 +31,7 @@ def as_device(monkeypatch=None):
     def on_device(value):
         return isinstance(value, torch.Tensor)
 
-    for module in (options, agreement, step_work):
+    for module in (option_checks, agreement, step_work):
         if monkeypatch is not None:
             monkeypatch.setattr(module, "on_device", on_device)
         else:

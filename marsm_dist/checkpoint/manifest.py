@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..lr_scale import callable_name
+
 __all__ = ["FORMAT", "MANIFEST", "VERSION", "jsonable", "read_manifest", "write_manifest"]
 
 FORMAT = "marsm-neutral"
@@ -27,6 +29,8 @@ def jsonable(value: Any) -> Any:
         return [jsonable(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if callable(value):  # an lr_scale rule: by name (its repr holds an address)
+        return callable_name(value)
     return str(value).removeprefix("torch.")
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..lr_scale import callable_name
+
 __all__ = ["GroupValues", "disagreement", "host_tensor"]
 
 _DIGITS = 4  # 16-bit digits of a 64-bit code
@@ -33,6 +35,8 @@ def _code(value: Any) -> int:
     """A value's 64-bit code: a number's float64 bits (exact), else a hash of its repr."""
     if isinstance(value, Tensor) and value.numel() == 1:
         value = float(value)  # (a CPU tensor: no device read)
+    elif callable(value):  # (an lr_scale rule): by name, as its repr holds an address
+        value = callable_name(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             return struct.unpack("<q", struct.pack("<d", float(value)))[0]

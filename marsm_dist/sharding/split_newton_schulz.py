@@ -22,13 +22,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..newton_schulz import NS_COEFFICIENTS, NS_EPS, Reduce, newton_schulz_columns
+from ..ns_coefficients import Coefficients
 
 __all__ = ["split_newton_schulz"]
 
 
 def split_newton_schulz(
     block: Tensor, group: dist.ProcessGroup | None, steps: int = 5, *, dtype: torch.dtype = torch.bfloat16,
-    coefficients: tuple[float, float, float] = NS_COEFFICIENTS, eps: float = NS_EPS,
+    coefficients: Coefficients = NS_COEFFICIENTS, eps: float = NS_EPS,
 ) -> Tensor:
     """NS of the matrix whose column block (in the wide orientation, m x n_j) this rank holds.
 

@@ -28,6 +28,8 @@ def _add(group: argparse._ArgumentGroup, o: Option) -> None:
     help_text = o.doc.replace("%", "%%")
     if o.config_type is bool:
         group.add_argument(flag, action=argparse.BooleanOptionalAction, default=o.default, help=help_text)
+    elif o.parse_words is not None:  # words, parsed after argparse (e.g. a preset's name or numbers)
+        group.add_argument(flag, nargs="+", default=None, help=help_text)
     elif o.arity > 1:
         group.add_argument(flag, type=float, nargs=o.arity, default=list(o.default), help=help_text)
     else:
@@ -49,6 +51,9 @@ def marsm_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     for o in _flag_options():
         value = getattr(args, "marsm_" + o.name)
-        kwargs[o.name] = tuple(value) if o.arity > 1 else value
+        if o.parse_words is not None:
+            kwargs[o.name] = o.default if value is None else o.parse_words(value)
+        else:
+            kwargs[o.name] = tuple(value) if o.arity > 1 else value
     kwargs["split_qkv"] = args.marsm_split_qkv
     return kwargs
