@@ -9,6 +9,16 @@ Every optimizer steps its own copy of the same parameters with the same fixed gr
 a shared machine hits every row alike; the table reports the median of ``--repeats`` steps and
 each as a ratio to torch.optim.Muon measured in the same run. Muon gets torch.optim.AdamW for the
 non-matrix parameters, as MARSM has its own AdamW branch, so both steps cover the whole model.
+torch.optim.AdamW runs fused (``fused=True``) where torch has a fused kernel for the device, else
+foreach.
+
+Roofline: after the steps, the same run measures the matmul rate at the model's Newton-Schulz
+shapes and the copy bandwidth (benchmarks/roofline.py) and prints the MARS-M step's physical floor
+(Newton-Schulz FLOPs at that rate + the bytes the step must move at that bandwidth) and every row
+as a multiple of it ("x floor"): rows with float32 Newton-Schulz against the float32 floor, the
+others against the bf16 one. The floor counts the plain form's FLOPs, so a Gram-form row
+(marsm-fp32-ns) can come out below 1x; the AdamW row is judged by the MARS-M floor too (its own
+floor would be the memory part alone, the AdamW bytes of every element).
 
 Rows:
   marsm                 the default: bf16 Newton-Schulz, form "auto" (plain in bf16)
@@ -45,10 +55,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -58,6 +65,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from benchmarks import roofline  # noqa: E402
+from benchmarks.cpu_kinds import HELP, cpu_kind, describe, machine, run_kinds  # noqa: E402
 from benchmarks.results_file import save_results  # noqa: E402
 from benchmarks.shapes import model_shapes  # noqa: E402
 from marsm_dist import MARSM  # noqa: E402
@@ -65,9 +74,6 @@ from marsm_dist import MARSM  # noqa: E402
 ns_module = importlib.import_module("marsm_dist.newton_schulz")  # the package re-exports the function
 muon_module = importlib.import_module("torch.optim._muon")
 
-# How a child process is limited to an AVX2 CPU's kernels (module doc).
-AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-CPU_KINDS = ("native", "avx2")
 # Rows that run torch's scalar bf16 fallback where bf16 is emulated: timed once there.
 FALLBACK_ROWS = ("muon+adamw", "marsm-torch-bf16")
 
@@ -77,7 +83,7 @@ DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "optimizer_step.jso
 
 
 @contextlib.contextmanager
-def _patched(obj: object, name: str, value: object) -> Iterator[None]:
+def patched(obj: object, name: str, value: object) -> Iterator[None]:
     old = getattr(obj, name)
     setattr(obj, name, value)
     try:
@@ -86,9 +92,17 @@ def _patched(obj: object, name: str, value: object) -> Iterator[None]:
         setattr(obj, name, old)
 
 
-def _marsm_ns_for_muon(grad: torch.Tensor, ns_coefficients, ns_steps: int, eps: float) -> torch.Tensor:
+def marsm_ns_for_muon(grad: torch.Tensor, ns_coefficients, ns_steps: int, eps: float) -> torch.Tensor:
     """torch Muon's NS signature, computed by marsm's plain bf16 Newton-Schulz."""
     return ns_module.newton_schulz(grad, ns_steps, coefficients=tuple(ns_coefficients), eps=eps, form="plain")
+
+
+def adamw(params: list[torch.nn.Parameter], device: str | torch.device) -> torch.optim.AdamW:
+    """torch.optim.AdamW, fused where torch has a fused kernel for the device, else foreach."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices as fused_devices
+
+    fast = {"fused": True} if torch.device(device).type in fused_devices() else {"foreach": True}
+    return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), **fast)
 
 
 def build(kind: str, matrices, others, device: str | torch.device = "cpu",
@@ -108,14 +122,13 @@ def build(kind: str, matrices, others, device: str | torch.device = "cpu",
         groups = [{"params": mats, "use_marsm": True, "ns_form": form}, {"params": rest, "use_marsm": False}]
         opts = [MARSM(groups, lr=1e-3, ns_dtype=dtype, timing=on_cpu)]
         if kind == "marsm-torch-bf16":
-            context = lambda: _patched(ns_module, "EMULATE_CPU_BF16", False)  # noqa: E731
+            context = lambda: patched(ns_module, "EMULATE_CPU_BF16", False)  # noqa: E731
     elif kind.startswith("muon"):
-        opts = [torch.optim.Muon(mats, lr=1e-3, adjust_lr_fn="match_rms_adamw"),
-                torch.optim.AdamW(rest, lr=1e-3, betas=(0.9, 0.95), foreach=True)]
+        opts = [torch.optim.Muon(mats, lr=1e-3, adjust_lr_fn="match_rms_adamw"), adamw(rest, device)]
         if kind == "muon[marsm-ns]+adamw":
-            context = lambda: _patched(muon_module, "_zeropower_via_newtonschulz", _marsm_ns_for_muon)  # noqa: E731
+            context = lambda: patched(muon_module, "_zeropower_via_newtonschulz", marsm_ns_for_muon)  # noqa: E731
     elif kind == "adamw":
-        opts = [torch.optim.AdamW(mats + rest, lr=1e-3, betas=(0.9, 0.95), foreach=True)]
+        opts = [adamw(mats + rest, device)]
     else:
         raise ValueError(kind)
     return opts, context
@@ -135,11 +148,6 @@ def step_once(opts: list[torch.optim.Optimizer], context: Callable[[], object],
             o.step()
         _sync(device)
         return time.perf_counter() - t0
-
-
-def cpu_kind() -> str:
-    """``"native"`` on a CPU with bf16 matmul kernels, ``"avx2"`` where MARSM emulates bf16."""
-    return "avx2" if ns_module.emulates_bfloat16("cpu") else "native"
 
 
 def run(kinds: list[str], matrices, others, warmup: int, repeats: int,
@@ -169,14 +177,29 @@ def run(kinds: list[str], matrices, others, warmup: int, repeats: int,
     return out
 
 
+def add_floors(rows: dict[str, dict], matrices, others, device: str | torch.device) -> dict[str, dict]:
+    """Measure the step's floor (benchmarks/roofline.py) per Newton-Schulz dtype the rows use and
+    give every row its multiple of the floor of its dtype; the floors by dtype name."""
+    def dtype_of(kind: str) -> torch.dtype:
+        return torch.float32 if "fp32" in kind else torch.bfloat16
+
+    dtypes = sorted({dtype_of(k) for k in rows}, key=lambda d: d != torch.bfloat16)  # bfloat16 first
+    floors = roofline.floors(matrices, others, device, dtypes)
+    for kind, row in rows.items():
+        floor = floors[str(dtype_of(kind)).replace("torch.", "")]
+        row["floor_seconds"] = floor["floor_seconds"]
+        row["floor_multiple"] = row["step_seconds"] / floor["floor_seconds"]
+    return floors
+
+
 def print_table(rows: dict[str, dict]) -> None:
     bases = [b for b in ("muon+adamw", "muon[marsm-ns]+adamw") if b in rows]
-    head = f"{'optimizer':<22} {'step ms':>9}" + "".join(f" {'vs ' + b:>22}" for b in bases)
+    head = f"{'optimizer':<22} {'step ms':>9} {'x floor':>8}" + "".join(f" {'vs ' + b:>22}" for b in bases)
     phase_names = next((list(r["phase_ms"]) for r in rows.values() if "phase_ms" in r), [])
     print(head + "   MARSM phases ms: " + " / ".join(phase_names))
     for kind, row in rows.items():
         sec = row["step_seconds"]
-        line = f"{kind:<22} {1e3 * sec:>9.1f}"
+        line = f"{kind:<22} {1e3 * sec:>9.1f} {row.get('floor_multiple', float('nan')):>7.2f}x"
         line += "".join(f" {sec / rows[b]['step_seconds']:>21.2f}x" for b in bases)
         if "phase_ms" in row:
             line += "   " + " / ".join(f"{v:.1f}" for v in row["phase_ms"].values())
@@ -196,13 +219,10 @@ def main() -> None:
     ap.add_argument("--key", default=None,
                     help="entry name in the JSON (default: MODEL-LAYERSL, with -cuda appended on the GPU)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--cpu-kinds", default="this",
-                    help="'this' (this CPU as it is) or a comma list of native,avx2: each kind other "
-                    "than this CPU's runs in a child process limited to it (module doc)")
+    ap.add_argument("--cpu-kinds", default="this", help=HELP + " (module doc)")
     args = ap.parse_args()
     if args.cpu_kinds != "this" and args.device == "cpu":
-        for kind in args.cpu_kinds.split(","):
-            run_kind(kind.strip())
+        run_kinds(args.cpu_kinds, __file__)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -217,8 +237,7 @@ def main() -> None:
     matrices, others = model_shapes(args.model, args.layers)
     n_mat = sum(torch.Size(s).numel() for s in matrices)
     n_rest = sum(torch.Size(s).numel() for s in others)
-    print(f"CPU kind: {KIND_TEXT.get(kind, kind)}" + (" (limited by env: " + " ".join(
-        f"{k}={v}" for k, v in AVX2_ENV.items()) + ")" if kind == "avx2" and _limited() else ""))
+    print(describe() if args.device == "cpu" else f"device: {torch.cuda.get_device_name()}")
     print(f"{args.model}, {args.layers} layers: {len(matrices)} matrices ({n_mat:,} elements), "
           f"{len(others)} AdamW tensors ({n_rest:,}); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; bf16 NS emulated in float32: {emulated}; "
@@ -226,45 +245,13 @@ def main() -> None:
           + ("" if args.device == "cpu" else f"; on {torch.cuda.get_device_name()}"))
     once = FALLBACK_ROWS if emulated and args.device == "cpu" else ()
     rows = run(kinds, matrices, others, args.warmup, args.repeats, args.device, once)
+    floors = add_floors(rows, matrices, others, args.device)
+    for floor in floors.values():
+        print(roofline.describe(floor))
     print_table(rows)
     key = args.key or f"{args.model}-{args.layers}L-{kind}"
-    save_results(args.json, key, args, {"cpu": _cpu_model(), "cpu_kind": kind,
-                                        "limited_by_env": kind == "avx2" and _limited(),
-                                        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                                        "bf16_emulated": emulated, "threads": torch.get_num_threads()}, rows)
-
-
-KIND_TEXT = {"native": "native bf16 matmul kernels (oneDNN)",
-             "avx2": "AVX2, no bf16 matmul kernels (MARSM emulates bf16; torch falls back to a scalar loop)"}
-
-
-def _limited() -> bool:
-    return all(os.environ.get(k) == v for k, v in AVX2_ENV.items())
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def run_kind(kind: str) -> None:
-    """This script again, for one CPU kind: limited to AVX2 by env, or as this CPU is."""
-    if kind not in CPU_KINDS:
-        raise SystemExit(f"unknown CPU kind {kind!r}; expected one of {CPU_KINDS}")
-    here = cpu_kind()
-    if kind == "native" and here != "native":
-        print("CPU kind native: not available (this CPU has no bf16 matmul kernels); skipped")
-        return
-    argv = [a for a in sys.argv[1:]]
-    i = argv.index("--cpu-kinds") if "--cpu-kinds" in argv else None
-    if i is not None:
-        del argv[i:i + 2]
-    argv = [a for a in argv if not a.startswith("--cpu-kinds=")]
-    env = dict(os.environ, **(AVX2_ENV if kind == "avx2" and here != "avx2" else {}))
-    subprocess.run([sys.executable, __file__, *argv], env=env, check=True)
+    found = machine() | ({"device": torch.cuda.get_device_name()} if args.device == "cuda" else {})
+    save_results(args.json, key, args, found, rows, floors=floors)
 
 
 if __name__ == "__main__":

@@ -38,12 +38,13 @@ def portable(value: Any) -> str:
 
 
 def save_results(path: Path, key: str, args: argparse.Namespace, machine: dict[str, Any],
-                 rows: list[dict[str, Any]]) -> None:
-    """Write ``rows`` under ``key`` into the JSON at ``path``, keeping the file's other entries
-    (so, e.g., the GPT-2 and demo runs sit side by side)."""
+                 rows: list[dict[str, Any]] | dict[str, Any], **extra: Any) -> None:
+    """Write ``rows`` (and the entries of ``extra``, e.g. a benchmark's floor) under ``key`` into
+    the JSON at ``path``, keeping the file's other entries (so, e.g., the GPT-2 and demo runs sit
+    side by side)."""
     results = json.loads(path.read_text()) if path.exists() else {}
     results[key] = {"args": {k: portable(v) for k, v in vars(args).items()}, "machine": machine,
-                    "commit": git_commit(), "date": now(), "rows": rows}
+                    "commit": git_commit(), "date": now(), "rows": rows, **extra}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
     print(f"wrote {path} [{key}]")

@@ -55,6 +55,7 @@ def test_dry_run_writes_every_section(tmp_path):
     assert s["correctness"]["checks"]["matrices_only"]["status"] == "ok"
     assert s["host_syncs"]["device"] == "meta" and s["host_syncs"]["host_reads"] >= 1
     assert set(s["step_time"]["step_ms"]) >= {"marsm", "muon+adamw", "adamw"}
+    assert s["step_time"]["floor_multiple"]["marsm"] > 0 and s["step_time"]["floor_ms"]["bfloat16"] > 0
     fsdp2 = s["distributed"]["checks"]["fsdp2"]
     assert fsdp2["status"] == "ok" and fsdp2["float32"]["shadow_max_abs_diff"] < 1e-5
     assert fsdp2["devices"] == ["cpu", "cpu"]

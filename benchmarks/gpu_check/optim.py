@@ -232,6 +232,7 @@ def _sync_warnings(opt: torch.optim.Optimizer) -> tuple[list[str], list[str]]:
 def step_time(ctx: Ctx) -> dict:
     """Section g: median optimizer step ms on GPT-2-small shapes (12 layers; dry: the demo model)."""
     from benchmarks import optimizer_step as bench
+    from benchmarks import roofline
     from benchmarks.shapes import model_shapes
 
     model, layers = ("demo", 1) if ctx.dry else ("gpt2-small", 12)
@@ -242,9 +243,16 @@ def step_time(ctx: Ctx) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch Muon warns about its lr adjustment once per build
         rows = bench.run(kinds, matrices, others, warmup, repeats, ctx.device)
+    # The step's physical floor (benchmarks/roofline.py), measured now on this device.
+    floors = bench.add_floors(rows, matrices, others, ctx.device)
+    for floor in floors.values():
+        log(f"  step_time: {roofline.describe(floor)}")
     ms = {k: 1e3 * r["step_seconds"] for k, r in rows.items()}
     ratio = {k: v / ms["muon+adamw"] for k, v in ms.items()}
+    multiple = {k: r["floor_multiple"] for k, r in rows.items()}
     return {"model": model, "layers": layers, "repeats": repeats, "step_ms": ms, "ratio_to_muon": ratio,
-            "all_ms": {k: [1e3 * t for t in r["all_seconds"]] for k, r in rows.items()},
+            "floor_ms": {d: 1e3 * f["floor_seconds"] for d, f in floors.items()}, "floor_multiple": multiple,
+            "floors": floors, "all_ms": {k: [1e3 * t for t in r["all_seconds"]] for k, r in rows.items()},
             "summary": f"marsm {ms['marsm']:.2f} ms = {ratio['marsm']:.2f}x muon+adamw "
-                       f"({ms['muon+adamw']:.2f} ms); adamw {ms['adamw']:.2f} ms"}
+                       f"({ms['muon+adamw']:.2f} ms), {multiple['marsm']:.2f}x its floor "
+                       f"({1e3 * floors['bfloat16']['floor_seconds']:.2f} ms); adamw {ms['adamw']:.2f} ms"}
