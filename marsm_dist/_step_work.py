@@ -170,7 +170,7 @@ class StepMap:
 
     def __init__(self, param_groups: list[Group], *, process_group: dist.ProcessGroup | None,
                  owner_policy: str, bucket_numel: int, timer: PhaseTimer, overlap: bool = True,
-                 max_team: int = 1) -> None:
+                 max_team: int = 1, pin_memory: bool | None = None) -> None:
         self.key = self.key_of(param_groups)
         self.param_ids = frozenset(k[0] for k in self.key)  # which parameters a step here steps
         # Weak references: a cache hit must be for these very tensors, not new ones that reuse a
@@ -199,7 +199,7 @@ class StepMap:
                 self.slot_lists[id(p)] = slots
         self.distributor = Distributor(specs, self.group, self.device, policy=owner_policy,
                                        bucket_numel=bucket_numel, timer=timer, overlap=overlap,
-                                       max_team=max_team)
+                                       max_team=max_team, pin_memory=pin_memory)
 
     def _matrices(self, param_groups: list[Group], group: Group, i: int, p: Tensor, pg: Any,
                   replicas: Any, specs: list[MatrixSpec]) -> list[Slot]:

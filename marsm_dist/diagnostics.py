@@ -78,13 +78,18 @@ class PeakMemory(TorchDispatchMode):
     A storage counts from the op that creates it until it is freed. An op's output that shares
     a storage with one of its inputs (a view, an in-place op) creates nothing.
 
+    Args:
+        device: count only storages on this device type (e.g. ``"cuda"`` or ``"meta"`` for an
+            offloaded step, whose state is on the CPU); None: every device.
+
     Attributes:
         live: bytes of tracked storages alive now.
         peak: the largest ``live`` seen.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: str | None = None) -> None:
         super().__init__()
+        self.device = device
         self.live = 0
         self.peak = 0
         self._tracked: dict[int, weakref.ref] = {}
@@ -94,7 +99,7 @@ class PeakMemory(TorchDispatchMode):
         inputs = {id(s) for s in _storages(tree_flatten((args, kwargs))[0])}
         for storage in _storages(tree_flatten(out)[0]):
             key = id(storage)
-            if key in inputs or key in self._tracked:
+            if key in inputs or key in self._tracked or self.device not in (None, storage.device.type):
                 continue
             size = storage.nbytes()
             self.live += size

@@ -127,7 +127,8 @@ class MARSM(StateMixin, Optimizer):
         if step_map is None or not step_map.serves(self.param_groups):
             new = StepMap(self.param_groups, process_group=self.process_group,
                           owner_policy=self.owner_policy, bucket_numel=self._bucket_numel,
-                          timer=self._timer, overlap=self.overlap, max_team=self.ns_team_max)
+                          timer=self._timer, overlap=self.overlap, max_team=self.ns_team_max,
+                          pin_memory=self.pin_memory)
             stale = [step_map] if step_map is not None else []
             if len(self._step_maps) >= _MAX_MAPS:  # groups were rebuilt; forget old layouts
                 stale = list(self._step_maps.values())

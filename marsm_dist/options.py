@@ -86,6 +86,8 @@ class Option:
 
     @property
     def config_type(self) -> Any:  # (a dtype, or a rule that may also be a callable, is a name there)
+        if self.annotation == (bool | None):
+            return bool
         return str if isinstance(self.default, (torch.dtype, str)) else self.annotation
 
 
@@ -165,6 +167,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("ns_team_max", 1, int, _SPARE_RANKS, int_where(
         "ns_team_max", lambda n: n >= 1 and n & (n - 1) == 0, "expected a power of two: 1, 2, 4, 8, ..."),
         per_group=False),
+    Option("pin_memory", None, bool | None, "optimizer offload (state on the CPU, an NCCL-only group): stage "
+           "the exchange through pinned host buffers, so the copies to and from the GPU overlap the host's "
+           "work. None: pinned where CUDA is. False on a CPU-only host (pinning needs a CUDA runtime).",
+           flag("pin_memory", none_ok=True), per_group=False, since="0.3"),
 )
 
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}

@@ -15,8 +15,13 @@ import torch
 
 from marsm_dist import MARSM
 from marsm_dist.newton_schulz import newton_schulz, newton_schulz_columns
-from marsm_dist.ns_coefficients import (NS_COEFFICIENTS, NS_PRESETS, coefficient_schedule,
-                                        coefficients_for_steps, parse_coefficients)
+from marsm_dist.ns_coefficients import (
+    NS_COEFFICIENTS,
+    NS_PRESETS,
+    coefficient_schedule,
+    coefficients_for_steps,
+    parse_coefficients,
+)
 
 # Arxiv 2505.16932, Algorithm 1, as printed (before its safety factors).
 PAPER = [(8.28721201814563, -23.595886519098837, 17.300387312530933),

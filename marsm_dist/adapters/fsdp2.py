@@ -171,6 +171,9 @@ class FSDP2Adapter(ShardingAdapter):
 
     def zeros_state(self, p: Tensor) -> Tensor:
         self._check(p)
+        if p.to_local().device.type != p.device_mesh.device_type:
+            # CPUOffloadPolicy: the state stays with the shard (from_local would move it to the mesh's device)
+            return torch.zeros_like(p, memory_format=torch.preserve_format)
         local = torch.zeros_like(p.to_local(), memory_format=torch.preserve_format)
         return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
                                   shape=p.shape, stride=p.stride())

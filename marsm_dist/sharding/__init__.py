@@ -16,6 +16,7 @@ from .adapter import (
 )
 from .engine import ShardingEngine
 from .layout import MatrixLayout, Piece, assemble, cut, row_chunks, whole
+from .offload import Staging, group_device
 from .plan import OWNER_POLICIES, ExchangePlan, make_plan
 
 __all__ = [
@@ -26,10 +27,12 @@ __all__ = [
     "ShardingAdapter",
     "ShardingEngine",
     "Slot",
+    "Staging",
     "adapter_for",
     "assemble",
     "check_group_serves",
     "cut",
+    "group_device",
     "make_plan",
     "register_adapter",
     "registered_adapters",

@@ -49,6 +49,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .layout import MatrixLayout, whole
+from .offload import group_device
 from .subgroups import GroupRequest
 
 __all__ = ["ShardingAdapter", "SideTableAdapter", "Slot", "adapter_for", "check_group_serves",
@@ -219,19 +220,28 @@ def adapter_for(p: Tensor) -> ShardingAdapter:
     return _PLAIN
 
 
-def check_group_serves(group: dist.ProcessGroup, device: torch.device, name: str) -> None:
-    """Refuse, up front, shards on a device that their process group has no backend for.
+def check_group_serves(group: dist.ProcessGroup, device: torch.device, name: str) -> torch.device:
+    """The device ``group``'s collectives take tensors on, for shards on ``device``
+    (:func:`~marsm_dist.sharding.offload.group_device`); refuse, up front, a group that serves
+    neither the shards' device nor, for shards on the CPU, a device to exchange them on.
 
     The usual case is optimizer offload: DeepSpeed's ``offload_optimizer`` or FSDP2's
     ``CPUOffloadPolicy`` keep the shards (and so MARS-M's state and step) on the CPU while the
-    group is NCCL, which serves CUDA tensors only; the first collective would fail mid-step.
+    group is NCCL, which serves CUDA tensors only. That is served: the shards are staged to the
+    current CUDA device for the exchange and Newton-Schulz (:mod:`marsm_dist.sharding.offload`).
+    Refused: such a group in a process without CUDA, or shards on a device the group has no
+    backend for (the first collective would fail mid-step).
     """
-    served = getattr(group, "_device_types", None)  # private in torch 2.6-2.14: skip if absent
-    if served is None or device.type in {d.type for d in served}:
-        return
+    served = group_device(group, device)
+    if served is not None:
+        return served
     backend = dist.get_backend(group)
+    types = sorted({d.type for d in getattr(group, "_device_types", ())})
+    cuda = ("" if device.type != "cpu" or "cuda" not in types else
+            ", and this process has no CUDA device to exchange CPU shards on")
     raise ValueError(
-        f"MARSM: {name} is sharded on {device}, but its process group ({backend}) has no backend for "
-        f"{device.type} tensors. CPU offload of the optimizer (DeepSpeed offload_optimizer, FSDP2 "
-        f"CPUOffloadPolicy) needs a group that serves both devices: init the process group with "
-        f"backend='cpu:gloo,cuda:nccl', or turn the offload off.")
+        f"MARSM: {name} is sharded on {device}, but its process group ({backend}) serves only "
+        f"{'/'.join(types)} tensors{cuda}. Shards on the CPU (DeepSpeed offload_optimizer, FSDP2 "
+        f"CPUOffloadPolicy) need a group that serves CUDA (NCCL, with a GPU in this process: the "
+        f"exchange and Newton-Schulz then run on it) or the CPU (e.g. backend='cpu:gloo,cuda:nccl'); "
+        f"other shards need a group with a backend for their device.")

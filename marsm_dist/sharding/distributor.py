@@ -12,6 +12,10 @@ orthogonalized result; it never asks which topology it runs on.
 Replicated data parallel is a layout whose every rank is a copy of its own; HSDP, a layout whose
 copies are the replica groups; FSDP x TP and Megatron TP x DP, pieces of 2-D blocks (with DP copies
 for Megatron without the distributed optimizer). See :mod:`marsm_dist.sharding.layout`.
+
+Shards on the CPU under a group that serves only CUDA (optimizer offload over NCCL) are staged
+to the group's device for the exchange and Newton-Schulz, and their results staged back
+(:mod:`marsm_dist.sharding.offload`); own tensors stay where they are.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from ..newton_schulz import newton_schulz_flops
 from ..orthogonalize import NSConfig, matrix_view_shape, orthogonalize
 from .engine import ShardingEngine
 from .layout import MatrixLayout
+from .offload import Staging
+from .topology import exchange_device as exchange_device_of
 from .topology import replica_groups
 
 __all__ = ["Distributor", "MatrixSpec"]
@@ -59,29 +65,41 @@ class Distributor:
     Args:
         matrices: every matrix, in the same order on every rank for those with a layout.
         group: the job group the layouts are described over (None: only own tensors).
-        device: where the shards live (collectives' tensors are made there).
+        device: where the shards live.
         policy, bucket_numel: the owner plan's policy and the bucket size (elements).
         timer: where communication and Newton-Schulz time is recorded.
         overlap, max_team: pipeline the exchange rounds; split matrices over teams of idle ranks
             (see :class:`ShardingEngine`).
+        exchange_device: where the collectives' tensors are made and shared matrices' Newton-Schulz
+            runs. None: the job group's device for the shards (``device`` itself, or the current
+            CUDA device for CPU shards under an NCCL-only group), staged to when it is not
+            ``device``. Given: always staged to, even when it is ``device`` (the tests run the
+            staging on the CPU so).
+        pin_memory: stage through pinned host buffers; None: where the exchange device is CUDA.
     """
 
     def __init__(self, matrices: list[MatrixSpec], group: dist.ProcessGroup | None,
                  device: torch.device | None, *, policy: str = "balanced", bucket_numel: int = 1 << 26,
-                 timer: PhaseTimer | None = None, overlap: bool = True, max_team: int = 1) -> None:
+                 timer: PhaseTimer | None = None, overlap: bool = True, max_team: int = 1,
+                 exchange_device: torch.device | None = None, pin_memory: bool | None = None) -> None:
         self.matrices = matrices
         self.timer = timer or PhaseTimer()
         self.bucket_numel = bucket_numel
         self.group, self.device = group, device
+        self.exchange_device = exchange_device or exchange_device_of(group, device)
+        self.staging: Staging | None = None
+        staged = exchange_device is not None or self.exchange_device != device
+        if self.exchange_device is not None and staged:
+            self.staging = Staging(self.exchange_device, pin_memory, host=device)
         self.own = [i for i, m in enumerate(matrices) if m.layout is None]
         self.shared = [i for i, m in enumerate(matrices) if m.layout is not None]
         self._shared_index = {i: e for e, i in enumerate(self.shared)}
         self.engine: ShardingEngine | None = None
         if self.shared:
             self.engine = ShardingEngine([matrices[i].layout for i in self.shared], group, policy,
-                                         bucket_numel, self.timer, device,
+                                         bucket_numel, self.timer, self.exchange_device,
                                          replica_groups(matrices, self.shared, group), overlap,
-                                         max_team)
+                                         max_team, self.staging)
         # Fixed by the plan: read once here, not from the plan on every step.
         self._flops_balance = self.engine.plan.flops_balance if self.engine is not None else 1.0
 
@@ -110,11 +128,13 @@ class Distributor:
         return m.layout is None or m.layout.replica_of(self.rank) == 0
 
     def sum_over_ranks(self, vec: Tensor) -> Tensor:
-        """Sum ``vec`` over the job group (a no-op for a world of one)."""
+        """Sum ``vec`` over the job group (a no-op for a world of one), on the group's device."""
         if self.group is None or dist.get_world_size(self.group) == 1:
             return vec
-        out = vec.to(self.device)
+        out = vec.to(self.exchange_device)
         dist.all_reduce(out, group=self.group)
+        if out.device.type == "meta" and vec.device.type != "meta":
+            return vec * self.world_size  # a dry run: no sums to read; as if every rank held these
         return out.to(vec.device)
 
     def results(self, momenta: list[Tensor | None], configs: list[NSConfig | None]

@@ -14,6 +14,7 @@ from .._timing import PhaseTimer
 from ..orthogonalize import NSConfig, orthogonalize
 from .exchange import Exchange, Pending, ReplicaGroup, Spreading
 from .layout import MatrixLayout
+from .offload import Landing, Staging
 from .plan import make_plan
 from .subgroups import GroupRequest, OpenGroups, open_groups
 from .team_runner import TeamRunner
@@ -30,8 +31,9 @@ class ShardingEngine:
         policy: ``"round_robin"`` or ``"balanced"`` (see :mod:`marsm_dist.sharding.plan`).
         bucket_numel: at most this many elements of full matrices owned by one rank per round.
         timer: where communication and Newton-Schulz time is recorded.
-        device: where this rank's shards live; the collectives' tensors are made there (the
-            CPU when not given).
+        device: where the collectives' tensors are made and the owners' Newton-Schulz runs: where
+            this rank's shards live, or with ``staging`` the device they are staged to (the CPU
+            when not given).
         replica_groups: for layouts with replicas, this rank's replica group per replica pattern
             (``layout.replicas``), over which results reach the other copies. A group still to be
             made (a :class:`~marsm_dist.sharding.subgroups.GroupRequest`) is made here, after
@@ -39,13 +41,16 @@ class ShardingEngine:
         overlap: pipeline the rounds (see :meth:`results`).
         max_team: up to this many ranks (a power of two) split one matrix's Newton-Schulz where
             ranks would otherwise sit idle (:mod:`marsm_dist.sharding.teams`); 1: never.
+        staging: for shards held on the host while the group serves ``device`` (optimizer offload):
+            each round's pieces go to ``device`` through it, and the results come back through it
+            (:mod:`marsm_dist.sharding.offload`). None: the shards are on ``device``.
     """
 
     def __init__(self, layouts: list[MatrixLayout], group: dist.ProcessGroup | None,
                  policy: str = "balanced", bucket_numel: int = 1 << 26,
                  timer: PhaseTimer | None = None, device: torch.device | None = None,
                  replica_groups: dict[tuple[int, ...], ReplicaGroup] | None = None,
-                 overlap: bool = True, max_team: int = 1) -> None:
+                 overlap: bool = True, max_team: int = 1, staging: Staging | None = None) -> None:
         world = dist.get_world_size(group) if group is not None else 1
         rank = dist.get_rank(group) if group is not None else 0
         for layout in layouts:
@@ -60,6 +65,7 @@ class ShardingEngine:
         self.exchange = Exchange(group, rank, world)
         self.timer = timer or PhaseTimer()
         self.device = device or torch.device("cpu")
+        self.staging = staging
         if world > 1:
             self._verify_same_on_every_rank()
         # Only now, with the plan the same everywhere, the groups it needs (NCCL: made by every
@@ -130,11 +136,12 @@ class ShardingEngine:
                 fulls = gathering.wait()
                 if self.overlap and k + 1 < len(rounds):
                     gathering = self._start_gather(rounds[k + 1], local)
-                if previous is not None and previous.replicated:
+                if previous is not None and (previous.replicated or self.staging is not None):
                     # Its broadcasts to the other copies need its scatter done: wait for that now,
-                    # so they run during this round's Newton-Schulz.
+                    # so they run during this round's Newton-Schulz. Staged: its copies to the host
+                    # are queued now, before this round's Newton-Schulz, which they need not wait for.
                     self._start_spread(previous)
-            device = local[idx[0]].device
+            device = self.device if self.staging is not None else local[idx[0]].device
             outputs = self._newton_schulz(idx, fulls, configs, device)
             del fulls  # the gathered momenta: NS made its own copies
             with self.timer.phase("communication"):
@@ -176,12 +183,17 @@ class ShardingEngine:
 
     def _start_gather(self, round_: tuple[torch.dtype, list[int]], local: list[Tensor | None]) -> Pending:
         dtype, idx = round_
+        flats = [local[i].reshape(-1) for i in idx]
+        if self.staging is not None:  # host shards: to the exchange device, in the round's dtype
+            flats = self.staging.to_device(flats, dtype)
         return self.exchange.start_gather(
-            [(self.layouts[i], self.plan.owners[i], local[i].reshape(-1)) for i in idx], dtype)
+            [(self.layouts[i], self.plan.owners[i], flat) for i, flat in zip(idx, flats, strict=True)], dtype)
 
     def _start_spread(self, r: _Round) -> None:
         """Wait for round ``r``'s scatter and start its broadcasts to the other copies."""
         r.shards = r.scattering.wait()
+        if self.staging is not None:
+            r.landing = self.staging.to_host(r.shards)
         window = self.bucket_numel if self.overlap else 0
         r.spreading = self.exchange.spread(
             [(lay, o, self.replica_groups.get(lay.replicas)) for lay, o in self._items(r.idx)],
@@ -193,13 +205,20 @@ class ShardingEngine:
         if r.spreading is None:
             with self.timer.phase("communication"):
                 self._start_spread(r)
+        shards = r.shards
+        if r.landing is not None:
+            with self.timer.phase("communication"):
+                shards, r.landing = r.landing.wait(), None
         for j, i in enumerate(r.idx):
-            if r.shards[j] is not None:
-                yield i, r.shards[j]
+            if shards[j] is not None:
+                yield i, shards[j]
+        del shards
         got = iter(r.spreading)
         while True:
             with self.timer.phase("communication"):
                 item = next(got, None)
+                if item is not None and self.staging is not None:
+                    item = item[0], self.staging.to_host([item[1]]).wait()[0]
             if item is None:
                 break
             yield r.idx[item[0]], item[1]
@@ -225,5 +244,6 @@ class _Round:
     replicated: bool
     shards: list[Tensor | None] | None = None
     spreading: Spreading | None = None
+    landing: Landing | None = None  # staged: this rank's results on their way to the host
 
 

@@ -1,6 +1,8 @@
 """Topology decisions, in one place: which group a step's statistics and plan span (the job group),
-the device its collectives use, how a matrix held over a sub-group is described over the job group
-(widening), and which ranks hold copies of the same pieces (replica groups).
+the device its collectives use (the shards' device, or the device CPU shards are staged to under
+a group that serves only CUDA: :mod:`marsm_dist.sharding.offload`), how a matrix held over a
+sub-group is described over the job group (widening), and which ranks hold copies of the same
+pieces (replica groups).
 
 Pure functions of the process groups and layouts they are given; nothing is kept.
 """
@@ -18,7 +20,7 @@ from .exchange import ReplicaGroup
 from .layout import MatrixLayout
 from .subgroups import GroupRequest
 
-__all__ = ["job_group", "over_job_group", "replica_groups", "same_ranks"]
+__all__ = ["exchange_device", "job_group", "over_job_group", "replica_groups", "same_ranks"]
 
 
 def same_ranks(a: dist.ProcessGroup, b: dist.ProcessGroup) -> bool:
@@ -28,8 +30,10 @@ def same_ranks(a: dist.ProcessGroup, b: dist.ProcessGroup) -> bool:
 
 def job_group(held: list[tuple[str, dist.ProcessGroup, torch.device, dist.ProcessGroup | None]]
                ) -> tuple[dist.ProcessGroup | None, torch.device | None]:
-    """The widest group any parameter is held over: statistics are summed over it. Every other
-    group must lie inside it (e.g. FSDP2's data-parallel sub-mesh beside a 2-D mesh)."""
+    """The widest group any parameter is held over, and the shards' device: statistics are summed
+    over it. Every other group must lie inside it (e.g. FSDP2's data-parallel sub-mesh beside a
+    2-D mesh). A group that serves neither the shards' device nor a device to stage CPU shards
+    to is refused here (:func:`check_group_serves`)."""
     if not held:
         return None, None
     name, job, device, _ = max(held, key=lambda h: dist.get_world_size(h[1]))
@@ -54,6 +58,15 @@ def job_group(held: list[tuple[str, dist.ProcessGroup, torch.device, dist.Proces
                 f"{name}, and together they do not span the world (one MARSM per pipeline stage "
                 f"must see only its stage's parameters)")
     return job, device
+
+
+def exchange_device(group: dist.ProcessGroup | None, device: torch.device | None) -> torch.device | None:
+    """Where ``group``'s collectives take their tensors for shards on ``device``: ``device``, or for
+    CPU shards under a group that serves only CUDA (NCCL), the current CUDA device."""
+    if group is None or device is None:
+        return device
+    return check_group_serves(group, device, "a sharded parameter")
+
 
 def over_job_group(adapter: ShardingAdapter, p: Tensor, slot: Slot, pg: dist.ProcessGroup | None,
                    job: dist.ProcessGroup | None, name: str) -> tuple[Any, Any]:
