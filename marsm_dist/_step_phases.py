@@ -86,7 +86,7 @@ def _active_slices(matrix: list[GroupWork], stats: ReducedStatistics):
 
 
 def update_momenta(matrix: list[GroupWork], stats: ReducedStatistics, state: Mapping,
-                   chunk_numel: int) -> None:
+                   chunk_numel: int, scratch: Any = None) -> None:
     """M <- beta M + (1 - beta) clip(c) for active matrices (c_t recomputed chunk by chunk); in
     approximate mode P <- g right after, as c_t was its last use this step."""
     kept = stats.kept or {}
@@ -99,7 +99,7 @@ def update_momenta(matrix: list[GroupWork], stats: ReducedStatistics, state: Map
             if all((w, j) in kept for j in js):
                 gs, cs = work.signed_grads(js), [kept.pop((w, j)) for j in js]
             else:
-                gs, cs = work.variance_reduced(prev, js)
+                gs, cs = work.variance_reduced(prev, js, scratch)
             F.update_momentum_([exp_avgs[j] for j in js], cs, [stats.factors[k + j] for j in js],
                                momentum=stats.values(g)["momentum"])
             if g["approx"]:
@@ -141,8 +141,8 @@ def orthogonalize_and_apply(work: Any, stats: ReducedStatistics, state: Mapping,
         values = stats.values(w.group)
         with timer.phase("apply"):
             F.apply_matrix_update_([w.local_params[j]], [o], lr=values["lr"],
-                                   weight_decay=values["weight_decay"],
-                                   scales=[scales[i]])
+                                   weight_decay=values["weight_decay"], scales=[scales[i]],
+                                   scratch=work.step_map.scratch)
         del o
 
 
@@ -169,6 +169,6 @@ def apply_step(work: Any, stats: ReducedStatistics, state: Mapping, timer: Any) 
     with timer.phase("elementwise"):
         for entry in work.adamw:
             adamw_step(entry, state, work.chunk_numel, stats.values(entry.group))
-        update_momenta(work.matrix, stats, state, work.chunk_numel)
+        update_momenta(work.matrix, stats, state, work.chunk_numel, work.step_map.scratch)
     orthogonalize_and_apply(work, stats, state, timer, scales)
     finish_matrices(work.matrix, stats, state)

@@ -83,16 +83,19 @@ class GroupWork:
         gs = [self.grads[j] for j in js]
         return list(torch._foreach_neg(gs)) if self.group["maximize"] else gs
 
-    def variance_reduced(self, prev: list[Tensor], js: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+    def variance_reduced(self, prev: list[Tensor], js: list[int], scratch: F.Scratch | None = None,
+                         after: bool = False) -> tuple[list[Tensor], list[Tensor]]:
         """The signed gradients of entries ``js`` and their c_t = g + kappa (g - P), new tensors of
-        these only. Both places that need c_t call this, so they compute it alike."""
+        these only, or (on the CPU) views of ``scratch`` (``after``: see ``Scratch.views``). Both
+        places that need c_t call this, so they compute it alike."""
         gs = self.signed_grads(js)
         momentum, gamma = self.group["momentum"], self.group["gamma"]
         if on_device(momentum) or on_device(gamma):
             kappa = gamma * momentum / (1.0 - momentum)  # stays on the device: no read before the step's
         else:
             kappa = F.marsm_kappa(float(momentum), float(gamma))
-        return gs, F.variance_reduced_grads(gs, [prev[j] for j in js], kappa=kappa)
+        out = scratch.views(gs, after=after) if scratch is not None else None
+        return gs, F.variance_reduced_grads(gs, [prev[j] for j in js], kappa=kappa, out=out)
 
     def ns_config(self) -> NSConfig:
         """The group's Newton-Schulz settings ("ns_form" checked again: a group edited after it was
@@ -197,6 +200,7 @@ class StepMap:
                 slots = self._matrices(param_groups, group, i, p, groups[id(p)],
                                        process_group if replicate else None, specs)
                 self.slot_lists[id(p)] = slots
+        self.scratch = F.Scratch()  # kept memory for the elementwise temporaries (CPU)
         self.distributor = Distributor(specs, self.group, self.device, policy=owner_policy,
                                        bucket_numel=bucket_numel, timer=timer, overlap=overlap,
                                        max_team=max_team, pin_memory=pin_memory)

@@ -59,3 +59,44 @@ def test_float32_norm_overflow_of_a_finite_matrix_gradient_is_a_normal_step():
         results.append(w.detach().clone())
         assert opt.last_step_stats.clipped == 1
     assert torch.allclose(results[0], results[1], atol=1e-6, rtol=0)
+
+
+def _run(case: str, monkeypatch, scratch: bool) -> list[torch.Tensor]:
+    """Four steps of a mixed model; ``scratch=False`` takes the fresh-tensor path everywhere."""
+    if not scratch:
+        monkeypatch.setattr(F.Scratch, "views", lambda self, like, dtype=None, after=False: None)
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in [(96, 64), (64, 160), (200, 48), (32, 32), (10,)]]
+    kw = {"chunked": {"bucket_bytes": 4 * 7000}, "maximize": {"maximize": True},
+          "tensor": {"momentum": torch.tensor(0.9), "lr": torch.tensor(0.01)}, "kept": {},
+          "bf16": {"ns_dtype": torch.bfloat16}}[case]
+    kw.setdefault("ns_dtype", torch.float32)
+    opt = MARSM([{"params": ps[:4], "use_marsm": True}, {"params": ps[4:], "use_marsm": False}], **kw)
+    for _ in range(4):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return [p.detach().clone() for p in ps] + [t.clone() for s in opt.state.values() for t in s.values()
+                                               if torch.is_tensor(t)]
+
+
+@pytest.mark.parametrize("case", ["kept", "chunked", "maximize", "tensor", "bf16"])
+def test_the_kept_scratch_memory_changes_no_bit(case, monkeypatch):
+    """c_t computed into kept memory (and O converted there) is the fresh-tensor path bit for bit:
+    c_t kept for the momentum (one chunk), recomputed per chunk, negated grads, tensor kappa."""
+    with_scratch = _run(case, monkeypatch, True)
+    without = _run(case, monkeypatch, False)
+    assert all(torch.equal(a, b) for a, b in zip(with_scratch, without, strict=True))
+
+
+def test_scratch_views_reuse_one_buffer_and_keep_earlier_views_on_growth():
+    scratch = F.Scratch()
+    a = torch.ones(4, 3)
+    (v,) = scratch.views([a])
+    (w,) = scratch.views([torch.ones(2, 2)])
+    assert v.data_ptr() == w.data_ptr()  # the same memory, reused
+    v.fill_(1.0)
+    (x,) = scratch.views([torch.ones(100)], after=True)  # grows: v keeps its old buffer
+    x.fill_(2.0)
+    assert v.shape == (4, 3) and bool((v == 1.0).all())
+    assert scratch.views([torch.ones(2, device="meta")]) is None  # off the CPU: the caller allocates
