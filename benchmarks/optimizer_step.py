@@ -22,6 +22,7 @@ floor would be the memory part alone, the AdamW bytes of every element).
 
 Rows:
   marsm                 the default: bf16 Newton-Schulz, form "auto" (plain in bf16)
+  marsm-fused           the same with fused=True: the AdamW branch through torch's fused kernel
   marsm-fp32-ns         float32 Newton-Schulz, form "auto" (Gram form where it is cheaper)
   marsm-fp32-ns-plain   float32 Newton-Schulz, plain form
   marsm-torch-bf16      bf16 through torch's own CPU kernels (only where marsm emulates bf16,
@@ -77,7 +78,7 @@ muon_module = importlib.import_module("torch.optim._muon")
 # Rows that run torch's scalar bf16 fallback where bf16 is emulated: timed once there.
 FALLBACK_ROWS = ("muon+adamw", "marsm-torch-bf16")
 
-ROWS = ("marsm", "marsm-fp32-ns", "marsm-fp32-ns-plain", "marsm-torch-bf16", "muon+adamw",
+ROWS = ("marsm", "marsm-fused", "marsm-fp32-ns", "marsm-fp32-ns-plain", "marsm-torch-bf16", "muon+adamw",
         "muon[marsm-ns]+adamw", "adamw")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "optimizer_step.json"
 
@@ -120,7 +121,7 @@ def build(kind: str, matrices, others, device: str | torch.device = "cpu",
         dtype = torch.float32 if "fp32" in kind else torch.bfloat16
         form = "plain" if kind.endswith("plain") else "auto"
         groups = [{"params": mats, "use_marsm": True, "ns_form": form}, {"params": rest, "use_marsm": False}]
-        opts = [MARSM(groups, lr=1e-3, ns_dtype=dtype, timing=on_cpu)]
+        opts = [MARSM(groups, lr=1e-3, ns_dtype=dtype, timing=on_cpu, fused=kind == "marsm-fused")]
         if kind == "marsm-torch-bf16":
             context = lambda: patched(ns_module, "EMULATE_CPU_BF16", False)  # noqa: E731
     elif kind.startswith("muon"):

@@ -55,8 +55,10 @@ def _pieces(columns: list[list[Tensor]], limit: int) -> tuple[list[list[Tensor]]
     return out, rows
 
 
-def adamw_step(work: GroupWork, state: Mapping, chunk_numel: int, values: Mapping[str, Any]) -> None:
-    """The AdamW branch of one group. ``values``: its numbers this step (``ReducedStatistics.values``)."""
+def adamw_step(work: GroupWork, state: Mapping, chunk_numel: int, values: Mapping[str, Any],
+               scratch: Any = None, fused: bool = False) -> None:
+    """The AdamW branch of one group. ``values``: its numbers this step (``ReducedStatistics.values``);
+    ``fused``: through torch's fused AdamW kernel where it takes the tensors."""
     g = work.group
     containers = work.containers()  # one count per container, however many slots it holds
     counters = [state[p]["step"] for p in containers]
@@ -65,14 +67,18 @@ def adamw_step(work: GroupWork, state: Mapping, chunk_numel: int, values: Mappin
     moments = [work.local_state(state, "exp_avg"), work.local_state(state, "exp_avg_sq")]
     (params, grads, exp_avgs, exp_avg_sqs), rows = _pieces([work.local_params, work.grads, *moments],
                                                            chunk_numel)
+    hyper = {"lr": values["lr"], "betas": values["adamw_betas"], "eps": values["adamw_eps"],
+             "weight_decay": values["weight_decay"]}
+    if fused and F.fused_adamw_serves([*params, *grads, *exp_avgs, *exp_avg_sqs]):
+        F.fused_adamw_update_(params, grads, exp_avgs, exp_avg_sqs,
+                              [step_of[id(work.params[r])] for r in rows], maximize=g["maximize"], **hyper)
+        return
     for js in F.chunks([t.numel() for t in params], chunk_numel):  # bounds sqrt(v)'s temporaries
         gs = [grads[j] for j in js]
         F.adamw_update_(
             [params[j] for j in js], list(torch._foreach_neg(gs)) if g["maximize"] else gs,
             [exp_avgs[j] for j in js], [exp_avg_sqs[j] for j in js],
-            [step_of[id(work.params[rows[j]])] for j in js],
-            lr=values["lr"], betas=values["adamw_betas"], eps=values["adamw_eps"],
-            weight_decay=values["weight_decay"],
+            [step_of[id(work.params[rows[j]])] for j in js], scratch=scratch, **hyper,
         )
 
 
@@ -162,13 +168,15 @@ def finish_matrices(matrix: list[GroupWork], stats: ReducedStatistics, state: Ma
                 s["lookahead_ready"] = False
 
 
-def apply_step(work: Any, stats: ReducedStatistics, state: Mapping, timer: Any) -> None:
-    """Every write of the step, in order: the AdamW branch and the momenta (elementwise), then
-    Newton-Schulz and the matrix update bucket by bucket, then the counters and P."""
+def apply_step(work: Any, stats: ReducedStatistics, state: Mapping, timer: Any, fused: bool = False) -> None:
+    """Every write of the step, in order: the momenta and the AdamW branch (elementwise), then
+    Newton-Schulz and the matrix update bucket by bucket, then the counters and P. The momenta go
+    first: they consume the c_t kept in the scratch memory, which the AdamW branch then reuses."""
     scales = update_scales(work.matrix, stats)
     with timer.phase("elementwise"):
-        for entry in work.adamw:
-            adamw_step(entry, state, work.chunk_numel, stats.values(entry.group))
         update_momenta(work.matrix, stats, state, work.chunk_numel, work.step_map.scratch)
+        for entry in work.adamw:
+            adamw_step(entry, state, work.chunk_numel, stats.values(entry.group), work.step_map.scratch,
+                       fused)
     orthogonalize_and_apply(work, stats, state, timer, scales)
     finish_matrices(work.matrix, stats, state)

@@ -16,6 +16,8 @@ from torch import Tensor
 __all__ = [
     "Scratch",
     "adamw_update_",
+    "fused_adamw_serves",
+    "fused_adamw_update_",
     "apply_matrix_update_",
     "chunks",
     "clip_factors",
@@ -202,13 +204,14 @@ def adamw_update_(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
+    scratch: Scratch | None = None,
 ) -> None:
     """The AdamW-branch update (docs/algorithm.md section 5), in place.
 
     Unlike ``torch.optim.AdamW``, eps is added to the *uncorrected* sqrt(v) and the bias
     corrections are folded into the step size: u = m / (eps + sqrt(v)),
     W <- W (1 - lr wd) - lr u sqrt(1 - beta2^k) / (1 - beta1^k). ``steps`` holds each tensor's k,
-    already incremented.
+    already incremented. ``scratch``: where sqrt(v) + eps is formed on a CPU (the same bits).
     """
     if not params:
         return
@@ -216,11 +219,61 @@ def adamw_update_(
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
+    denom = scratch.views(exp_avg_sqs) if scratch is not None else None
+    if denom is None:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+    else:
+        for v, d in zip(exp_avg_sqs, denom, strict=True):
+            torch.sqrt(v, out=d)
     torch._foreach_add_(denom, eps)
     step_sizes = [-lr * math.sqrt(1.0 - beta2**k) / (1.0 - beta1**k) for k in steps]
     torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+
+
+def fused_adamw_update_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[int],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+) -> None:
+    """:func:`adamw_update_` through torch's fused AdamW kernel, one pass over each tensor.
+
+    torch's kernel adds its eps to the *corrected* sqrt(v): m_hat / (sqrt(v_hat) + eps'). With
+    eps' = eps / sqrt(1 - beta2^k) that is the spec's m / (eps + sqrt(v)) sqrt(1 - beta2^k) /
+    (1 - beta1^k) exactly in real arithmetic; m and v come out bit for bit, W within rounding of
+    the unfused path (the kernel orders the decay and the update differently). Tensors are grouped
+    by their step k (eps' depends on it). All tensors share one device and dtype (the caller
+    checks :func:`fused_adamw_serves`).
+    """
+    beta1, beta2 = betas
+    by_step: dict[int, list[int]] = {}
+    for i, k in enumerate(steps):
+        by_step.setdefault(k, []).append(i)
+    for k, idx in by_step.items():
+        step = torch.full((), float(k), device=params[0].device)
+        torch._fused_adamw_(
+            [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
+            [exp_avg_sqs[i] for i in idx], [], [step] * len(idx), lr=lr, beta1=beta1, beta2=beta2,
+            weight_decay=weight_decay, eps=eps / math.sqrt(1.0 - beta2**k), amsgrad=False,
+            maximize=maximize)
+
+
+def fused_adamw_serves(tensors: Sequence[Tensor]) -> bool:
+    """True if torch's fused AdamW kernel takes these (one floating dtype, one CPU/CUDA device)."""
+    if not tensors or not hasattr(torch, "_fused_adamw_"):
+        return False
+    first = tensors[0]
+    return (first.device.type in ("cpu", "cuda") and first.dtype in (torch.float32, torch.bfloat16,
+                                                                     torch.float16, torch.float64)
+            and all(t.device == first.device and t.dtype == first.dtype for t in tensors))
 
 
 def nonfinite_flag(tensors: list[Tensor], device: torch.device) -> Tensor:

@@ -247,7 +247,7 @@ class MARSM(StateMixin, Optimizer):
                 )
             self._skip_step(work.matrix, bad)
             return loss
-        apply_step(work, stats, self.state, timer)
+        apply_step(work, stats, self.state, timer, fused=self.fused)
         self._unscreened.difference_update(id(p) for p in stepped)
         self._record_stats(work, stats, sent0, received0)
         return loss

@@ -167,6 +167,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("ns_team_max", 1, int, _SPARE_RANKS, int_where(
         "ns_team_max", lambda n: n >= 1 and n & (n - 1) == 0, "expected a power of two: 1, 2, 4, 8, ..."),
         per_group=False),
+    Option("fused", False, bool, "the AdamW branch through torch's fused AdamW kernel (CPU, CUDA): one pass "
+           "over each tensor instead of seven (5x faster on a 50257 x 768 embedding, 1 CPU thread); m and v "
+           "bit for bit, the weights within rounding of the unfused path. Falls back where the kernel does "
+           "not take the tensors.", flag("fused"), per_group=False, since="0.3"),
     Option("pin_memory", None, bool | None, "optimizer offload (state on the CPU, an NCCL-only group): stage "
            "the exchange through pinned host buffers, so the copies to and from the GPU overlap the host's "
            "work. None: pinned where CUDA is. False on a CPU-only host (pinning needs a CUDA runtime).",

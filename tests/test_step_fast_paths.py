@@ -100,3 +100,52 @@ def test_scratch_views_reuse_one_buffer_and_keep_earlier_views_on_growth():
     x.fill_(2.0)
     assert v.shape == (4, 3) and bool((v == 1.0).all())
     assert scratch.views([torch.ones(2, device="meta")]) is None  # off the CPU: the caller allocates
+
+
+def _adamw_run(fused: bool, *, maximize: bool = False) -> tuple[list, list]:
+    torch.manual_seed(7)
+    ps = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(3000, 16)),
+          torch.nn.Parameter(torch.randn(16))]
+    opt = MARSM([{"params": ps[:1], "use_marsm": True}, {"params": ps[1:], "use_marsm": False}], fused=fused,
+                ns_dtype=torch.float32, maximize=maximize, weight_decay=0.1, lr=1e-2)
+    for _ in range(5):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    states = [t.clone() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    return [p.detach().clone() for p in ps], states
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_fused_adamw_keeps_the_moments_bit_for_bit_and_the_weights_within_rounding(maximize):
+    plain, plain_state = _adamw_run(False, maximize=maximize)
+    fused, fused_state = _adamw_run(True, maximize=maximize)
+    assert all(torch.equal(a, b) for a, b in zip(plain_state, fused_state, strict=True))  # m, v, M, P
+    assert torch.equal(plain[0], fused[0])  # the matrix branch is untouched
+    for a, b in zip(plain[1:], fused[1:], strict=True):
+        assert (a - b).abs().max().item() <= 2 * torch.finfo(torch.float32).eps * a.abs().max().item()
+
+
+def test_fused_adamw_is_the_spec_formula():
+    """Against section 5 of the spec in float64 (eps on the uncorrected sqrt(v)), steps 1 to 3."""
+    torch.manual_seed(8)
+    w, g = torch.randn(500), [torch.randn(500) * 1e-3 for _ in range(3)]
+    lr, b1, b2, eps, wd = 1e-2, 0.9, 0.95, 1e-8, 0.1
+    got, m, v = w.clone(), torch.zeros(500), torch.zeros(500)
+    ref, mr, vr = w.double(), torch.zeros(500, dtype=torch.float64), torch.zeros(500, dtype=torch.float64)
+    for k in (1, 2, 3):
+        F.fused_adamw_update_([got], [g[k - 1]], [m], [v], [k], lr=lr, betas=(b1, b2), eps=eps,
+                              weight_decay=wd)
+        gd = g[k - 1].double()
+        mr, vr = b1 * mr + (1 - b1) * gd, b2 * vr + (1 - b2) * gd * gd
+        u = mr / (eps + vr.sqrt())
+        ref = ref * (1 - lr * wd) - lr * u * (1 - b2**k) ** 0.5 / (1 - b1**k)
+    assert (got.double() - ref).abs().max().item() < 1e-6
+
+
+def test_fused_falls_back_where_the_kernel_does_not_take_the_tensors():
+    f32, bf16 = torch.zeros(3), torch.zeros(3, dtype=torch.bfloat16)
+    assert F.fused_adamw_serves([f32, f32]) and F.fused_adamw_serves([bf16, bf16])
+    assert not F.fused_adamw_serves([f32, bf16])  # one dtype per call
+    assert not F.fused_adamw_serves([torch.zeros(3, device="meta")] * 2)  # no kernel there
+    assert not F.fused_adamw_serves([])
