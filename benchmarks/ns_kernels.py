@@ -5,13 +5,15 @@
 
 For each distinct matrix shape (m, n), m <= n, of the models, in bf16:
 
-- ``plain``: marsm_dist.newton_schulz's plain form (the default in bf16), 5 iterations: its time,
+- ``plain``: marsm_dist.newton_schulz's plain form (the default in bf16), 5 iterations, with
+  every X X^T as one full product: its time,
   its TFLOP/s and that as a fraction of the matmul rate measured on the same shape
   (benchmarks/roofline.py: one iteration's three products);
 - ``symmetric``: X X^T from its 2 x 2 blocks of rows, the diagonal blocks and one off-diagonal
-  block (3/4 of the FLOPs), mirrored: the time of that product against one X X^T product, and
-  whether the result is the same (a symmetric-product kernel only pays if its saving survives the
-  extra launches and the mirror copy);
+  block (3/4 of the FLOPs), mirrored (marsm_dist/ns_products.py: what the CPU step now does for
+  2-D matrices of 256 rows or more): the time of that product against one X X^T product, of a
+  whole Newton-Schulz with it, and the largest difference from the full products' result (a
+  symmetric-product kernel only pays if its saving survives the extra launches and the mirror copy);
 - ``gram``: the Gram form in bf16 (``form="gram"``): its time and its orthogonality error.
 
 Two errors per form: the orthogonality error, the relative Frobenius distance of NS(G) from U V^T
@@ -25,7 +27,9 @@ command with ``--device cuda``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,21 +40,23 @@ from benchmarks.cpu_kinds import machine as cpu_machine  # noqa: E402
 from benchmarks.results_file import save_results  # noqa: E402
 from benchmarks.roofline import best_seconds, measure_matmul_rate, ns_key  # noqa: E402
 from benchmarks.shapes import model_shapes  # noqa: E402
+from marsm_dist import ns_products  # noqa: E402
 from marsm_dist.newton_schulz import newton_schulz, newton_schulz_flops  # noqa: E402
+from marsm_dist.ns_products import symmetric_gram  # noqa: E402
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "ns_kernels.json"
 
 
-def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
-    """X X^T from row blocks: the two diagonal blocks and the upper one, the lower one mirrored."""
-    h = x.shape[0] // 2
-    top, bottom = x[:h], x[h:]
-    out = torch.empty(x.shape[0], x.shape[0], dtype=x.dtype, device=x.device)
-    torch.mm(top, top.mT, out=out[:h, :h])
-    torch.mm(bottom, bottom.mT, out=out[h:, h:])
-    torch.mm(top, bottom.mT, out=out[:h, h:])
-    out[h:, :h].copy_(out[:h, h:].mT)
-    return out
+@contextlib.contextmanager
+def full_products() -> Iterator[None]:
+    """Newton-Schulz with every X X^T as one full product (what marsm_dist did before it formed
+    large CPU ones by blocks, marsm_dist/ns_products.py): the baseline of the comparison."""
+    saved = ns_products.SYMMETRIC_MIN_ROWS
+    ns_products.SYMMETRIC_MIN_ROWS = 1 << 62
+    try:
+        yield
+    finally:
+        ns_products.SYMMETRIC_MIN_ROWS = saved
 
 
 def orthogonality_error(g: torch.Tensor, x: torch.Tensor) -> float:
@@ -83,8 +89,13 @@ def measure_shape(m: int, n: int, device: torch.device, repeats: int) -> dict:
     g = inputs["gaussian"]
     x = (g / g.norm()).to(torch.bfloat16)
     bf16 = torch.bfloat16
-    plain_s = best_seconds(lambda: newton_schulz(g, 5, dtype=bf16, form="plain"), device, repeats)
-    gram_s = best_seconds(lambda: newton_schulz(g, 5, dtype=bf16, form="gram"), device, repeats)
+    with full_products():
+        plain_s = best_seconds(lambda: newton_schulz(g, 5, dtype=bf16, form="plain"), device, repeats)
+        full_result = newton_schulz(g, 5, dtype=bf16, form="plain")
+        gram_s = best_seconds(lambda: newton_schulz(g, 5, dtype=bf16, form="gram"), device, repeats)
+    sym_ns_s = best_seconds(lambda: newton_schulz(g, 5, dtype=bf16, form="plain"), device, repeats)
+    blocked = newton_schulz(g, 5, dtype=bf16, form="plain").float()
+    sym_diff = (blocked - full_result.float()).abs().max().item()
     full_s = best_seconds(lambda: x @ x.mT, device, repeats)
     sym_s = best_seconds(lambda: symmetric_gram(x), device, repeats)
     flops = newton_schulz_flops((m, n), 5)
@@ -92,7 +103,8 @@ def measure_shape(m: int, n: int, device: torch.device, repeats: int) -> dict:
     return {
         "shape": [m, n], "plain_ms": plain_s * 1e3, "plain_tflops": flops / plain_s / 1e12,
         "matmul_tflops": rate / 1e12, "plain_fraction_of_matmul": flops / plain_s / rate,
-        "gram_ms": gram_s * 1e3, "xxt_ms": full_s * 1e3, "symmetric_xxt_ms": sym_s * 1e3,
+        "gram_ms": gram_s * 1e3, "symmetric_ns_ms": sym_ns_s * 1e3, "symmetric_ns_max_abs_diff": sym_diff,
+        "xxt_ms": full_s * 1e3, "symmetric_xxt_ms": sym_s * 1e3,
         "symmetric_speedup": full_s / sym_s,
         "symmetric_max_abs_diff": (symmetric_gram(x) - x @ x.mT).abs().max().item(),
         "error_plain": orthogonality_error(g, newton_schulz(g, 5, dtype=bf16, form="plain")),
@@ -105,13 +117,15 @@ def measure_shape(m: int, n: int, device: torch.device, repeats: int) -> dict:
 def print_table(rows: list[dict]) -> None:
     kinds = ("gaussian", "graded", "rank8")
     print(f"{'m x n':>12} {'plain ms':>9} {'TFLOP/s':>8} {'of matmul':>9} {'gram ms':>8} {'XXt ms':>7} "
-          f"{'sym XXt':>8} {'sym x':>6}  vs UV^T plain/gram; bf16 rounding plain/gram: " + ", ".join(kinds))
+          f"{'sym XXt':>8} {'sym x':>6} {'sym NS ms':>9}  vs UV^T plain/gram; bf16 rounding plain/gram: "
+          + ", ".join(kinds))
     for r in rows:
         errors = f"{r['error_plain']:.3f}/{r['error_gram']:.3f}; " + ", ".join(
             f"{r[f'rounding_plain_{k}']:.3f}/{r[f'rounding_gram_{k}']:.3f}" for k in kinds)
         print(f"{r['shape'][0]:>5} x {r['shape'][1]:<5} {r['plain_ms']:>9.2f} {r['plain_tflops']:>8.3f} "
               f"{r['plain_fraction_of_matmul']:>9.2f} {r['gram_ms']:>8.2f} {r['xxt_ms']:>7.2f} "
-              f"{r['symmetric_xxt_ms']:>8.2f} {r['symmetric_speedup']:>6.2f}  {errors}")
+              f"{r['symmetric_xxt_ms']:>8.2f} {r['symmetric_speedup']:>6.2f} {r['symmetric_ns_ms']:>9.2f}"
+              f"  {errors}")
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .ns_coefficients import NS_COEFFICIENTS, Coefficients, Schedule, coefficients_for_steps
+from .ns_products import add_product, gram_product, sum_dtype
 
 __all__ = ["NS_COEFFICIENTS", "NS_EPS", "NS_FORMS", "NSForm", "Reduce", "emulates_bfloat16", "newton_schulz",
            "newton_schulz_columns", "newton_schulz_flops", "resolve_form"]
@@ -148,7 +149,7 @@ def newton_schulz_columns(
     rnd = _rounding(dtype, block.device)  # bf16 emulated on CPUs without bf16 matmuls, as plain
     work = dtype if rnd is None else torch.float32
     X = block.to(dtype).to(work)
-    sq = X.to(_sum_dtype(work)).square().sum().reshape(1)
+    sq = X.to(sum_dtype(work)).square().sum().reshape(1)
     sq = sq if reduce is None else reduce(sq)
     norm = _round(rnd, sq.sqrt().to(dtype).to(work))
     X = _round(rnd, X / _round(rnd, norm + eps))
@@ -243,24 +244,11 @@ def _cpu_has_bf16_matmul() -> bool:
         return True
 
 
-def _add_product(base: Tensor, m1: Tensor, m2: Tensor, *, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
-    """``beta * base + alpha * m1 @ m2`` for matrices (addmm) or batches of them (baddbmm)."""
-    if base.ndim == 2:
-        return torch.addmm(base, m1, m2, beta=beta, alpha=alpha)
-    return torch.baddbmm(base, m1, m2, beta=beta, alpha=alpha)
-
-
-def _sum_dtype(work: torch.dtype) -> torch.dtype:
-    # Sums over a team travel in float32 (float64 for float64): in bf16, k partial roundings
-    # before the sum would add error that the whole matrix's one product does not have.
-    return torch.float64 if work == torch.float64 else torch.float32
-
-
 def _gram_matrix(X: Tensor, rnd: Rounding, reduce: Reduce | None) -> Tensor:
     """``X X^T`` of the whole matrix: of ``X`` itself, or the team's sum of its blocks' products."""
-    S = X @ X.mT
+    S = gram_product(X)
     if reduce is not None:  # rounded once, after the sum, where the whole matrix's product rounds
-        S = reduce(S.to(_sum_dtype(X.dtype))).to(X.dtype)
+        S = reduce(S.to(sum_dtype(X.dtype))).to(X.dtype)
     return _round(rnd, S)
 
 
@@ -276,8 +264,8 @@ def _iterations(X: Tensor, schedule: Schedule, rnd: Rounding, form: str,
     if form == "plain":
         for a, b, c in schedule:
             S = _gram_matrix(X, rnd, reduce)
-            P = _round(rnd, _add_product(S, S, S, beta=b, alpha=c))  # b S + c S^2
-            X = _round(rnd, _add_product(X, P, X, beta=a))  # a X + (b S + c S^2) X
+            P = _round(rnd, add_product(S, S, S, beta=b, alpha=c))  # b S + c S^2
+            X = _round(rnd, add_product(X, P, X, beta=a))  # a X + (b S + c S^2) X
         return X
     for start in range(0, len(schedule), _GRAM_SEGMENT):
         segment = schedule[start:start + _GRAM_SEGMENT]
@@ -286,7 +274,7 @@ def _iterations(X: Tensor, schedule: Schedule, rnd: Rounding, form: str,
         for k, (a, b, c) in enumerate(segment):
             base = _round(rnd, S * b)
             base.diagonal(dim1=-2, dim2=-1).add_(a)
-            p = _round(rnd, _add_product(_round(rnd, base), S, S, alpha=c))  # a I + b S + c S^2
+            p = _round(rnd, add_product(_round(rnd, base), S, S, alpha=c))  # a I + b S + c S^2
             Q = p if Q is None else _round(rnd, p @ Q)
             if k < len(segment) - 1:
                 S = _round(rnd, _round(rnd, p @ S) @ p)  # X_{k+1} X_{k+1}^T

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "marsm_dist"
 
 # The modules at the top of the package that make up the math floor: they know no ranks.
-MATH = {"newton_schulz", "ns_coefficients", "lr_scale", "functional", "param_groups", "orthogonalize",
-        "stats", "_timing"}
+MATH = {"newton_schulz", "ns_coefficients", "ns_products", "lr_scale", "functional", "param_groups",
+        "orthogonalize", "stats", "_timing"}
 FLOORS = ("math", "sharding", "optimizer", "adapters", "entry")
 # Command lines inside a package (``python -m marsm_dist.checkpoint``): entry points, which may
 # ask an adapter to read its framework's files.
