@@ -4,8 +4,12 @@
 
 both rates measured in the same run, on the same device and thread count as the step they judge.
 
-Newton-Schulz FLOPs: ``marsm_dist.newton_schulz.newton_schulz_flops`` of every matrix, plain form
-(X X^T, S S and (bS + cS^2) X per iteration), 5 iterations. Each matrix's FLOPs are divided by the
+Newton-Schulz FLOPs: the least the plain iteration needs, 5 iterations of X X^T, S S and
+(bS + cS^2) X on the wide (m, n) orientation, the two symmetric products counted at half (their
+other triangle is a mirror): 2 (1.5 m^2 n + 0.5 m^3) per iteration (:func:`minimum_ns_flops`),
+against 2 (2 m^2 n + m^3) for three full products (``newton_schulz_flops``). MARSM forms a CPU
+X X^T from blocks, 3/4 of the full product, so counting full products would put a floor above
+what it runs. Each matrix's FLOPs are divided by the
 rate measured at its own shape (:func:`measure_matmul_rate`: one plain iteration's three products
 on an (m, n) matrix, m <= n, best of k), so a small matrix is not judged by a large one's rate.
 Where MARSM emulates bf16 (a CPU without bf16 matmul kernels) the bf16 floor uses the float32 rate:
@@ -44,7 +48,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from marsm_dist.newton_schulz import emulates_bfloat16, newton_schulz_flops
+from marsm_dist.newton_schulz import emulates_bfloat16
 
 NS_STEPS = 5
 ADAMW_BYTES = 28  # read g, m, v, W; write m, v, W (float32)
@@ -132,6 +136,14 @@ def measure_rates(matrices: Sequence[Shape], device: str | torch.device,
     return out
 
 
+def minimum_ns_flops(shape: Sequence[int], steps: int = NS_STEPS) -> float:
+    """The FLOPs (2 per multiply-add) of ``steps`` plain iterations with the symmetric products X X^T
+    and S S at half (module doc); a batch counts each matrix."""
+    m, n = ns_key(shape)
+    count = torch.Size(shape[:-2]).numel()
+    return count * steps * 2 * (1.5 * m * m * n + 0.5 * m**3)
+
+
 def step_floor(matrices: Sequence[Shape], others: Sequence[Shape], rates: dict[tuple[int, int], float],
                bandwidth: float, ns_dtype: torch.dtype = torch.bfloat16) -> dict:
     """The floor of one MARS-M step over ``matrices`` (MARS-M) and ``others`` (AdamW): seconds of
@@ -142,7 +154,7 @@ def step_floor(matrices: Sequence[Shape], others: Sequence[Shape], rates: dict[t
     n_rest = sum(torch.Size(s).numel() for s in others)
     flops = ns = 0.0
     for shape in matrices:
-        f = newton_schulz_flops(shape, NS_STEPS, form="plain", dtype=ns_dtype)
+        f = minimum_ns_flops(shape)
         flops += f
         ns += f / rates[ns_key(shape)]
     moved = n_mat * sum(per_elem.values()) + n_rest * ADAMW_BYTES
