@@ -91,7 +91,9 @@ class Scratch:
         if not like or any(t.device.type != "cpu" for t in like):
             return None
         dtype = dtype or like[0].dtype
-        start = self._end.get(dtype, 0) if after else 0
+        if not after:  # a new set of views: every earlier one, of any dtype, may be overwritten
+            self._end.clear()
+        start = self._end.get(dtype, 0)
         end = start + sum(t.numel() for t in like)
         buf = self._buffers.get(dtype)
         if buf is None or buf.numel() < end:  # (views already given keep the old buffer alive)

@@ -100,6 +100,12 @@ def test_scratch_views_reuse_one_buffer_and_keep_earlier_views_on_growth():
     x.fill_(2.0)
     assert v.shape == (4, 3) and bool((v == 1.0).all())
     assert scratch.views([torch.ones(2, device="meta")]) is None  # off the CPU: the caller allocates
+    # Views of two dtypes in one set, step after step: the buffers stay the size of one set.
+    for _ in range(3):
+        scratch.views([torch.ones(10)])
+        scratch.views([torch.ones(10, dtype=torch.bfloat16)], after=True)
+        scratch.views([torch.ones(10)], after=True)
+    assert scratch.nbytes() <= 4 * 104 + 2 * 10
 
 
 def _adamw_run(fused: bool, *, maximize: bool = False) -> tuple[list, list]:
