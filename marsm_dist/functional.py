@@ -71,8 +71,10 @@ class Scratch:
     an out-of-place lerp of a (3072, 768) float32 gradient took 2.5 ms against 0.7 ms for the same
     lerp into memory already touched (1 thread, AVX-512 EPYC). On GPUs the caching allocator
     already reuses memory, so :meth:`views` gives None there and callers allocate as before.
-    One flat buffer per dtype, grown to the largest request and never shrunk; at most one chunk of
-    temporaries is asked for at a time, so it stays within the ``bucket_bytes`` bound.
+    One flat buffer per dtype, grown to the largest request and never shrunk. A request is at most
+    one chunk of temporaries, or the float32 copy of one matrix's O where a matrix is larger than a
+    chunk: the larger of ``bucket_bytes`` and the largest matrix, the bound the step's extra
+    memory already had (benchmarks/memory.py), now kept between steps.
     """
 
     def __init__(self) -> None:
@@ -119,9 +121,10 @@ def variance_reduced_grads(
     if not grads:
         return []
     if out is not None:
+        k = kappa.to(grads[0].dtype) if isinstance(kappa, Tensor) else None
         for p, g, o in zip(prev_grads, grads, out, strict=True):
-            if isinstance(kappa, Tensor):
-                torch.sub(g, p, out=o).mul_(kappa.to(g.dtype)).add_(g)
+            if k is not None:
+                torch.sub(g, p, out=o).mul_(k).add_(g)
             else:
                 torch.lerp(p, g, 1.0 + kappa, out=o)
         return out
